@@ -1,0 +1,96 @@
+//! Wiring: load (pure, [`Config::load`]) → build (open the data directory, start the broker,
+//! load TLS, bind the edge) → run until cancelled → drain within the grace period.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{self, BrokerError, EmbeddedBroker};
+use crate::config::Config;
+use crate::edge::{Edge, EdgeError, EdgeHandle};
+use crate::registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
+}
+
+/// A gateway whose listeners are bound and whose broker runs, ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    config: Config,
+    broker: EmbeddedBroker,
+    edge: Edge,
+}
+
+impl Gateway {
+    pub async fn build(config: Config) -> Result<Gateway, AppError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.gateway.data_dir)
+            .map_err(|source| AppError::DataDir {
+                path: config.gateway.data_dir.clone(),
+                source,
+            })?;
+        let registry = Registry::from_config(&config).shared();
+        let broker = broker::start(&config.broker, config.max_payload()).await?;
+        let edge = Edge::bind(config.edge.clone(), registry, broker.addr).await?;
+        Ok(Gateway {
+            config,
+            broker,
+            edge,
+        })
+    }
+
+    /// The address devices connect to (with the OS's port if the config said 0).
+    pub fn edge_addr(&self) -> SocketAddr {
+        self.edge.local_addr().unwrap_or(self.config.edge.listen)
+    }
+
+    pub fn broker_addr(&self) -> SocketAddr {
+        self.broker.addr
+    }
+
+    pub fn edge_handle(&self) -> EdgeHandle {
+        self.edge.handle()
+    }
+
+    /// Serves until `shutdown` is cancelled, then waits for sessions to close, at most the
+    /// configured grace period.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(
+            event = "gateway.ready",
+            gateway = %self.config.gateway.id,
+            site = %self.config.gateway.site,
+            edge = %self.edge_addr(),
+            broker = %self.broker.addr,
+            devices = self.config.devices.len(),
+            "wardgate ready"
+        );
+        let tracker = TaskTracker::new();
+        self.edge.run(shutdown, tracker.clone()).await;
+        tracker.close();
+        let grace = self.config.gateway.shutdown_grace;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                event = "gateway.drain_timeout",
+                sessions = tracker.len(),
+                "sessions still open after the shutdown grace period; leaving them"
+            );
+        }
+        tracing::info!(event = "gateway.stopped", "wardgate stopped");
+    }
+}

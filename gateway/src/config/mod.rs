@@ -1,0 +1,684 @@
+//! Configuration: one TOML file, read into [`raw`] structs and validated into [`Config`].
+//!
+//! Validation collects every problem it finds, each with the file, line and column of the
+//! value at fault, so an engineer fixes a broken file in one pass. `wardgate check-config`
+//! runs exactly [`Config::load`]. Relative paths in the file are taken relative to the
+//! directory that holds the file, so a configuration and its PKI can move together.
+//!
+//! Defaults (every section but `[gateway]`, `[edge]`, the classes and the devices has them)
+//! are the `DEFAULT_*` constants below. The commented example in `configs/wardgate.toml`
+//! documents every field and is checked by a unit test.
+//!
+//! Tested by the unit tests below, one per kind of error, each checking its line.
+
+pub mod raw;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::device::DeviceId;
+use crate::policy::FilterTemplate;
+use raw::{RawConfig, RawSize, S};
+
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_EDGE_MAX_CONNECTIONS: usize = 1024;
+/// Port 0: the gateway picks a free loopback port at start.
+pub const DEFAULT_BROKER_LISTEN: &str = "127.0.0.1:0";
+pub const DEFAULT_BROKER_MAX_CONNECTIONS: usize = 1024;
+/// rumqttd keeps `segment_size * segment_count` bytes per topic filter in memory; its own
+/// defaults (100 MiB × 10) would exhaust a small board.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
+pub const DEFAULT_SEGMENT_COUNT: usize = 4;
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
+pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
+/// The largest payload MQTT can carry in one packet (remaining length limit).
+pub const MQTT_MAX_PAYLOAD: u64 = 268_435_455 - 65_539;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from.
+    pub source: PathBuf,
+    pub gateway: GatewayConfig,
+    pub edge: EdgeConfig,
+    pub broker: BrokerConfig,
+    pub admin: AdminConfig,
+    pub classes: BTreeMap<String, DeviceClass>,
+    pub devices: BTreeMap<DeviceId, DeviceEntry>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub id: String,
+    pub site: String,
+    pub data_dir: PathBuf,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub listen: SocketAddr,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub crl: Option<PathBuf>,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub segment_size: u64,
+    pub segment_count: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceClass {
+    pub name: String,
+    pub publish: Vec<FilterTemplate>,
+    pub subscribe: Vec<FilterTemplate>,
+    pub max_payload: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceEntry {
+    pub id: DeviceId,
+    pub class: String,
+    pub address: IpAddr,
+}
+
+impl Config {
+    /// Largest payload any class allows: the embedded broker must carry it.
+    pub fn max_payload(&self) -> u64 {
+        self.classes
+            .values()
+            .map(|c| c.max_payload)
+            .max()
+            .unwrap_or(DEFAULT_MAX_PAYLOAD)
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_diagnostics(path, diagnostics))]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn render_diagnostics(path: &Path, diagnostics: &[Diagnostic]) -> String {
+    let mut out = format!(
+        "configuration {} has {} error(s):",
+        path.display(),
+        diagnostics.len()
+    );
+    for d in diagnostics {
+        out.push_str(&format!("\n{}:{}:{}: {}", path.display(), d.line, d.column, d.message));
+    }
+    out
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.line, self.column, self.message)
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates `text` as if read from `path` (which anchors relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            text,
+            base: path.parent().map(Path::to_owned).unwrap_or_default(),
+            diagnostics: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                v.error(e.span().unwrap_or(0..0), e.message().to_owned());
+                return Err(v.finish(path));
+            }
+        };
+        let config = v.validate(raw, path);
+        if v.diagnostics.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+        }
+        Err(v.finish(path))
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    base: PathBuf,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn finish(mut self, path: &Path) -> ConfigError {
+        self.diagnostics.sort_by_key(|d| (d.line, d.column));
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            diagnostics: self.diagnostics,
+        }
+    }
+
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        self.diagnostics.push(Diagnostic {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    /// Records the error of `r` at `span` and returns its value, if any.
+    fn check<T>(&mut self, span: Range<usize>, r: Result<T, String>) -> Option<T> {
+        r.map_err(|m| self.error(span, m)).ok()
+    }
+
+    fn path(&mut self, s: &S<String>) -> PathBuf {
+        let p = Path::new(s.get_ref());
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn duration(&mut self, s: Option<&S<String>>, default: Duration) -> Duration {
+        match s {
+            None => default,
+            Some(s) => {
+                let r = units::parse_duration(s.get_ref()).and_then(|d| {
+                    if d.is_zero() {
+                        Err("duration must be greater than zero".to_owned())
+                    } else {
+                        Ok(d)
+                    }
+                });
+                self.check(s.span(), r).unwrap_or(default)
+            }
+        }
+    }
+
+    fn size(&mut self, s: Option<&S<RawSize>>, default: u64) -> u64 {
+        match s {
+            None => default,
+            Some(s) => {
+                let r = match s.get_ref() {
+                    RawSize::Bytes(n) => Ok(*n),
+                    RawSize::Text(t) => units::parse_size(t),
+                };
+                self.check(s.span(), r).unwrap_or(default)
+            }
+        }
+    }
+
+    fn count(&mut self, s: Option<&S<i64>>, default: usize, what: &str) -> usize {
+        match s {
+            None => default,
+            Some(s) => {
+                let n = *s.get_ref();
+                let r = if n < 1 {
+                    Err(format!("{what} must be at least 1"))
+                } else {
+                    usize::try_from(n).map_err(|_| format!("{what} is too large"))
+                };
+                self.check(s.span(), r).unwrap_or(default)
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, s: &S<String>, what: &str) -> Option<SocketAddr> {
+        let r = s.get_ref().parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "{what} {:?} is not an address with a port, e.g. \"0.0.0.0:8883\" or \"[::]:8883\"",
+                s.get_ref()
+            )
+        });
+        self.check(s.span(), r)
+    }
+
+    fn name(&mut self, s: &S<String>, what: &str) -> Option<String> {
+        let r = DeviceId::parse(s.get_ref())
+            .map(|_| s.get_ref().clone())
+            .map_err(|e| format!("{what}: {e}").replace("device id", "name"));
+        self.check(s.span(), r)
+    }
+
+    /// The value of a required field, or an error at its section if it is missing.
+    fn required<'r>(
+        &mut self,
+        field: &'r Option<S<String>>,
+        section: &Range<usize>,
+        name: &str,
+    ) -> Option<&'r S<String>> {
+        if field.is_none() {
+            self.error(section.clone(), format!("missing field `{name}`"));
+        }
+        field.as_ref()
+    }
+
+    fn section<'r, T>(&mut self, s: &'r Option<S<T>>, name: &str) -> (Option<&'r T>, Range<usize>) {
+        match s {
+            Some(s) => (Some(s.get_ref()), s.span()),
+            None => {
+                self.error(0..0, format!("missing section [{name}]"));
+                (None, 0..0)
+            }
+        }
+    }
+
+    fn validate(&mut self, raw: RawConfig, path: &Path) -> Option<Config> {
+        let (g, span) = self.section(&raw.gateway, "gateway");
+        let gateway = match g {
+            None => None,
+            Some(g) => {
+                let id = self.required(&g.id, &span, "id");
+                let site = self.required(&g.site, &span, "site");
+                let data_dir = self.required(&g.data_dir, &span, "data_dir");
+                let id = id.and_then(|s| self.name(s, "gateway id"));
+                let site = site.and_then(|s| self.name(s, "site"));
+                let data_dir = data_dir.map(|s| self.path(s));
+                let shutdown_grace =
+                    self.duration(g.shutdown_grace.as_ref(), DEFAULT_SHUTDOWN_GRACE);
+                match (id, site, data_dir) {
+                    (Some(id), Some(site), Some(data_dir)) => Some(GatewayConfig {
+                        id,
+                        site,
+                        data_dir,
+                        shutdown_grace,
+                    }),
+                    _ => None,
+                }
+            }
+        };
+
+        let (e, span) = self.section(&raw.edge, "edge");
+        let edge = match e {
+            None => None,
+            Some(e) => {
+                let listen = self.required(&e.listen, &span, "listen");
+                let ca = self.required(&e.ca, &span, "ca");
+                let cert = self.required(&e.cert, &span, "cert");
+                let key = self.required(&e.key, &span, "key");
+                let listen = listen.and_then(|l| self.socket_addr(l, "edge listen address"));
+                let ca = ca.map(|p| self.path(p));
+                let cert = cert.map(|p| self.path(p));
+                let key = key.map(|p| self.path(p));
+                let crl = e.crl.as_ref().map(|c| self.path(c));
+                let handshake_timeout =
+                    self.duration(e.handshake_timeout.as_ref(), DEFAULT_HANDSHAKE_TIMEOUT);
+                let connect_timeout =
+                    self.duration(e.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT);
+                let max_connections = self.count(
+                    e.max_connections.as_ref(),
+                    DEFAULT_EDGE_MAX_CONNECTIONS,
+                    "max_connections",
+                );
+                match (listen, ca, cert, key) {
+                    (Some(listen), Some(ca), Some(cert), Some(key)) => Some(EdgeConfig {
+                        listen,
+                        ca,
+                        cert,
+                        key,
+                        crl,
+                        handshake_timeout,
+                        connect_timeout,
+                        max_connections,
+                    }),
+                    _ => None,
+                }
+            }
+        };
+
+        let b = &raw.broker;
+        let broker_listen = match &b.listen {
+            None => DEFAULT_BROKER_LISTEN.parse().ok(),
+            Some(l) => {
+                let addr = self.socket_addr(l, "broker listen address");
+                if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
+                    self.error(
+                        l.span(),
+                        format!(
+                            "broker listen address {a} is not a loopback address: the embedded \
+                             broker must be reachable only through the edge"
+                        ),
+                    );
+                }
+                addr
+            }
+        };
+        let segment_size = self.size(b.segment_size.as_ref(), DEFAULT_SEGMENT_SIZE);
+        if segment_size < 1024 {
+            if let Some(s) = &b.segment_size {
+                self.error(s.span(), "segment_size must be at least 1KiB");
+            }
+        }
+        let broker = BrokerConfig {
+            listen: broker_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            max_connections: self.count(
+                b.max_connections.as_ref(),
+                DEFAULT_BROKER_MAX_CONNECTIONS,
+                "max_connections",
+            ),
+            segment_size,
+            segment_count: self.count(
+                b.segment_count.as_ref(),
+                DEFAULT_SEGMENT_COUNT,
+                "segment_count",
+            ),
+        };
+
+        let admin = AdminConfig {
+            socket: match &raw.admin.socket {
+                Some(s) => self.path(s),
+                None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            },
+        };
+
+        let mut classes = BTreeMap::new();
+        for c in &raw.device_class {
+            let span = c.span();
+            let c = c.get_ref();
+            let name = self.required(&c.name, &span, "name");
+            let Some(name_field) = name else { continue };
+            let Some(name) = self.name(name_field, "device class name") else {
+                continue;
+            };
+            let publish = self.templates(&c.publish);
+            let subscribe = self.templates(&c.subscribe);
+            let max_payload = self.size(c.max_payload.as_ref(), DEFAULT_MAX_PAYLOAD);
+            if let Some(s) = &c.max_payload {
+                if max_payload == 0 || max_payload > MQTT_MAX_PAYLOAD {
+                    self.error(
+                        s.span(),
+                        format!("max_payload must be between 1 byte and {MQTT_MAX_PAYLOAD} bytes"),
+                    );
+                }
+            }
+            let class = DeviceClass {
+                name: name.clone(),
+                publish,
+                subscribe,
+                max_payload,
+            };
+            if classes.insert(name.clone(), class).is_some() {
+                self.error(name_field.span(), format!("device class {name:?} is defined twice"));
+            }
+        }
+
+        let mut devices: BTreeMap<DeviceId, DeviceEntry> = BTreeMap::new();
+        for d in &raw.device {
+            let span = d.span();
+            let d = d.get_ref();
+            let id_field = self.required(&d.id, &span, "id");
+            let class = self.required(&d.class, &span, "class");
+            let address = self.required(&d.address, &span, "address");
+            let id = id_field.and_then(|f| {
+                let r = DeviceId::parse(f.get_ref()).map_err(|e| e.to_string());
+                self.check(f.span(), r)
+            });
+            if let Some(class) = class {
+                if !classes.contains_key(class.get_ref()) {
+                    self.error(
+                        class.span(),
+                        format!("unknown device class {:?}", class.get_ref()),
+                    );
+                }
+            }
+            let address = address.and_then(|a| {
+                let r = a
+                    .get_ref()
+                    .parse::<IpAddr>()
+                    .map_err(|_| format!("device address {:?} is not an IP address", a.get_ref()));
+                self.check(a.span(), r)
+            });
+            let (Some(id_field), Some(id), Some(class), Some(address)) =
+                (id_field, id, class, address)
+            else {
+                continue;
+            };
+            let entry = DeviceEntry {
+                id: id.clone(),
+                class: class.get_ref().clone(),
+                address,
+            };
+            if devices.insert(id.clone(), entry).is_some() {
+                self.error(id_field.span(), format!("device {id} is registered twice"));
+            }
+        }
+
+        if self.diagnostics.is_empty() {
+            Some(Config {
+                source: path.to_owned(),
+                gateway: gateway?,
+                edge: edge?,
+                broker,
+                admin,
+                classes,
+                devices,
+            })
+        } else {
+            None
+        }
+    }
+
+    fn templates(&mut self, list: &[S<String>]) -> Vec<FilterTemplate> {
+        list.iter()
+            .filter_map(|t| {
+                let r = FilterTemplate::parse(t.get_ref())
+                    .map_err(|e| format!("topic filter {:?}: {e}", t.get_ref()));
+                self.check(t.span(), r)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+id = "gw-1"
+site = "st-mary"
+data_dir = "/var/lib/wardgate"
+
+[edge]
+listen = "0.0.0.0:8883"
+ca = "pki/ca.pem"
+cert = "pki/server.pem"
+key = "pki/server.key"
+
+[[device_class]]
+name = "pump"
+publish = ["ward/{device}/#"]
+
+[[device]]
+id = "pump-1"
+class = "pump"
+address = "10.0.0.5"
+"#;
+
+    fn errors(text: &str) -> Vec<Diagnostic> {
+        match Config::parse(text, Path::new("/etc/wardgate/wardgate.toml")) {
+            Ok(_) => panic!("expected errors"),
+            Err(ConfigError::Invalid { diagnostics, .. }) => diagnostics,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/wardgate/wardgate.toml")).unwrap();
+        assert_eq!(c.edge.ca, Path::new("/etc/wardgate/pki/ca.pem"));
+        assert_eq!(c.edge.crl, None);
+        assert_eq!(c.edge.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(c.broker.listen, DEFAULT_BROKER_LISTEN.parse().unwrap());
+        assert_eq!(c.broker.segment_size, DEFAULT_SEGMENT_SIZE);
+        assert_eq!(c.admin.socket, Path::new(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.classes["pump"].max_payload, DEFAULT_MAX_PAYLOAD);
+        assert!(c.classes["pump"].subscribe.is_empty());
+        let id = DeviceId::parse("pump-1").unwrap();
+        assert_eq!(c.devices[&id].address, "10.0.0.5".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/wardgate.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.devices.is_empty());
+        assert!(!c.classes.is_empty());
+    }
+
+    #[test]
+    fn syntax_error_has_its_line() {
+        let d = errors("[gateway]\nid = \"gw\"\nsite = \n");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].line, 3);
+    }
+
+    #[test]
+    fn unknown_field_has_its_line() {
+        let text = MINIMAL.replace("site = \"st-mary\"", "site = \"st-mary\"\nsiet = \"x\"");
+        let d = errors(&text);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].line, 5);
+        assert!(d[0].message.contains("siet"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn missing_sections_and_fields_are_all_reported() {
+        let d = errors("[gateway]\nid = \"gw\"\n\n[[device]]\nid = \"d\"\n");
+        let messages: Vec<(usize, &str)> = d.iter().map(|d| (d.line, d.message.as_str())).collect();
+        assert_eq!(
+            messages,
+            vec![
+                (1, "missing field `site`"),
+                (1, "missing field `data_dir`"),
+                (1, "missing section [edge]"),
+                (4, "missing field `class`"),
+                (4, "missing field `address`"),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_with_its_line() {
+        let text = r#"
+[gateway]
+id = "gw/1"
+site = "st-mary"
+data_dir = "/var/lib/wardgate"
+shutdown_grace = "soon"
+
+[edge]
+listen = "8883"
+ca = "ca.pem"
+cert = "server.pem"
+key = "server.key"
+max_connections = 0
+
+[broker]
+listen = "0.0.0.0:1883"
+segment_size = "1MB!"
+
+[[device_class]]
+name = "pump"
+publish = ["ward/{device}/#", "ward/x{device}"]
+subscribe = ["ward/#/cmd"]
+max_payload = "64KB"
+
+[[device_class]]
+name = "pump"
+
+[[device]]
+id = "pump 1"
+class = "pump"
+address = "10.0.0.5"
+
+[[device]]
+id = "pump-2"
+class = "pumpp"
+address = "10.0.0.300"
+
+[[device]]
+id = "pump-3"
+class = "pump"
+address = "10.0.0.7"
+
+[[device]]
+id = "pump-3"
+class = "pump"
+address = "10.0.0.8"
+"#;
+        let d = errors(text);
+        let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
+        assert_eq!(
+            lines,
+            vec![3, 6, 9, 13, 16, 17, 21, 22, 23, 26, 29, 35, 36, 44],
+            "{d:#?}"
+        );
+        assert!(d[0].message.contains("gateway id"));
+        assert!(d[4].message.contains("not a loopback"));
+        assert!(d[6].message.contains("whole level"));
+        assert!(d[8].message.contains("unknown size unit"));
+        assert!(d[9].message.contains("defined twice"));
+        assert!(d[10].message.contains("only ASCII"));
+        assert!(d[11].message.contains("unknown device class"));
+        assert!(d[12].message.contains("not an IP address"));
+        assert!(d[13].message.contains("registered twice"));
+    }
+
+    #[test]
+    fn rendered_errors_name_file_and_line() {
+        let text = MINIMAL.replace("\"10.0.0.5\"", "\"ten\"");
+        let e = Config::parse(&text, Path::new("/etc/w.toml")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("/etc/w.toml:20:11: device address \"ten\""), "{s}");
+    }
+}

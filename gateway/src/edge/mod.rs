@@ -1,0 +1,243 @@
+//! The edge: the only listener devices reach.
+//!
+//! It terminates TLS itself (rustls, client certificate required), binds each connection to
+//! the device named by the certificate's CN, checks the MQTT CONNECT against the registry,
+//! and then relays the session to the embedded broker on loopback, inspecting every packet
+//! the device sends: PUBLISH and SUBSCRIBE must fit the device's ACL, PUBLISH topics must
+//! not hold wildcards, packets must fit the class's size limit. Anything else closes the
+//! connection and is logged as a security event ([`crate::events`]). Packets are decoded
+//! and re-encoded, never passed through raw, so the broker sees exactly what was checked.
+//!
+//! Invariants:
+//! - every handshake runs in its own task under a timeout, so a stalled client never
+//!   delays another;
+//! - the TLS material can be reloaded at any time ([`EdgeHandle::reload_tls`]); connections
+//!   that no longer verify (newly revoked, expired) are closed at once.
+//!
+//! Tested by the system tests in `tests/system/edge.rs` against real clients.
+
+mod session;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::EdgeConfig;
+use crate::device::DeviceId;
+use crate::events::{self, Refusal};
+use crate::registry::SharedRegistry;
+use tls::{TlsError, TlsMaterial};
+
+/// A live device connection, as the reload path sees it.
+#[derive(Debug)]
+struct LiveConn {
+    device: DeviceId,
+    peer: SocketAddr,
+    chain: Vec<CertificateDer<'static>>,
+    close: CancellationToken,
+}
+
+/// State shared by the accept loop, the sessions and the reload path.
+#[derive(Debug)]
+struct EdgeShared {
+    config: EdgeConfig,
+    tls: RwLock<Arc<TlsMaterial>>,
+    registry: SharedRegistry,
+    broker: SocketAddr,
+    live: Mutex<HashMap<u64, LiveConn>>,
+    next_id: AtomicU64,
+}
+
+impl EdgeShared {
+    fn tls(&self) -> Arc<TlsMaterial> {
+        self.tls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveConn>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a live connection; it is removed when the guard drops.
+    fn register(
+        self: &Arc<Self>,
+        device: DeviceId,
+        peer: SocketAddr,
+        chain: Vec<CertificateDer<'static>>,
+        close: CancellationToken,
+    ) -> LiveGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.live().insert(
+            id,
+            LiveConn {
+                device,
+                peer,
+                chain,
+                close,
+            },
+        );
+        LiveGuard {
+            shared: self.clone(),
+            id,
+        }
+    }
+}
+
+struct LiveGuard {
+    shared: Arc<EdgeShared>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.shared.live().remove(&self.id);
+    }
+}
+
+/// A bound edge listener, not yet accepting.
+#[derive(Debug)]
+pub struct Edge {
+    listener: TcpListener,
+    shared: Arc<EdgeShared>,
+}
+
+/// A handle for operations on a running edge.
+#[derive(Debug, Clone)]
+pub struct EdgeHandle {
+    shared: Arc<EdgeShared>,
+}
+
+impl Edge {
+    /// Loads the TLS material and binds the listener.
+    pub async fn bind(
+        config: EdgeConfig,
+        registry: SharedRegistry,
+        broker: SocketAddr,
+    ) -> Result<Edge, EdgeError> {
+        let tls = tls::load(&config)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| EdgeError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Edge {
+            listener,
+            shared: Arc::new(EdgeShared {
+                config,
+                tls: RwLock::new(Arc::new(tls)),
+                registry,
+                broker,
+                live: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn handle(&self) -> EdgeHandle {
+        EdgeHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Accepts connections until `shutdown` is cancelled. Sessions run on `tracker` and
+    /// end when `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors or similar: keep serving the connections we have.
+                    tracing::warn!(event = "edge.accept_failed", error = %e, "accept failed");
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                events::connection_refused(peer, None, &Refusal::TooManyConnections);
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                session::serve(shared, tcp, peer, shutdown).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+impl EdgeHandle {
+    /// Reloads CA, CRL and server certificate from their files. On failure the previous
+    /// material stays in force. Live connections whose certificate chain no longer
+    /// verifies are closed. Returns how many were closed.
+    pub fn reload_tls(&self) -> Result<usize, TlsError> {
+        let material = match tls::load(&self.shared.config) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                events::tls_reload_failed(&e);
+                return Err(e);
+            }
+        };
+        *self
+            .shared
+            .tls
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = material.clone();
+        let now = UnixTime::now();
+        let mut closed = 0;
+        for conn in self.shared.live().values() {
+            let Some((end_entity, intermediates)) = conn.chain.split_first() else {
+                continue;
+            };
+            if let Err(e) = material
+                .verifier
+                .verify_client_cert(end_entity, intermediates, now)
+            {
+                events::live_connection_revoked(conn.peer, &conn.device, &e.to_string());
+                conn.close.cancel();
+                closed += 1;
+            }
+        }
+        events::tls_reloaded(material.crl_count, closed);
+        Ok(closed)
+    }
+
+    /// Number of devices connected through the edge now.
+    pub fn live_connections(&self) -> usize {
+        self.shared.live().len()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,369 @@
+//! One device connection, from TCP accept to close.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::Protocol;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
+use super::EdgeShared;
+use crate::device::DeviceId;
+use crate::events::{self, Refusal, Violation};
+use crate::pki::cert;
+use crate::policy::{acl, TopicFilter};
+use crate::registry::Grant;
+
+/// Largest CONNECT accepted before the device's class is known: a will message of up to
+/// this size plus client id and credentials.
+const MAX_CONNECT: usize = 64 * 1024 + PUBLISH_OVERHEAD;
+/// How long a close_notify or a refusal CONNACK may take to leave.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+type DeviceStream = TlsStream<TcpStream>;
+
+pub(super) async fn serve(
+    shared: Arc<EdgeShared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(shared.tls().server_config.clone());
+    let handshake = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        h = timeout(shared.config.handshake_timeout, acceptor.accept(tcp)) => h,
+    };
+    let mut tls = match handshake {
+        Err(_) => return events::connection_refused(peer, None, &Refusal::HandshakeTimeout),
+        Ok(Err(e)) => return events::connection_refused(peer, None, &Refusal::Tls(e.to_string())),
+        Ok(Ok(tls)) => tls,
+    };
+    let chain: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let device = match chain.first().map(cert::device_id) {
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            let r = Refusal::BadCertificate(e.to_string());
+            events::connection_refused(peer, None, &r);
+            return close(tls).await;
+        }
+        None => {
+            // Unreachable with a verifier that requires a certificate; refuse regardless.
+            let r = Refusal::BadCertificate("no client certificate".into());
+            events::connection_refused(peer, None, &r);
+            return close(tls).await;
+        }
+    };
+
+    let mut buf = BytesMut::new();
+    let connect = tokio::select! {
+        _ = shutdown.cancelled() => return close(tls).await,
+        c = timeout(shared.config.connect_timeout, read_connect(&mut tls, &mut buf)) => c,
+    };
+    let connect = match connect {
+        Err(_) => {
+            events::connection_refused(peer, Some(&device), &Refusal::ConnectTimeout);
+            return close(tls).await;
+        }
+        Ok(Err(refusal)) => {
+            events::connection_refused(peer, Some(&device), &refusal);
+            if let Refusal::UnsupportedProtocol { level, .. } = refusal {
+                let reply: &[u8] = if level == 5 {
+                    &V5_CONNACK_UNSUPPORTED
+                } else {
+                    &connack(ConnectReturnCode::RefusedProtocolVersion)
+                };
+                let _ = timeout(CLOSE_TIMEOUT, tls.write_all(reply)).await;
+            }
+            return close(tls).await;
+        }
+        Ok(Ok(c)) => c,
+    };
+
+    let grant = match admit(&shared, &device, peer, &connect) {
+        Ok(g) => g,
+        Err((refusal, code)) => {
+            events::connection_refused(peer, Some(&device), &refusal);
+            let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&connack(code))).await;
+            return close(tls).await;
+        }
+    };
+
+    let broker = match connect_broker(shared.broker, &connect).await {
+        Ok(b) => b,
+        Err(e) => {
+            let refusal = Refusal::BrokerUnavailable(e);
+            events::connection_refused(peer, Some(&device), &refusal);
+            let reply = connack(ConnectReturnCode::ServiceUnavailable);
+            let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&reply)).await;
+            return close(tls).await;
+        }
+    };
+
+    let close_token = shutdown.child_token();
+    let _live = shared.register(device.clone(), peer, chain, close_token.clone());
+    events::device_connected(peer, &device, &grant.class);
+    let reason = relay(tls, buf, broker, &device, peer, &grant, close_token).await;
+    events::device_disconnected(peer, &device, &reason);
+}
+
+/// Reads the CONNECT, refusing anything but a well-formed MQTT 3.1.1 one.
+async fn read_connect(tls: &mut DeviceStream, buf: &mut BytesMut) -> Result<Connect, Refusal> {
+    let not_connect = |e: &dyn std::fmt::Display| Refusal::NotConnect(e.to_string());
+    let header = match mqtt::read_frame(tls, buf, MAX_CONNECT).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Err(Refusal::NotConnect("connection closed".into())),
+        Err(e) => return Err(not_connect(&e)),
+    };
+    if let Some((name, level)) = mqtt::connect_protocol(buf, &header) {
+        if name != "MQTT" || level != 4 {
+            buf.clear();
+            return Err(Refusal::UnsupportedProtocol { name, level });
+        }
+    }
+    match Packet::read(buf, MAX_CONNECT) {
+        Ok(Packet::Connect(c)) if c.protocol == Protocol::V4 => Ok(c),
+        Ok(_) => Err(Refusal::NotConnect("the first packet is not a CONNECT".into())),
+        Err(e) => Err(not_connect(&e)),
+    }
+}
+
+/// The registry's verdict on a CONNECT from `device` at `peer`.
+fn admit(
+    shared: &EdgeShared,
+    device: &DeviceId,
+    peer: SocketAddr,
+    connect: &Connect,
+) -> Result<Grant, (Refusal, ConnectReturnCode)> {
+    if connect.client_id != device.as_str() {
+        return Err((
+            Refusal::ClientIdMismatch {
+                client_id: connect.client_id.clone(),
+            },
+            ConnectReturnCode::BadClientId,
+        ));
+    }
+    let grant = shared
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .grant(device)
+        .ok_or((Refusal::Unregistered, ConnectReturnCode::NotAuthorized))?;
+    if canonical(peer.ip()) != canonical(grant.address) {
+        return Err((
+            Refusal::AddressMismatch {
+                registered: grant.address,
+            },
+            ConnectReturnCode::NotAuthorized,
+        ));
+    }
+    if let Some(will) = &connect.last_will {
+        let allowed = acl::validate_topic_name(&will.topic).is_ok()
+            && grant.acl.may_publish(&will.topic)
+            && will.message.len() <= grant.max_payload;
+        if !allowed {
+            return Err((
+                Refusal::WillNotAllowed {
+                    topic: will.topic.clone(),
+                },
+                ConnectReturnCode::NotAuthorized,
+            ));
+        }
+    }
+    Ok(grant)
+}
+
+/// IPv4-mapped IPv6 addresses (from a dual-stack listener) compare as IPv4.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn connack(code: ConnectReturnCode) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    // Writing a CONNACK into memory cannot fail.
+    let _ = ConnAck::new(code, false).write(&mut out);
+    out.to_vec()
+}
+
+/// Opens the device's session on the embedded broker: the device's CONNECT without its
+/// credentials (identity is the certificate), and the broker's CONNACK back.
+async fn connect_broker(
+    addr: SocketAddr,
+    connect: &Connect,
+) -> Result<(TcpStream, Packet), String> {
+    let mut stream = timeout(CLOSE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let mut c = connect.clone();
+    c.login = None;
+    let mut out = BytesMut::new();
+    c.write(&mut out).map_err(|e| e.to_string())?;
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::new();
+    let connack = timeout(
+        CLOSE_TIMEOUT,
+        mqtt::read_packet(&mut stream, &mut buf, MAX_CONNECT),
+    )
+    .await
+    .map_err(|_| "no CONNACK from the broker".to_owned())?
+    .map_err(|e| e.to_string())?;
+    match connack {
+        Some(p @ Packet::ConnAck(_)) if buf.is_empty() => Ok((stream, p)),
+        Some(Packet::ConnAck(_)) => Err("broker sent data after its CONNACK".into()),
+        Some(other) => Err(format!("broker answered CONNECT with {other:?}")),
+        None => Err("broker closed the connection".into()),
+    }
+}
+
+/// Relays between device and broker until one side ends, a violation, or `close`.
+/// Returns the reason the session ended.
+async fn relay(
+    tls: DeviceStream,
+    mut buf: BytesMut,
+    broker: (TcpStream, Packet),
+    device: &DeviceId,
+    peer: SocketAddr,
+    grant: &Grant,
+    close: CancellationToken,
+) -> String {
+    let (broker, connack) = broker;
+    let (mut dev_rd, mut dev_wr) = tokio::io::split(tls);
+    let (mut br_rd, mut br_wr) = broker.into_split();
+
+    let mut out = BytesMut::new();
+    let _ = connack.write(&mut out, MAX_CONNECT);
+    if let Err(e) = dev_wr.write_all(&out).await {
+        return format!("device write failed: {e}");
+    }
+
+    let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
+    let inbound = async {
+        loop {
+            let packet = match mqtt::read_packet(&mut dev_rd, &mut buf, max_packet).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok("device closed the connection".to_owned()),
+                Err(ReadError::Io(e)) => return Ok(format!("device read failed: {e}")),
+                Err(ReadError::Truncated) => return Ok("device closed mid-packet".to_owned()),
+                Err(ReadError::TooLarge { size, max }) => {
+                    return Err(Violation::OversizedPacket { size, max })
+                }
+                Err(ReadError::Malformed(e)) => return Err(Violation::Protocol(e.to_string())),
+            };
+            let last = matches!(packet, Packet::Disconnect);
+            inspect(&packet, grant)?;
+            out.clear();
+            if let Err(e) = packet.write(&mut out, usize::MAX) {
+                return Err(Violation::Protocol(e.to_string()));
+            }
+            if let Err(e) = br_wr.write_all(&out).await {
+                return Ok(format!("broker write failed: {e}"));
+            }
+            if last {
+                return Ok("device sent DISCONNECT".to_owned());
+            }
+        }
+    };
+    let outbound = tokio::io::copy(&mut br_rd, &mut dev_wr);
+
+    let reason = tokio::select! {
+        _ = close.cancelled() => "closed by the gateway".to_owned(),
+        r = inbound => match r {
+            Ok(reason) => reason,
+            Err(v) => {
+                events::violation(peer, device, &v);
+                format!("violation: {}", v.code())
+            }
+        },
+        r = outbound => match r {
+            Ok(_) => "broker closed the session".to_owned(),
+            Err(e) => format!("relay to device failed: {e}"),
+        },
+    };
+    let _ = br_wr.shutdown().await;
+    let _ = timeout(CLOSE_TIMEOUT, dev_wr.shutdown()).await;
+    reason
+}
+
+/// The policy check of one packet from a device.
+fn inspect(packet: &Packet, grant: &Grant) -> Result<(), Violation> {
+    match packet {
+        Packet::Publish(p) => {
+            if let Err(e) = acl::validate_topic_name(&p.topic) {
+                return Err(match e {
+                    acl::TopicError::WildcardInTopicName => Violation::WildcardPublish {
+                        topic: p.topic.clone(),
+                    },
+                    e => Violation::InvalidTopic {
+                        topic: p.topic.clone(),
+                        reason: e.to_string(),
+                    },
+                });
+            }
+            if p.payload.len() > grant.max_payload {
+                return Err(Violation::OversizedPacket {
+                    size: p.payload.len(),
+                    max: grant.max_payload,
+                });
+            }
+            if !grant.acl.may_publish(&p.topic) {
+                return Err(Violation::PublishDenied {
+                    topic: p.topic.clone(),
+                });
+            }
+            Ok(())
+        }
+        Packet::Subscribe(s) => {
+            for f in &s.filters {
+                let filter = TopicFilter::parse(&f.path).map_err(|e| Violation::InvalidTopic {
+                    topic: f.path.clone(),
+                    reason: e.to_string(),
+                })?;
+                if !grant.acl.may_subscribe(&filter) {
+                    return Err(Violation::SubscribeDenied {
+                        filter: f.path.clone(),
+                    });
+                }
+            }
+            Ok(())
+        }
+        Packet::Unsubscribe(_)
+        | Packet::PubAck(_)
+        | Packet::PubRec(_)
+        | Packet::PubRel(_)
+        | Packet::PubComp(_)
+        | Packet::PingReq
+        | Packet::Disconnect => Ok(()),
+        Packet::Connect(_) => Err(Violation::Protocol("second CONNECT".into())),
+        Packet::ConnAck(_)
+        | Packet::SubAck(_)
+        | Packet::UnsubAck(_)
+        | Packet::PingResp => Err(Violation::Protocol(
+            "server-to-client packet sent by a client".into(),
+        )),
+    }
+}
+
+/// Ends a TLS connection politely, within a bound.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let _ = timeout(CLOSE_TIMEOUT, s.shutdown()).await;
+}

@@ -1,0 +1,193 @@
+//! Security events: every decision the gateway takes about a device, with a stable name.
+//!
+//! Each event is written as one structured `tracing` record whose `event` field is the
+//! stable name below (`edge.connect_refused`, `edge.acl_violation`, …), so operators can
+//! alert on it and tests can wait for it. Fields never carry payloads or key material;
+//! strings that a device controls (client ids, topics) are written with `Debug` escaping.
+//! The hash-chained audit log (its own issue) will record these same events; this module
+//! is the single place it hooks into.
+//!
+//! Tested through the system tests, which wait for these names in the gateway's log.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::device::DeviceId;
+
+/// Why a connection was refused before it reached the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The TLS handshake failed: no, invalid, expired, revoked or foreign certificate.
+    Tls(String),
+    HandshakeTimeout,
+    /// The certificate verified but does not name a device.
+    BadCertificate(String),
+    ConnectTimeout,
+    /// The first packet was not a well-formed MQTT CONNECT.
+    NotConnect(String),
+    UnsupportedProtocol { name: String, level: u8 },
+    ClientIdMismatch { client_id: String },
+    Unregistered,
+    AddressMismatch { registered: std::net::IpAddr },
+    WillNotAllowed { topic: String },
+    TooManyConnections,
+    BrokerUnavailable(String),
+}
+
+impl Refusal {
+    /// A short stable code for the reason, for log queries.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Tls(_) => "tls",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::BadCertificate(_) => "bad_certificate",
+            Refusal::ConnectTimeout => "connect_timeout",
+            Refusal::NotConnect(_) => "not_connect",
+            Refusal::UnsupportedProtocol { .. } => "unsupported_protocol",
+            Refusal::ClientIdMismatch { .. } => "client_id_mismatch",
+            Refusal::Unregistered => "unregistered",
+            Refusal::AddressMismatch { .. } => "address_mismatch",
+            Refusal::WillNotAllowed { .. } => "will_not_allowed",
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::BrokerUnavailable(_) => "broker_unavailable",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            Refusal::HandshakeTimeout => f.write_str("TLS handshake timed out"),
+            Refusal::BadCertificate(e) => write!(f, "{e}"),
+            Refusal::ConnectTimeout => f.write_str("no CONNECT within the connect timeout"),
+            Refusal::NotConnect(e) => write!(f, "first packet is not a valid CONNECT: {e}"),
+            Refusal::UnsupportedProtocol { name, level } => {
+                write!(f, "unsupported protocol {name:?} level {level}")
+            }
+            Refusal::ClientIdMismatch { client_id } => {
+                write!(f, "client id {client_id:?} differs from the certificate's device id")
+            }
+            Refusal::Unregistered => f.write_str("device is not registered"),
+            Refusal::AddressMismatch { registered } => {
+                write!(f, "device is registered at {registered}, not at this address")
+            }
+            Refusal::WillNotAllowed { topic } => {
+                write!(f, "last-will topic {topic:?} is outside the device's publish ACL")
+            }
+            Refusal::TooManyConnections => f.write_str("edge connection limit reached"),
+            Refusal::BrokerUnavailable(e) => write!(f, "embedded broker unavailable: {e}"),
+        }
+    }
+}
+
+/// Why a connected device was disconnected by the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    PublishDenied { topic: String },
+    SubscribeDenied { filter: String },
+    WildcardPublish { topic: String },
+    InvalidTopic { topic: String, reason: String },
+    OversizedPacket { size: usize, max: usize },
+    /// A packet the protocol does not allow here, or one that cannot be parsed.
+    Protocol(String),
+}
+
+impl Violation {
+    /// The stable event name this violation is logged under.
+    pub fn event(&self) -> &'static str {
+        match self {
+            Violation::PublishDenied { .. } | Violation::SubscribeDenied { .. } => {
+                "edge.acl_violation"
+            }
+            Violation::OversizedPacket { .. } => "edge.oversized_packet",
+            _ => "edge.protocol_violation",
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Violation::PublishDenied { .. } => "publish_denied",
+            Violation::SubscribeDenied { .. } => "subscribe_denied",
+            Violation::WildcardPublish { .. } => "wildcard_publish",
+            Violation::InvalidTopic { .. } => "invalid_topic",
+            Violation::OversizedPacket { .. } => "oversized_packet",
+            Violation::Protocol(_) => "protocol",
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::PublishDenied { topic } => write!(f, "publish to {topic:?} denied by ACL"),
+            Violation::SubscribeDenied { filter } => {
+                write!(f, "subscribe to {filter:?} denied by ACL")
+            }
+            Violation::WildcardPublish { topic } => {
+                write!(f, "publish topic {topic:?} contains a wildcard")
+            }
+            Violation::InvalidTopic { topic, reason } => write!(f, "topic {topic:?}: {reason}"),
+            Violation::OversizedPacket { size, max } => {
+                write!(f, "packet of {size} bytes exceeds the limit of {max} bytes")
+            }
+            Violation::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+fn dev(device: Option<&DeviceId>) -> &str {
+    device.map_or("-", DeviceId::as_str)
+}
+
+pub fn connection_refused(peer: SocketAddr, device: Option<&DeviceId>, reason: &Refusal) {
+    tracing::warn!(
+        event = "edge.connect_refused",
+        %peer,
+        device = dev(device),
+        code = reason.code(),
+        reason = %reason,
+        "connection refused"
+    );
+}
+
+pub fn device_connected(peer: SocketAddr, device: &DeviceId, class: &str) {
+    tracing::info!(event = "edge.connected", %peer, %device, class, "device connected");
+}
+
+pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
+    tracing::warn!(
+        event = v.event(),
+        %peer,
+        %device,
+        code = v.code(),
+        reason = %v,
+        "device disconnected for a policy violation"
+    );
+}
+
+pub fn device_disconnected(peer: SocketAddr, device: &DeviceId, reason: &str) {
+    tracing::info!(event = "edge.disconnected", %peer, %device, reason, "device disconnected");
+}
+
+pub fn live_connection_revoked(peer: SocketAddr, device: &DeviceId, reason: &str) {
+    tracing::warn!(
+        event = "edge.connection_revoked",
+        %peer,
+        %device,
+        reason,
+        "live connection closed: its certificate no longer verifies"
+    );
+}
+
+pub fn tls_reloaded(crls: usize, closed: usize) {
+    tracing::info!(event = "edge.tls_reloaded", crls, closed, "TLS material and CRL reloaded");
+}
+
+pub fn tls_reload_failed(error: &dyn std::error::Error) {
+    tracing::error!(
+        event = "edge.tls_reload_failed",
+        error = %error,
+        "TLS reload failed; the previous certificates and CRL stay in force"
+    );
+}

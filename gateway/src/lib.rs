@@ -1,0 +1,17 @@
+//! wardgate: a secure edge IoT gateway for smart hospital wards.
+//!
+//! See `DESIGN.md` in the shared folder and the README for the architecture. One module
+//! per domain noun; `app` wires them, `cli` is the command line.
+
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod device;
+pub mod edge;
+pub mod events;
+pub mod mqtt;
+pub mod pki;
+pub mod policy;
+pub mod registry;
