@@ -1,1 +1,8 @@
+//! System tests: `wardgate` runs as a process; real clients talk to it over TLS.
+//!
+//! One test binary (see STYLE.md); `support/` holds the harness. Prerequisites that are
+//! missing (mosquitto-clients, openssl) fail the test with what to install.
 
+mod cli;
+mod edge;
+mod support;

@@ -1,0 +1,324 @@
+//! Test support: a site PKI and configuration made with the real `wardgate` CLI, the
+//! gateway as a child process whose log the tests read, and clients: rumqttc, mosquitto's
+//! command-line clients, and a raw MQTT-over-TLS client for packets well-behaved clients
+//! refuse to send. Every port comes from the OS; every wait has a deadline.
+
+pub mod clients;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+use tokio::sync::watch;
+
+pub const WARDGATE: &str = env!("CARGO_BIN_EXE_wardgate");
+/// Upper bound for any single wait in a test; generous for a loaded 2-core CI machine.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Fails the test, loudly, when a program the test needs is not installed.
+pub fn require(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{program}` is not installed; install it with `apt-get install {package}` \
+         (scripts/test does this)"
+    );
+}
+
+/// Runs `wardgate` with `args` to completion, returning its status and output.
+pub fn wardgate(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(WARDGATE)
+        .args(args)
+        .output()
+        .expect("run wardgate");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn wardgate_ok(args: &[&str]) -> String {
+    let (status, out, err) = wardgate(args);
+    assert!(status.success(), "wardgate {args:?} failed: {err}");
+    out
+}
+
+/// A device class for the generated configuration.
+#[derive(Debug, Clone)]
+pub struct Class {
+    pub name: &'static str,
+    pub publish: Vec<&'static str>,
+    pub subscribe: Vec<&'static str>,
+    pub max_payload: &'static str,
+}
+
+/// A site: PKI, device certificates and a gateway configuration in a temporary directory.
+#[derive(Debug)]
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub classes: Vec<Class>,
+    /// (device id, class, address)
+    pub devices: Vec<(String, String, String)>,
+    pub extra_edge: String,
+}
+
+impl Site {
+    /// A site with the ward classes used across the tests and their devices registered:
+    /// `pump-1`, `pump-2` (infusion pumps) and `nurse-1` (a nurse-call display).
+    pub fn ward() -> Site {
+        Site::ward_of("st-mary")
+    }
+
+    /// The same ward at a site of another name (and so with another CA).
+    pub fn ward_of(site_name: &str) -> Site {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        wardgate_ok(&["pki", "init", "--dir", pki.to_str().unwrap(), "--site", site_name]);
+        let mut site = Site {
+            dir,
+            classes: vec![
+                Class {
+                    name: "infusion-pump",
+                    publish: vec!["ward/{device}/#"],
+                    subscribe: vec!["ward/{device}/cmd/#"],
+                    max_payload: "1KiB",
+                },
+                Class {
+                    name: "nurse-display",
+                    publish: vec!["ward/{device}/ack/#"],
+                    subscribe: vec!["ward/+/alarm/#"],
+                    max_payload: "1KiB",
+                },
+            ],
+            devices: Vec::new(),
+            extra_edge: String::new(),
+        };
+        for (id, class) in [
+            ("pump-1", "infusion-pump"),
+            ("pump-2", "infusion-pump"),
+            ("nurse-1", "nurse-display"),
+        ] {
+            site.register(id, class, "127.0.0.1");
+        }
+        site
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.path("pki")
+    }
+
+    /// Issues a certificate for `id` (whether or not it is registered).
+    pub fn issue(&self, id: &str) {
+        wardgate_ok(&[
+            "pki",
+            "issue",
+            id,
+            "--dir",
+            self.pki().to_str().unwrap(),
+            "--out",
+            self.path("devices").to_str().unwrap(),
+        ]);
+    }
+
+    /// Registers `id` in the configuration and issues its certificate.
+    pub fn register(&mut self, id: &str, class: &str, address: &str) {
+        self.issue(id);
+        self.devices.push((id.into(), class.into(), address.into()));
+    }
+
+    pub fn revoke(&self, id: &str) {
+        wardgate_ok(&["pki", "revoke", id, "--dir", self.pki().to_str().unwrap()]);
+    }
+
+    pub fn cert(&self, id: &str) -> PathBuf {
+        self.path(&format!("devices/{id}.pem"))
+    }
+
+    pub fn key(&self, id: &str) -> PathBuf {
+        self.path(&format!("devices/{id}.key"))
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.pki().join("ca.pem")
+    }
+
+    /// Writes the configuration file and returns its path.
+    pub fn write_config(&self) -> PathBuf {
+        let mut toml = format!(
+            r#"[gateway]
+id = "gw-test"
+site = "st-mary"
+data_dir = "data"
+shutdown_grace = "5s"
+
+[edge]
+listen = "127.0.0.1:0"
+ca = "pki/ca.pem"
+cert = "pki/server.pem"
+key = "pki/server.key"
+crl = "pki/crl.pem"
+{}
+"#,
+            self.extra_edge
+        );
+        for c in &self.classes {
+            let list = |v: &[&str]| {
+                v.iter()
+                    .map(|s| format!("{s:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            toml.push_str(&format!(
+                "\n[[device_class]]\nname = {:?}\npublish = [{}]\nsubscribe = [{}]\nmax_payload = {:?}\n",
+                c.name,
+                list(&c.publish),
+                list(&c.subscribe),
+                c.max_payload
+            ));
+        }
+        for (id, class, address) in &self.devices {
+            toml.push_str(&format!(
+                "\n[[device]]\nid = {id:?}\nclass = {class:?}\naddress = {address:?}\n"
+            ));
+        }
+        let path = self.path("wardgate.toml");
+        std::fs::write(&path, toml).expect("write config");
+        path
+    }
+
+    /// Starts the gateway on this site's configuration and waits until it is ready.
+    pub async fn start(&self) -> Gateway {
+        Gateway::start(&self.write_config()).await
+    }
+}
+
+/// `wardgate run` as a child process, with its log captured line by line.
+#[derive(Debug)]
+pub struct Gateway {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    count: watch::Receiver<usize>,
+    pub edge: SocketAddr,
+}
+
+impl Gateway {
+    pub async fn start(config: &Path) -> Gateway {
+        let mut child = tokio::process::Command::new(WARDGATE)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .kill_on_drop(true)
+            .env("RUST_LOG", "info,rumqttd=off,rustls=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wardgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, count) = watch::channel(0usize);
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut rd = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = rd.next_line().await {
+                let n = {
+                    let mut l = sink.lock().unwrap();
+                    l.push(line);
+                    l.len()
+                };
+                let _ = tx.send(n);
+            }
+        });
+        let mut gw = Gateway {
+            child,
+            lines,
+            count,
+            edge: "0.0.0.0:0".parse().unwrap(),
+        };
+        let ready = gw.wait_log("gateway.ready", &[]).await;
+        let edge = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("edge="))
+            .expect("edge address in the ready line");
+        gw.edge = edge.parse().expect("edge address");
+        gw
+    }
+
+    pub fn port(&self) -> u16 {
+        self.edge.port()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Log lines with `event="NAME"` that contain every one of `parts`.
+    pub fn events(&self, name: &str, parts: &[&str]) -> Vec<String> {
+        let tag = format!("event=\"{name}\"");
+        self.log()
+            .into_iter()
+            .filter(|l| l.contains(&tag) && parts.iter().all(|p| l.contains(p)))
+            .collect()
+    }
+
+    /// Waits for a log line with `event="NAME"` containing every one of `parts`.
+    pub async fn wait_log(&mut self, name: &str, parts: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(l) = self.events(name, parts).into_iter().next() {
+                return l;
+            }
+            let changed = tokio::time::timeout_at(deadline, self.count.changed()).await;
+            match changed {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    // The log ended or the deadline passed: one last look, then fail.
+                    if let Some(l) = self.events(name, parts).into_iter().next() {
+                        return l;
+                    }
+                    panic!(
+                        "no {name} event with {parts:?} in the gateway log:\n{}",
+                        self.log().join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("gateway still running");
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub async fn stop(mut self) -> ExitStatus {
+        self.signal("TERM");
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("gateway did not stop after SIGTERM")
+            .expect("wait for gateway")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!("--- gateway log ---\n{}", self.log().join("\n"));
+        }
+    }
+}
