@@ -29,7 +29,11 @@ pub const EXIT_CONFIG: u8 = 78;
 pub const DEFAULT_CONFIG: &str = "/etc/wardgate/wardgate.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "wardgate", version, about = "Secure edge IoT gateway for hospital wards")]
+#[command(
+    name = "wardgate",
+    version,
+    about = "Secure edge IoT gateway for hospital wards"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,7 +103,12 @@ enum PkiCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The demo tells its story on stdout; its log shows only the security events.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn,rumqttd=off,rustls=error",
+        _ => "info,rumqttd=off,rustls=error",
+    };
+    init_logging(default_filter);
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -112,8 +121,8 @@ pub fn main() -> ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     // rumqttd logs every client disconnect at error level; the edge logs sessions itself.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -214,7 +223,11 @@ fn pki_command(command: PkiCommand) -> anyhow::Result<ExitCode> {
             DeviceId::parse(&site).with_context(|| format!("invalid site name {site:?}"))?;
             let r = pki::init(&PkiDir::new(&dir), &site, &gateway_id, &sans)?;
             println!("site CA:            {}", r.ca.display());
-            println!("server certificate: {} ({})", r.server_cert.display(), r.server_names.join(", "));
+            println!(
+                "server certificate: {} ({})",
+                r.server_cert.display(),
+                r.server_names.join(", ")
+            );
             println!("CRL:                {}", r.crl.display());
         }
         PkiCommand::Issue {

@@ -1,1 +1,340 @@
-pub async fn run(_dir: Option<std::path::PathBuf>, _d: std::time::Duration) -> anyhow::Result<()> { Ok(()) }
+//! `wardgate demo`: the gateway's main job on an embedded default.
+//!
+//! Makes a throwaway site PKI and configuration (in a temporary directory, or `--dir`),
+//! starts the gateway on loopback, and runs simulated ward devices through it with real
+//! MQTT over mutual TLS:
+//!
+//! - `pump-01` (infusion pump) and `monitor-02` (patient monitor) publish vitals and, now
+//!   and then, an alarm;
+//! - `nurse-station` (nurse-call display) subscribes to every alarm on the ward;
+//! - `rogue-03`, a registered monitor, tries to forge an alarm in pump-01's name and is
+//!   disconnected by the ACL;
+//! - `visitor-laptop` holds a certificate from the site CA but is not registered, and is
+//!   refused at CONNECT.
+//!
+//! What the devices send and receive is printed on stdout; the gateway's own security
+//! events appear in its log on stderr. The payloads are synthetic.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Gateway;
+use crate::config::Config;
+use crate::device::DeviceId;
+use crate::pki::{self, cert, PkiDir};
+
+const SITE: &str = "demo-hospital";
+/// Registered devices: (id, class).
+const DEVICES: &[(&str, &str)] = &[
+    ("pump-01", "infusion-pump"),
+    ("monitor-02", "patient-monitor"),
+    ("nurse-station", "nurse-display"),
+    ("rogue-03", "patient-monitor"),
+];
+const UNREGISTERED: &str = "visitor-laptop";
+/// How often the simulated devices publish vitals.
+const VITALS_EVERY: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, Default)]
+struct Tally {
+    published: AtomicU64,
+    delivered: AtomicU64,
+    refused: AtomicU64,
+}
+
+pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("wardgate-demo-")
+                .tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let config_path = prepare(&dir)?;
+    let config = Config::load(&config_path)?;
+    let gateway = Gateway::build(config).await?;
+    let port = gateway.edge_addr().port();
+    println!(
+        "wardgate demo: site {SITE}, edge on {}",
+        gateway.edge_addr()
+    );
+    println!("  PKI and configuration in {}", dir.display());
+    println!("  devices: pump-01, monitor-02 (publish vitals and alarms), nurse-station");
+    println!("           (receives every alarm), rogue-03 (will misbehave), visitor-laptop");
+    println!("           (not registered)\n");
+
+    let shutdown = CancellationToken::new();
+    let gw_task = tokio::spawn(gateway.run(shutdown.clone()));
+    let tally = Arc::new(Tally::default());
+    let devices = CancellationToken::new();
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(nurse_station(
+        dir.clone(),
+        port,
+        tally.clone(),
+        devices.clone(),
+    )));
+    // Let the nurse station subscribe before the alarms start.
+    tasks.push(tokio::spawn(sender(
+        dir.clone(),
+        port,
+        "pump-01",
+        tally.clone(),
+        devices.clone(),
+    )));
+    tasks.push(tokio::spawn(sender(
+        dir.clone(),
+        port,
+        "monitor-02",
+        tally.clone(),
+        devices.clone(),
+    )));
+    tasks.push(tokio::spawn(rogue(dir.clone(), port, tally.clone())));
+    tasks.push(tokio::spawn(visitor(dir.clone(), port, tally.clone())));
+
+    if duration.is_zero() {
+        tokio::signal::ctrl_c().await?;
+    } else {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    devices.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    shutdown.cancel();
+    let _ = gw_task.await;
+    println!(
+        "\nsummary: {} messages published, {} alarms delivered to the nurse station, \
+         {} devices refused",
+        tally.published.load(Ordering::Relaxed),
+        tally.delivered.load(Ordering::Relaxed),
+        tally.refused.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// Writes the PKI, device certificates and configuration into `dir`; returns the config path.
+fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
+    let pki = PkiDir::new(dir.join("pki"));
+    if !pki.ca_key().exists() {
+        pki::init(&pki, SITE, "demo-gateway", &[])?;
+    }
+    let out = dir.join("devices");
+    for id in DEVICES.iter().map(|(id, _)| *id).chain([UNREGISTERED]) {
+        let device = DeviceId::parse(id)?;
+        if !out.join(format!("{id}.pem")).exists() {
+            pki::issue(&pki, &device, &out, 7)?;
+        }
+    }
+    let mut toml = String::from(
+        r#"# Written by `wardgate demo`.
+[gateway]
+id = "demo-gateway"
+site = "demo-hospital"
+data_dir = "data"
+
+[edge]
+listen = "127.0.0.1:0"
+ca = "pki/ca.pem"
+cert = "pki/server.pem"
+key = "pki/server.key"
+crl = "pki/crl.pem"
+
+[[device_class]]
+name = "infusion-pump"
+publish = ["ward/{device}/#"]
+subscribe = ["ward/{device}/cmd/#"]
+max_payload = "16KiB"
+
+[[device_class]]
+name = "patient-monitor"
+publish = ["ward/{device}/#"]
+subscribe = ["ward/{device}/cmd/#"]
+
+[[device_class]]
+name = "nurse-display"
+publish = ["ward/{device}/ack/#"]
+subscribe = ["ward/+/alarm/#"]
+max_payload = "4KiB"
+"#,
+    );
+    for (id, class) in DEVICES {
+        toml.push_str(&format!(
+            "\n[[device]]\nid = \"{id}\"\nclass = \"{class}\"\naddress = \"127.0.0.1\"\n"
+        ));
+    }
+    let path = dir.join("wardgate.toml");
+    std::fs::write(&path, toml).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+fn options(dir: &Path, id: &str, port: u16) -> anyhow::Result<MqttOptions> {
+    let devices = dir.join("devices");
+    let tls = cert::client_config(
+        &devices.join("ca.pem"),
+        &devices.join(format!("{id}.pem")),
+        &devices.join(format!("{id}.key")),
+    )?;
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    o.set_keep_alive(Duration::from_secs(10));
+    Ok(o)
+}
+
+/// Polls until the CONNACK (true) or a failure (false, printed).
+async fn connected(id: &str, eventloop: &mut rumqttc::EventLoop) -> bool {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+            Ok(_) => {}
+            Err(e) => {
+                println!("{id:>14} ✗ connection refused: {}", describe(&e));
+                return false;
+            }
+        }
+    }
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => format!("CONNACK {code:?}"),
+        ConnectionError::Io(e) => format!("closed by the gateway ({e})"),
+        other => other.to_string(),
+    }
+}
+
+async fn nurse_station(dir: PathBuf, port: u16, tally: Arc<Tally>, stop: CancellationToken) {
+    let Ok(opts) = options(&dir, "nurse-station", port) else {
+        return;
+    };
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    if !connected("nurse-station", &mut eventloop).await {
+        return;
+    }
+    let _ = client.subscribe("ward/+/alarm/#", QoS::AtLeastOnce).await;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => break,
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                tally.delivered.fetch_add(1, Ordering::Relaxed);
+                println!(
+                    "{:>14} ⇐ {} {}",
+                    "nurse-station",
+                    p.topic,
+                    String::from_utf8_lossy(&p.payload)
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                println!("{:>14} ✗ {}", "nurse-station", describe(&e));
+                break;
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+/// A pump or monitor: vitals every [`VITALS_EVERY`], an alarm every third round.
+async fn sender(
+    dir: PathBuf,
+    port: u16,
+    id: &'static str,
+    tally: Arc<Tally>,
+    stop: CancellationToken,
+) {
+    let Ok(opts) = options(&dir, id, port) else {
+        return;
+    };
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    if !connected(id, &mut eventloop).await {
+        return;
+    }
+    let mut tick = tokio::time::interval(VITALS_EVERY);
+    let mut round: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {
+                round += 1;
+                let (topic, payload) = if round % 3 == 0 {
+                    let what = if id.starts_with("pump") { "occlusion" } else { "spo2-low" };
+                    (format!("ward/{id}/alarm/{what}"), format!("{{\"seq\":{round},\"priority\":\"high\"}}"))
+                } else if id.starts_with("pump") {
+                    (format!("ward/{id}/vitals"), format!("{{\"seq\":{round},\"rate_ml_h\":{}}}", 40 + round % 5))
+                } else {
+                    (format!("ward/{id}/vitals"), format!("{{\"seq\":{round},\"hr\":{},\"spo2\":97}}", 70 + round % 7))
+                };
+                println!("{id:>14} ⇒ {topic} {payload}");
+                tally.published.fetch_add(1, Ordering::Relaxed);
+                let _ = client.publish(topic, QoS::AtLeastOnce, false, payload).await;
+            }
+            e = eventloop.poll() => {
+                if let Err(e) = e {
+                    println!("{id:>14} ✗ {}", describe(&e));
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+/// A registered monitor that forges an alarm in pump-01's name.
+async fn rogue(dir: PathBuf, port: u16, tally: Arc<Tally>) {
+    tokio::time::sleep(VITALS_EVERY * 2).await;
+    let Ok(opts) = options(&dir, "rogue-03", port) else {
+        return;
+    };
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    if !connected("rogue-03", &mut eventloop).await {
+        return;
+    }
+    println!(
+        "{:>14} ⇒ ward/pump-01/alarm/forged (not its own topic)",
+        "rogue-03"
+    );
+    let _ = client
+        .publish("ward/pump-01/alarm/forged", QoS::AtLeastOnce, false, "{}")
+        .await;
+    loop {
+        if let Err(e) = eventloop.poll().await {
+            tally.refused.fetch_add(1, Ordering::Relaxed);
+            println!(
+                "{:>14} ✗ disconnected by the gateway: {}",
+                "rogue-03",
+                describe(&e)
+            );
+            return;
+        }
+    }
+}
+
+/// A device with a valid site certificate that is not in the registry.
+async fn visitor(dir: PathBuf, port: u16, tally: Arc<Tally>) {
+    tokio::time::sleep(VITALS_EVERY * 3).await;
+    let Ok(opts) = options(&dir, UNREGISTERED, port) else {
+        return;
+    };
+    let (_client, mut eventloop) = AsyncClient::new(opts, 16);
+    if !connected(UNREGISTERED, &mut eventloop).await {
+        tally.refused.fetch_add(1, Ordering::Relaxed);
+    }
+}

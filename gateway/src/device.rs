@@ -83,7 +83,13 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["pump-01", "bed.7", "A", "monitor_2", &"x".repeat(MAX_DEVICE_ID_LEN)] {
+        for ok in [
+            "pump-01",
+            "bed.7",
+            "A",
+            "monitor_2",
+            &"x".repeat(MAX_DEVICE_ID_LEN),
+        ] {
             assert!(DeviceId::parse(ok).is_ok(), "{ok}");
         }
     }

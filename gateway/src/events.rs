@@ -25,11 +25,20 @@ pub enum Refusal {
     ConnectTimeout,
     /// The first packet was not a well-formed MQTT CONNECT.
     NotConnect(String),
-    UnsupportedProtocol { name: String, level: u8 },
-    ClientIdMismatch { client_id: String },
+    UnsupportedProtocol {
+        name: String,
+        level: u8,
+    },
+    ClientIdMismatch {
+        client_id: String,
+    },
     Unregistered,
-    AddressMismatch { registered: std::net::IpAddr },
-    WillNotAllowed { topic: String },
+    AddressMismatch {
+        registered: std::net::IpAddr,
+    },
+    WillNotAllowed {
+        topic: String,
+    },
     TooManyConnections,
     BrokerUnavailable(String),
 }
@@ -66,14 +75,23 @@ impl fmt::Display for Refusal {
                 write!(f, "unsupported protocol {name:?} level {level}")
             }
             Refusal::ClientIdMismatch { client_id } => {
-                write!(f, "client id {client_id:?} differs from the certificate's device id")
+                write!(
+                    f,
+                    "client id {client_id:?} differs from the certificate's device id"
+                )
             }
             Refusal::Unregistered => f.write_str("device is not registered"),
             Refusal::AddressMismatch { registered } => {
-                write!(f, "device is registered at {registered}, not at this address")
+                write!(
+                    f,
+                    "device is registered at {registered}, not at this address"
+                )
             }
             Refusal::WillNotAllowed { topic } => {
-                write!(f, "last-will topic {topic:?} is outside the device's publish ACL")
+                write!(
+                    f,
+                    "last-will topic {topic:?} is outside the device's publish ACL"
+                )
             }
             Refusal::TooManyConnections => f.write_str("edge connection limit reached"),
             Refusal::BrokerUnavailable(e) => write!(f, "embedded broker unavailable: {e}"),
@@ -84,11 +102,23 @@ impl fmt::Display for Refusal {
 /// Why a connected device was disconnected by the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
-    PublishDenied { topic: String },
-    SubscribeDenied { filter: String },
-    WildcardPublish { topic: String },
-    InvalidTopic { topic: String, reason: String },
-    OversizedPacket { size: usize, max: usize },
+    PublishDenied {
+        topic: String,
+    },
+    SubscribeDenied {
+        filter: String,
+    },
+    WildcardPublish {
+        topic: String,
+    },
+    InvalidTopic {
+        topic: String,
+        reason: String,
+    },
+    OversizedPacket {
+        size: usize,
+        max: usize,
+    },
     /// A packet the protocol does not allow here, or one that cannot be parsed.
     Protocol(String),
 }
@@ -181,7 +211,12 @@ pub fn live_connection_revoked(peer: SocketAddr, device: &DeviceId, reason: &str
 }
 
 pub fn tls_reloaded(crls: usize, closed: usize) {
-    tracing::info!(event = "edge.tls_reloaded", crls, closed, "TLS material and CRL reloaded");
+    tracing::info!(
+        event = "edge.tls_reloaded",
+        crls,
+        closed,
+        "TLS material and CRL reloaded"
+    );
 }
 
 pub fn tls_reload_failed(error: &dyn std::error::Error) {

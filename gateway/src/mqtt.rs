@@ -124,6 +124,15 @@ mod tests {
         let mut rd = data;
         let mut buf = BytesMut::new();
         let e = read_packet(&mut rd, &mut buf, 1024).await.unwrap_err();
-        assert!(matches!(e, ReadError::TooLarge { size: 1_048_576, max: 1024 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ReadError::TooLarge {
+                    size: 1_048_576,
+                    max: 1024
+                }
+            ),
+            "{e}"
+        );
     }
 }

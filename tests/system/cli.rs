@@ -24,8 +24,14 @@ fn check_config_reports_every_error_with_its_line_and_exits_78() {
     assert_eq!(status.code(), Some(78), "{err}");
     let p = path.display();
     assert!(err.contains(&format!("{p}:3:8: site:")), "{err}");
-    assert!(err.contains(&format!("{p}:7:10: edge listen address")), "{err}");
-    assert!(err.contains(&format!("{p}:14:9: unknown device class \"nope\"")), "{err}");
+    assert!(
+        err.contains(&format!("{p}:7:10: edge listen address")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{p}:14:9: unknown device class \"nope\"")),
+        "{err}"
+    );
     assert!(err.contains("has 3 error(s)"), "{err}");
 }
 
@@ -42,14 +48,24 @@ fn run_refuses_an_invalid_configuration_with_78() {
 fn pki_init_refuses_to_overwrite_and_revoke_needs_a_known_device() {
     let site = Site::ward();
     let pki = site.pki();
-    let (status, _, err) = wardgate(&["pki", "init", "--dir", pki.to_str().unwrap(), "--site", "x"]);
+    let (status, _, err) =
+        wardgate(&["pki", "init", "--dir", pki.to_str().unwrap(), "--site", "x"]);
     assert!(!status.success());
     assert!(err.contains("refusing to overwrite"), "{err}");
     let (status, _, err) = wardgate(&["pki", "revoke", "stranger", "--dir", pki.to_str().unwrap()]);
     assert!(!status.success());
-    assert!(err.contains("no certificate was issued to device stranger"), "{err}");
+    assert!(
+        err.contains("no certificate was issued to device stranger"),
+        "{err}"
+    );
     let (status, _, err) = wardgate(&[
-        "pki", "issue", "bad/#", "--dir", pki.to_str().unwrap(), "--out", "/tmp",
+        "pki",
+        "issue",
+        "bad/#",
+        "--dir",
+        pki.to_str().unwrap(),
+        "--out",
+        "/tmp",
     ]);
     assert!(!status.success());
     assert!(err.contains("invalid device id"), "{err}");

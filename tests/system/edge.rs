@@ -19,7 +19,8 @@ async fn assert_serving(site: &Site, port: u16) {
     let mut nurse = Client::connect(site, "nurse-1", port).await;
     nurse.subscribe("ward/+/alarm/#").await;
     let mut pump = Client::connect(site, "pump-2", port).await;
-    pump.publish("ward/pump-2/alarm/check", b"still-serving").await;
+    pump.publish("ward/pump-2/alarm/check", b"still-serving")
+        .await;
     let got = nurse.next_publish().await;
     assert_eq!(got.topic, "ward/pump-2/alarm/check");
     assert_eq!(&got.payload[..], b"still-serving");
@@ -34,7 +35,8 @@ async fn registered_device_publishes_and_granted_subscriber_receives() {
     let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
     nurse.subscribe("ward/+/alarm/#").await;
     let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
-    pump.publish("ward/pump-1/alarm/occlusion", b"{\"level\":\"high\"}").await;
+    pump.publish("ward/pump-1/alarm/occlusion", b"{\"level\":\"high\"}")
+        .await;
     let got = nurse.next_publish().await;
     assert_eq!(got.topic, "ward/pump-1/alarm/occlusion");
     assert_eq!(&got.payload[..], b"{\"level\":\"high\"}");
@@ -45,11 +47,25 @@ async fn registered_device_publishes_and_granted_subscriber_receives() {
         &site,
         "pump-2",
         gw.port(),
-        &["-t", "ward/pump-2/alarm/air", "-m", "air-in-line", "-q", "1"],
+        &[
+            "-t",
+            "ward/pump-2/alarm/air",
+            "-m",
+            "air-in-line",
+            "-q",
+            "1",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = nurse.next_publish().await;
-    assert_eq!((got.topic.as_str(), &got.payload[..]), ("ward/pump-2/alarm/air", &b"air-in-line"[..]));
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("ward/pump-2/alarm/air", &b"air-in-line"[..])
+    );
 
     // ... and rumqttc to mosquitto_sub. mosquitto_sub says nothing once subscribed, so the
     // pump publishes until mosquitto_sub has its message and exits (-C 1).
@@ -60,10 +76,18 @@ async fn registered_device_publishes_and_granted_subscriber_receives() {
         if let Ok(status) = tokio::time::timeout(Duration::from_millis(300), sub.wait()).await {
             break status.unwrap();
         }
-        assert!(tokio::time::Instant::now() < deadline, "mosquitto_sub got nothing");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mosquitto_sub got nothing"
+        );
     };
     let mut stdout = String::new();
-    sub.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+    sub.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
     assert!(status.success(), "mosquitto_sub failed: {stdout}");
     assert_eq!(stdout.trim(), "ward/pump-1/alarm/door open");
 }
@@ -73,9 +97,14 @@ async fn unregistered_certificate_is_refused_with_not_authorized() {
     let site = Site::ward();
     site.issue("ghost"); // signed by the site CA, but not in the registry
     let mut gw = site.start().await;
-    let (_c, eventloop) = AsyncClient::new(options("ghost", gw.port(), device_tls(&site, "ghost")), 8);
+    let (_c, eventloop) =
+        AsyncClient::new(options("ghost", gw.port(), device_tls(&site, "ghost")), 8);
     expect_connack_refusal(eventloop, ConnectReturnCode::NotAuthorized).await;
-    gw.wait_log("edge.connect_refused", &["device=\"ghost\"", "code=\"unregistered\""]).await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["device=\"ghost\"", "code=\"unregistered\""],
+    )
+    .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -88,20 +117,27 @@ async fn certificate_from_another_ca_fails_the_handshake() {
     let tls = clients::tls_config(&site.ca(), &other.cert("pump-1"), &other.key("pump-1"));
     let (_c, eventloop) = AsyncClient::new(options("pump-1", gw.port(), tls), 8);
     expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "UnknownIssuer"]).await;
+    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "UnknownIssuer"])
+        .await;
     // A rogue CA that copies our CA's name exactly: the signature gives it away.
     let impostor = Site::ward_of("st-mary");
-    let tls = clients::tls_config(&site.ca(), &impostor.cert("pump-1"), &impostor.key("pump-1"));
+    let tls = clients::tls_config(
+        &site.ca(),
+        &impostor.cert("pump-1"),
+        &impostor.key("pump-1"),
+    );
     let (_c, eventloop) = AsyncClient::new(options("pump-1", gw.port(), tls), 8);
     expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "BadSignature"]).await;
+    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "BadSignature"])
+        .await;
     assert_serving(&site, gw.port()).await;
 }
 
 /// Issues `id` a certificate from the site CA valid only between the given offsets from now.
 fn issue_with_validity(site: &Site, id: &str, from_days: i64, to_days: i64) {
     use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(site.pki().join("ca.key")).unwrap()).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(site.pki().join("ca.key")).unwrap()).unwrap();
     let issuer =
         Issuer::from_ca_cert_pem(&std::fs::read_to_string(site.ca()).unwrap(), ca_key).unwrap();
     let mut p = CertificateParams::default();
@@ -124,10 +160,14 @@ async fn expired_and_not_yet_valid_certificates_fail_the_handshake() {
     issue_with_validity(&site, "old-pump", -30, -1);
     issue_with_validity(&site, "future-pump", 1, 30);
     let mut gw = site.start().await;
-    for (id, why) in [("old-pump", "certificate expired"), ("future-pump", "not valid before")] {
+    for (id, why) in [
+        ("old-pump", "certificate expired"),
+        ("future-pump", "not valid before"),
+    ] {
         let (_c, eventloop) = AsyncClient::new(options(id, gw.port(), device_tls(&site, id)), 8);
         expect_tls_refusal(eventloop).await;
-        gw.wait_log("edge.connect_refused", &["code=\"tls\"", why]).await;
+        gw.wait_log("edge.connect_refused", &["code=\"tls\"", why])
+            .await;
     }
     assert_serving(&site, gw.port()).await;
 }
@@ -137,9 +177,11 @@ async fn revoked_certificate_fails_the_handshake() {
     let site = Site::ward();
     site.revoke("pump-1");
     let mut gw = site.start().await;
-    let (_c, eventloop) = AsyncClient::new(options("pump-1", gw.port(), device_tls(&site, "pump-1")), 8);
+    let (_c, eventloop) =
+        AsyncClient::new(options("pump-1", gw.port(), device_tls(&site, "pump-1")), 8);
     expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "Revoked"]).await;
+    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "Revoked"])
+        .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -152,13 +194,17 @@ async fn crl_reload_closes_the_live_connection_and_refuses_the_next() {
 
     site.revoke("pump-1");
     gw.signal("HUP");
-    gw.wait_log("edge.tls_reloaded", &["crls=1", "closed=1"]).await;
-    gw.wait_log("edge.connection_revoked", &["device=pump-1"]).await;
+    gw.wait_log("edge.tls_reloaded", &["crls=1", "closed=1"])
+        .await;
+    gw.wait_log("edge.connection_revoked", &["device=pump-1"])
+        .await;
     pump.closed().await;
 
-    let (_c, eventloop) = AsyncClient::new(options("pump-1", gw.port(), device_tls(&site, "pump-1")), 8);
+    let (_c, eventloop) =
+        AsyncClient::new(options("pump-1", gw.port(), device_tls(&site, "pump-1")), 8);
     expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "Revoked"]).await;
+    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "Revoked"])
+        .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -166,7 +212,11 @@ async fn crl_reload_closes_the_live_connection_and_refuses_the_next() {
 async fn unreadable_crl_on_reload_keeps_the_previous_one() {
     let site = Site::ward();
     let mut gw = site.start().await;
-    std::fs::write(site.pki().join("crl.pem"), "-----BEGIN X509 CRL-----\n!!!\n").unwrap();
+    std::fs::write(
+        site.pki().join("crl.pem"),
+        "-----BEGIN X509 CRL-----\n!!!\n",
+    )
+    .unwrap();
     gw.signal("HUP");
     gw.wait_log("edge.tls_reload_failed", &["crl.pem"]).await;
     assert_serving(&site, gw.port()).await;
@@ -177,10 +227,14 @@ async fn client_id_other_than_the_certificate_is_refused_with_bad_client_id() {
     let site = Site::ward();
     let mut gw = site.start().await;
     // pump-1's certificate, pump-2's client id.
-    let (_c, eventloop) = AsyncClient::new(options("pump-2", gw.port(), device_tls(&site, "pump-1")), 8);
+    let (_c, eventloop) =
+        AsyncClient::new(options("pump-2", gw.port(), device_tls(&site, "pump-1")), 8);
     expect_connack_refusal(eventloop, ConnectReturnCode::BadClientId).await;
-    gw.wait_log("edge.connect_refused", &["device=\"pump-1\"", "code=\"client_id_mismatch\""])
-        .await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["device=\"pump-1\"", "code=\"client_id_mismatch\""],
+    )
+    .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -193,12 +247,24 @@ async fn acl_violating_publish_disconnects_and_is_not_delivered() {
     let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
     // pump-1 forges an alarm in pump-2's name.
     pump.client
-        .publish("ward/pump-2/alarm/forged", QoS::AtLeastOnce, false, b"x".to_vec())
+        .publish(
+            "ward/pump-2/alarm/forged",
+            QoS::AtLeastOnce,
+            false,
+            b"x".to_vec(),
+        )
         .await
         .unwrap();
     pump.closed().await;
-    gw.wait_log("edge.acl_violation", &["device=pump-1", "code=\"publish_denied\"", "ward/pump-2/alarm/forged"])
-        .await;
+    gw.wait_log(
+        "edge.acl_violation",
+        &[
+            "device=pump-1",
+            "code=\"publish_denied\"",
+            "ward/pump-2/alarm/forged",
+        ],
+    )
+    .await;
     // The next alarm the nurse sees is a genuine one, not the forgery.
     let mut pump2 = Client::connect(&site, "pump-2", gw.port()).await;
     pump2.publish("ward/pump-2/alarm/real", b"r").await;
@@ -210,15 +276,27 @@ async fn acl_violating_subscribe_disconnects() {
     let site = Site::ward();
     let mut gw = site.start().await;
     let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
-    pump.client.subscribe("ward/+/alarm/#", QoS::AtLeastOnce).await.unwrap();
+    pump.client
+        .subscribe("ward/+/alarm/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     pump.closed().await;
-    gw.wait_log("edge.acl_violation", &["device=pump-1", "code=\"subscribe_denied\""]).await;
+    gw.wait_log(
+        "edge.acl_violation",
+        &["device=pump-1", "code=\"subscribe_denied\""],
+    )
+    .await;
     // A nurse display's grant covers narrower filters, not wider ones.
     let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
     nurse.subscribe("ward/pump-2/alarm/#").await;
-    nurse.client.subscribe("ward/#", QoS::AtLeastOnce).await.unwrap();
+    nurse
+        .client
+        .subscribe("ward/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     nurse.closed().await;
-    gw.wait_log("edge.acl_violation", &["device=nurse-1", "\"ward/#\""]).await;
+    gw.wait_log("edge.acl_violation", &["device=nurse-1", "\"ward/#\""])
+        .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -228,10 +306,18 @@ async fn wildcard_in_a_publish_topic_is_a_protocol_violation() {
     let mut gw = site.start().await;
     // rumqttc refuses to send this; the raw client does.
     let mut raw = Raw::connect(&site, "pump-1", gw.edge).await;
-    raw.send(&RawPacket::Publish(Publish::new("ward/pump-1/#", QoS::AtMostOnce, "x")))
-        .await;
+    raw.send(&RawPacket::Publish(Publish::new(
+        "ward/pump-1/#",
+        QoS::AtMostOnce,
+        "x",
+    )))
+    .await;
     raw.expect_closed().await;
-    gw.wait_log("edge.protocol_violation", &["device=pump-1", "code=\"wildcard_publish\""]).await;
+    gw.wait_log(
+        "edge.protocol_violation",
+        &["device=pump-1", "code=\"wildcard_publish\""],
+    )
+    .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -245,13 +331,20 @@ async fn oversized_payload_disconnects() {
     publish.pkid = 1;
     raw.send(&RawPacket::Publish(publish)).await;
     raw.expect_closed().await;
-    gw.wait_log("edge.oversized_packet", &["device=pump-1", "1025 bytes exceeds the limit of 1024"])
-        .await;
+    gw.wait_log(
+        "edge.oversized_packet",
+        &["device=pump-1", "1025 bytes exceeds the limit of 1024"],
+    )
+    .await;
     // Announcing 200 MB: refused from the fixed header, before any of it is read.
     let mut raw = Raw::connect(&site, "pump-2", gw.edge).await;
     raw.send_bytes(&[0x30, 0x80, 0x80, 0x80, 0x60]).await;
     raw.expect_closed().await;
-    gw.wait_log("edge.oversized_packet", &["device=pump-2", "201326592 bytes"]).await;
+    gw.wait_log(
+        "edge.oversized_packet",
+        &["device=pump-2", "201326592 bytes"],
+    )
+    .await;
     // Exactly at the limit is fine.
     let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
     pump.publish("ward/pump-1/vitals", &[b'y'; 1024]).await;
@@ -273,7 +366,11 @@ async fn mqtt5_connect_is_refused_with_unsupported_protocol_version() {
     raw.send_bytes(&frame).await;
     let reply = raw.read_to_close().await;
     assert_eq!(reply, [0x20, 0x03, 0x00, 0x84, 0x00], "MQTT 5 CONNACK 0x84");
-    gw.wait_log("edge.connect_refused", &["code=\"unsupported_protocol\"", "level 5"]).await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["code=\"unsupported_protocol\"", "level 5"],
+    )
+    .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -284,11 +381,13 @@ async fn second_connect_and_server_packets_are_protocol_violations() {
     let mut raw = Raw::connect(&site, "pump-1", gw.edge).await;
     raw.send(&RawPacket::Connect(Connect::new("pump-1"))).await;
     raw.expect_closed().await;
-    gw.wait_log("edge.protocol_violation", &["second CONNECT"]).await;
+    gw.wait_log("edge.protocol_violation", &["second CONNECT"])
+        .await;
     let mut raw = Raw::connect(&site, "pump-2", gw.edge).await;
     raw.send(&RawPacket::PingResp).await;
     raw.expect_closed().await;
-    gw.wait_log("edge.protocol_violation", &["server-to-client packet"]).await;
+    gw.wait_log("edge.protocol_violation", &["server-to-client packet"])
+        .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -301,8 +400,11 @@ async fn stalled_handshake_does_not_delay_other_devices() {
     let stalled = tokio::net::TcpStream::connect(gw.edge).await.unwrap();
     // Others connect and exchange messages meanwhile.
     assert_serving(&site, gw.port()).await;
-    assert!(gw.events("edge.connect_refused", &["handshake_timeout"]).is_empty());
-    gw.wait_log("edge.connect_refused", &["code=\"handshake_timeout\""]).await;
+    assert!(gw
+        .events("edge.connect_refused", &["handshake_timeout"])
+        .is_empty());
+    gw.wait_log("edge.connect_refused", &["code=\"handshake_timeout\""])
+        .await;
     drop(stalled);
 }
 
@@ -311,11 +413,22 @@ async fn device_connecting_from_another_address_is_refused() {
     let mut site = Site::ward();
     site.register("pump-9", "infusion-pump", "127.0.0.9");
     let mut gw = site.start().await;
-    let (_c, eventloop) = AsyncClient::new(options("pump-9", gw.port(), device_tls(&site, "pump-9")), 8);
+    let (_c, eventloop) =
+        AsyncClient::new(options("pump-9", gw.port(), device_tls(&site, "pump-9")), 8);
     expect_connack_refusal(eventloop, ConnectReturnCode::NotAuthorized).await;
-    gw.wait_log("edge.connect_refused", &["device=\"pump-9\"", "code=\"address_mismatch\""]).await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["device=\"pump-9\"", "code=\"address_mismatch\""],
+    )
+    .await;
     // From its registered address it gets in.
-    let mut raw = Raw::open(&site, "pump-9", gw.edge, Some("127.0.0.9".parse::<IpAddr>().unwrap())).await;
+    let mut raw = Raw::open(
+        &site,
+        "pump-9",
+        gw.edge,
+        Some("127.0.0.9".parse::<IpAddr>().unwrap()),
+    )
+    .await;
     raw.send(&RawPacket::Connect(Connect::new("pump-9"))).await;
     match raw.recv().await {
         Some(RawPacket::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::Success),
@@ -340,7 +453,8 @@ async fn last_will_outside_the_acl_is_refused() {
         Some(RawPacket::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
         other => panic!("{other:?}"),
     }
-    gw.wait_log("edge.connect_refused", &["code=\"will_not_allowed\""]).await;
+    gw.wait_log("edge.connect_refused", &["code=\"will_not_allowed\""])
+        .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -349,9 +463,17 @@ async fn subscribe_with_an_invalid_filter_is_a_protocol_violation() {
     let site = Site::ward();
     let mut gw = site.start().await;
     let mut raw = Raw::connect(&site, "nurse-1", gw.edge).await;
-    raw.send(&RawPacket::Subscribe(Subscribe::new("ward/#/alarm", QoS::AtMostOnce))).await;
+    raw.send(&RawPacket::Subscribe(Subscribe::new(
+        "ward/#/alarm",
+        QoS::AtMostOnce,
+    )))
+    .await;
     raw.expect_closed().await;
-    gw.wait_log("edge.protocol_violation", &["device=nurse-1", "code=\"invalid_topic\""]).await;
+    gw.wait_log(
+        "edge.protocol_violation",
+        &["device=nurse-1", "code=\"invalid_topic\""],
+    )
+    .await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -364,21 +486,52 @@ fn openssl_client_cert(site: &Site, name: &str, subject: &str) {
     let ext = site.path("client-ext.cnf");
     std::fs::write(&ext, "extendedKeyUsage = clientAuth\n").unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key.to_str().unwrap()]);
     run(&[
-        "req", "-new", "-key", key.to_str().unwrap(), "-subj", subject, "-multivalue-rdn",
-        "-out", csr.to_str().unwrap(),
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        key.to_str().unwrap(),
     ]);
     run(&[
-        "x509", "-req", "-in", csr.to_str().unwrap(),
-        "-CA", site.ca().to_str().unwrap(),
-        "-CAkey", site.pki().join("ca.key").to_str().unwrap(),
-        "-CAcreateserial", "-days", "2",
-        "-extfile", ext.to_str().unwrap(),
-        "-out", site.cert(name).to_str().unwrap(),
+        "req",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-subj",
+        subject,
+        "-multivalue-rdn",
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        site.ca().to_str().unwrap(),
+        "-CAkey",
+        site.pki().join("ca.key").to_str().unwrap(),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        ext.to_str().unwrap(),
+        "-out",
+        site.cert(name).to_str().unwrap(),
     ]);
 }
 
@@ -392,11 +545,26 @@ async fn hostile_certificate_names_are_refused() {
     for name in ["two-names", "wildcard-name", "no-name"] {
         let mut raw = Raw::open(&site, name, gw.edge, None).await;
         raw.send(&RawPacket::Connect(Connect::new("pump-1"))).await;
-        assert!(raw.recv().await.is_none(), "{name}: expected the gateway to close");
+        assert!(
+            raw.recv().await.is_none(),
+            "{name}: expected the gateway to close"
+        );
     }
-    gw.wait_log("edge.connect_refused", &["code=\"bad_certificate\"", "more than one common name"]).await;
-    gw.wait_log("edge.connect_refused", &["code=\"bad_certificate\"", "not a valid device id"]).await;
-    gw.wait_log("edge.connect_refused", &["code=\"bad_certificate\"", "no common name"]).await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["code=\"bad_certificate\"", "more than one common name"],
+    )
+    .await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["code=\"bad_certificate\"", "not a valid device id"],
+    )
+    .await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["code=\"bad_certificate\"", "no common name"],
+    )
+    .await;
     assert_serving(&site, gw.port()).await;
 }
 

@@ -3,6 +3,9 @@
 //! One test binary (see STYLE.md); `support/` holds the harness. Prerequisites that are
 //! missing (mosquitto-clients, openssl) fail the test with what to install.
 
+// Test code fails by panicking; unwrap is how it says so.
+#![allow(clippy::unwrap_used)]
+
 mod cli;
 mod edge;
 mod support;

@@ -143,7 +143,13 @@ fn render_diagnostics(path: &Path, diagnostics: &[Diagnostic]) -> String {
         diagnostics.len()
     );
     for d in diagnostics {
-        out.push_str(&format!("\n{}:{}:{}: {}", path.display(), d.line, d.column, d.message));
+        out.push_str(&format!(
+            "\n{}:{}:{}: {}",
+            path.display(),
+            d.line,
+            d.column,
+            d.message
+        ));
     }
     out
 }
@@ -447,7 +453,10 @@ impl Validator<'_> {
                 max_payload,
             };
             if classes.insert(name.clone(), class).is_some() {
-                self.error(name_field.span(), format!("device class {name:?} is defined twice"));
+                self.error(
+                    name_field.span(),
+                    format!("device class {name:?} is defined twice"),
+                );
             }
         }
 
@@ -564,7 +573,10 @@ address = "10.0.0.5"
         assert_eq!(c.classes["pump"].max_payload, DEFAULT_MAX_PAYLOAD);
         assert!(c.classes["pump"].subscribe.is_empty());
         let id = DeviceId::parse("pump-1").unwrap();
-        assert_eq!(c.devices[&id].address, "10.0.0.5".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            c.devices[&id].address,
+            "10.0.0.5".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -679,6 +691,9 @@ address = "10.0.0.8"
         let text = MINIMAL.replace("\"10.0.0.5\"", "\"ten\"");
         let e = Config::parse(&text, Path::new("/etc/w.toml")).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("/etc/w.toml:20:11: device address \"ten\""), "{s}");
+        assert!(
+            s.contains("/etc/w.toml:20:11: device address \"ten\""),
+            "{s}"
+        );
     }
 }

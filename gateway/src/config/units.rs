@@ -25,7 +25,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
     if digits.is_empty() {
-        return Err(format!("size {s:?} must start with a whole number, e.g. \"64KiB\""));
+        return Err(format!(
+            "size {s:?} must start with a whole number, e.g. \"64KiB\""
+        ));
     }
     let n: u64 = digits
         .parse()
@@ -66,12 +68,16 @@ mod tests {
         assert_eq!(parse_size("500kB"), Ok(500_000));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("64KB").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("64KB")
+            .unwrap_err()
+            .contains("unknown size unit"));
         assert!(parse_size("1.5MiB").is_err());
         assert!(parse_size("KiB").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999").is_err());
-        assert!(parse_size("17179869184GiB").unwrap_err().contains("too large"));
+        assert!(parse_size("17179869184GiB")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

@@ -125,12 +125,13 @@ impl Edge {
         broker: SocketAddr,
     ) -> Result<Edge, EdgeError> {
         let tls = tls::load(&config)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| EdgeError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| EdgeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         Ok(Edge {
             listener,
             shared: Arc::new(EdgeShared {

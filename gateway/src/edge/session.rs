@@ -15,10 +15,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
 use super::EdgeShared;
 use crate::device::DeviceId;
 use crate::events::{self, Refusal, Violation};
+use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
 use crate::pki::cert;
 use crate::policy::{acl, TopicFilter};
 use crate::registry::Grant;
@@ -136,7 +136,9 @@ async fn read_connect(tls: &mut DeviceStream, buf: &mut BytesMut) -> Result<Conn
     }
     match Packet::read(buf, MAX_CONNECT) {
         Ok(Packet::Connect(c)) if c.protocol == Protocol::V4 => Ok(c),
-        Ok(_) => Err(Refusal::NotConnect("the first packet is not a CONNECT".into())),
+        Ok(_) => Err(Refusal::NotConnect(
+            "the first packet is not a CONNECT".into(),
+        )),
         Err(e) => Err(not_connect(&e)),
     }
 }
@@ -354,12 +356,9 @@ fn inspect(packet: &Packet, grant: &Grant) -> Result<(), Violation> {
         | Packet::PingReq
         | Packet::Disconnect => Ok(()),
         Packet::Connect(_) => Err(Violation::Protocol("second CONNECT".into())),
-        Packet::ConnAck(_)
-        | Packet::SubAck(_)
-        | Packet::UnsubAck(_)
-        | Packet::PingResp => Err(Violation::Protocol(
-            "server-to-client packet sent by a client".into(),
-        )),
+        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(
+            Violation::Protocol("server-to-client packet sent by a client".into()),
+        ),
     }
 }
 

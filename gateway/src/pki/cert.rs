@@ -88,7 +88,8 @@ pub enum CertIdError {
 
 /// The device id named by a certificate: its subject's single Common Name.
 pub fn device_id(cert: &CertificateDer<'_>) -> Result<DeviceId, CertIdError> {
-    let (_, x509) = X509Certificate::from_der(cert.as_ref()).map_err(|_| CertIdError::Unparsable)?;
+    let (_, x509) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|_| CertIdError::Unparsable)?;
     let mut cns = x509.subject().iter_common_name();
     let cn = cns.next().ok_or(CertIdError::NoCommonName)?;
     if cns.next().is_some() {
@@ -100,7 +101,8 @@ pub fn device_id(cert: &CertificateDer<'_>) -> Result<DeviceId, CertIdError> {
 
 /// The serial number of a certificate, as lower-case hex of its DER integer bytes.
 pub fn serial_hex(cert: &CertificateDer<'_>) -> Result<String, CertIdError> {
-    let (_, x509) = X509Certificate::from_der(cert.as_ref()).map_err(|_| CertIdError::Unparsable)?;
+    let (_, x509) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|_| CertIdError::Unparsable)?;
     Ok(hex(x509.raw_serial()))
 }
 
@@ -129,14 +131,18 @@ mod tests {
         for cn in cns {
             p.distinguished_name.push(DnType::CommonName, *cn);
         }
-        p.distinguished_name.push(DnType::OrganizationName, "pump-9");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "pump-9");
         let key = KeyPair::generate().unwrap();
         p.self_signed(&key).unwrap().der().clone()
     }
 
     #[test]
     fn cn_is_the_device_id() {
-        assert_eq!(device_id(&cert_with(&["pump-1"])).unwrap().as_str(), "pump-1");
+        assert_eq!(
+            device_id(&cert_with(&["pump-1"])).unwrap().as_str(),
+            "pump-1"
+        );
     }
 
     #[test]
@@ -159,4 +165,39 @@ mod tests {
         assert_eq!(unhex("0"), None);
         assert_eq!(unhex("zz"), None);
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    #[error("{path}: CA certificate refused: {detail}")]
+    Ca { path: PathBuf, detail: String },
+    #[error("client certificate or key refused: {0}")]
+    Identity(String),
+}
+
+/// A TLS client configuration (ring, TLS 1.2+) that trusts the CAs in `ca` and presents the
+/// certificate chain in `cert` with the key in `key`. Used by the demo's simulated devices
+/// and by clients of the gateway in tests.
+pub fn client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, ClientTlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| ClientTlsError::Ca {
+            path: ca.to_owned(),
+            detail: e.to_string(),
+        })?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientTlsError::Identity(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| ClientTlsError::Identity(e.to_string()))?;
+    Ok(std::sync::Arc::new(config))
 }

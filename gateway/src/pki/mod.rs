@@ -284,8 +284,16 @@ pub fn init(
     let server_cert = server.signed_by(&server_key, &issuer)?;
 
     // Private keys first: if anything below fails, no CA certificate exists without its key.
-    write_atomic(&pki.ca_key(), issuer.key().serialize_pem().as_bytes(), 0o600)?;
-    write_atomic(&pki.server_key(), server_key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(
+        &pki.ca_key(),
+        issuer.key().serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_atomic(
+        &pki.server_key(),
+        server_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_atomic(&pki.server_cert(), server_cert.pem().as_bytes(), 0o644)?;
     write_atomic(&pki.ca_cert(), ca_cert.pem().as_bytes(), 0o644)?;
     let index = Index {
@@ -372,7 +380,11 @@ pub fn revoke(pki: &PkiDir, device: &DeviceId) -> Result<Vec<String>, PkiError> 
     let when = now().unix_timestamp();
     let mut revoked = Vec::new();
     let mut any = false;
-    for c in index.certs.iter_mut().filter(|c| c.device == device.as_str()) {
+    for c in index
+        .certs
+        .iter_mut()
+        .filter(|c| c.device == device.as_str())
+    {
         any = true;
         if c.revoked_at_unix.is_none() {
             c.revoked_at_unix = Some(when);
@@ -453,18 +465,23 @@ mod tests {
         assert!(cert::load_crls(&pki.crl()).unwrap().len() == 1);
         let revoked = revoke(&pki, &dev).unwrap();
         assert_eq!(revoked, vec![issued.serial.clone()]);
-        assert!(matches!(revoke(&pki, &dev), Err(PkiError::AlreadyRevoked(_))));
+        assert!(matches!(
+            revoke(&pki, &dev),
+            Err(PkiError::AlreadyRevoked(_))
+        ));
         let other = DeviceId::parse("pump-2").unwrap();
-        assert!(matches!(revoke(&pki, &other), Err(PkiError::UnknownDevice(_))));
+        assert!(matches!(
+            revoke(&pki, &other),
+            Err(PkiError::UnknownDevice(_))
+        ));
         let index = Index::load(&pki.index()).unwrap();
         assert_eq!(index.crl_number, 2);
 
         // The CRL really lists the serial.
         let crl_der = cert::load_crls(&pki.crl()).unwrap().remove(0);
-        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(
-            crl_der.as_ref(),
-        )
-        .unwrap();
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(crl_der.as_ref())
+                .unwrap();
         let serials: Vec<String> = crl
             .iter_revoked_certificates()
             .map(|r| cert::hex(r.raw_serial()))

@@ -41,7 +41,9 @@ pub enum TopicError {
     MisplacedMultiLevel,
     #[error("'+' must be a whole level of a filter")]
     MisplacedSingleLevel,
-    #[error("'{{device}}' must be a whole level of a filter, and no other '{{' or '}}' may appear")]
+    #[error(
+        "'{{device}}' must be a whole level of a filter, and no other '{{' or '}}' may appear"
+    )]
     MisplacedPlaceholder,
 }
 
@@ -236,24 +238,50 @@ mod tests {
 
     #[test]
     fn filter_syntax() {
-        for ok in ["a", "a/b", "#", "+", "a/+/c", "a/#", "+/+/#", "/", "a//b", "$SYS/#"] {
+        for ok in [
+            "a", "a/b", "#", "+", "a/+/c", "a/#", "+/+/#", "/", "a//b", "$SYS/#",
+        ] {
             assert!(TopicFilter::parse(ok).is_ok(), "{ok}");
         }
         assert_eq!(TopicFilter::parse(""), Err(TopicError::Empty));
-        assert_eq!(TopicFilter::parse("a/#/b"), Err(TopicError::MisplacedMultiLevel));
-        assert_eq!(TopicFilter::parse("a#"), Err(TopicError::MisplacedMultiLevel));
-        assert_eq!(TopicFilter::parse("a/b+"), Err(TopicError::MisplacedSingleLevel));
-        assert_eq!(TopicFilter::parse("a/++"), Err(TopicError::MisplacedSingleLevel));
+        assert_eq!(
+            TopicFilter::parse("a/#/b"),
+            Err(TopicError::MisplacedMultiLevel)
+        );
+        assert_eq!(
+            TopicFilter::parse("a#"),
+            Err(TopicError::MisplacedMultiLevel)
+        );
+        assert_eq!(
+            TopicFilter::parse("a/b+"),
+            Err(TopicError::MisplacedSingleLevel)
+        );
+        assert_eq!(
+            TopicFilter::parse("a/++"),
+            Err(TopicError::MisplacedSingleLevel)
+        );
         assert_eq!(TopicFilter::parse("a\0b"), Err(TopicError::Nul));
-        assert_eq!(TopicFilter::parse(&"a".repeat(MAX_TOPIC_LEN + 1)), Err(TopicError::TooLong));
+        assert_eq!(
+            TopicFilter::parse(&"a".repeat(MAX_TOPIC_LEN + 1)),
+            Err(TopicError::TooLong)
+        );
     }
 
     #[test]
     fn topic_names_refuse_wildcards() {
         assert!(validate_topic_name("ward/pump-1/vitals").is_ok());
-        assert_eq!(validate_topic_name("ward/+"), Err(TopicError::WildcardInTopicName));
-        assert_eq!(validate_topic_name("ward/#"), Err(TopicError::WildcardInTopicName));
-        assert_eq!(validate_topic_name("wa#rd"), Err(TopicError::WildcardInTopicName));
+        assert_eq!(
+            validate_topic_name("ward/+"),
+            Err(TopicError::WildcardInTopicName)
+        );
+        assert_eq!(
+            validate_topic_name("ward/#"),
+            Err(TopicError::WildcardInTopicName)
+        );
+        assert_eq!(
+            validate_topic_name("wa#rd"),
+            Err(TopicError::WildcardInTopicName)
+        );
         assert_eq!(validate_topic_name(""), Err(TopicError::Empty));
     }
 
@@ -306,8 +334,14 @@ mod tests {
             FilterTemplate::parse("ward/x{device}/#"),
             Err(TopicError::MisplacedPlaceholder)
         );
-        assert_eq!(FilterTemplate::parse("ward/{dev}/#"), Err(TopicError::MisplacedPlaceholder));
-        assert_eq!(FilterTemplate::parse("ward/#/{device}"), Err(TopicError::MisplacedMultiLevel));
+        assert_eq!(
+            FilterTemplate::parse("ward/{dev}/#"),
+            Err(TopicError::MisplacedPlaceholder)
+        );
+        assert_eq!(
+            FilterTemplate::parse("ward/#/{device}"),
+            Err(TopicError::MisplacedMultiLevel)
+        );
     }
 
     #[test]

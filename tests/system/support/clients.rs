@@ -13,10 +13,7 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
     Publish, QoS, TlsConfiguration, Transport,
 };
-use rustls::crypto::ring;
-use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
@@ -25,25 +22,13 @@ use tokio_rustls::TlsConnector;
 
 use super::{require, Site, DEADLINE};
 
-/// A rustls client configuration presenting `device`'s certificate and trusting `ca`.
-pub fn tls_config(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("ca") {
-        roots.add(c.expect("ca cert")).expect("add ca");
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .expect("cert")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(key).expect("key");
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .expect("client cert"),
-    )
+/// A rustls client configuration presenting `cert` and trusting `ca`.
+pub fn tls_config(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Arc<rustls::ClientConfig> {
+    wardgate::pki::cert::client_config(ca, cert, key).expect("client TLS configuration")
 }
 
 pub fn device_tls(site: &Site, device: &str) -> Arc<rustls::ClientConfig> {
@@ -225,10 +210,17 @@ pub struct Raw {
 
 impl Raw {
     /// Opens TLS to `gateway` as `device`, from `local` if given (any 127/8 address).
-    pub async fn open(site: &Site, device: &str, gateway: SocketAddr, local: Option<IpAddr>) -> Raw {
+    pub async fn open(
+        site: &Site,
+        device: &str,
+        gateway: SocketAddr,
+        local: Option<IpAddr>,
+    ) -> Raw {
         let socket = TcpSocket::new_v4().expect("socket");
         if let Some(ip) = local {
-            socket.bind(SocketAddr::new(ip, 0)).expect("bind local address");
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .expect("bind local address");
         }
         let tcp = socket.connect(gateway).await.expect("tcp connect");
         let connector = TlsConnector::from(device_tls(site, device));
@@ -246,8 +238,10 @@ impl Raw {
     /// Opens TLS and completes an MQTT CONNECT as `device`; panics if refused.
     pub async fn connect(site: &Site, device: &str, gateway: SocketAddr) -> Raw {
         let mut raw = Raw::open(site, device, gateway, None).await;
-        raw.send(&RawPacket::Connect(rumqttc::mqttbytes::v4::Connect::new(device)))
-            .await;
+        raw.send(&RawPacket::Connect(rumqttc::mqttbytes::v4::Connect::new(
+            device,
+        )))
+        .await;
         match raw.recv().await {
             Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => raw,
             other => panic!("CONNECT of {device} refused: {other:?}"),

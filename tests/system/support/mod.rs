@@ -80,7 +80,14 @@ impl Site {
     pub fn ward_of(site_name: &str) -> Site {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
-        wardgate_ok(&["pki", "init", "--dir", pki.to_str().unwrap(), "--site", site_name]);
+        wardgate_ok(&[
+            "pki",
+            "init",
+            "--dir",
+            pki.to_str().unwrap(),
+            "--site",
+            site_name,
+        ]);
         let mut site = Site {
             dir,
             classes: vec![
