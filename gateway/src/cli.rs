@@ -118,11 +118,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr. RUST_LOG overrides `default_filter`, which silences rumqttd (it logs
+/// every client disconnect at error level; the edge logs sessions itself) and rustls's
+/// warnings about clients' SNI.
+fn init_logging(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    // rumqttd logs every client disconnect at error level; the edge logs sessions itself.
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
