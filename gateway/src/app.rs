@@ -80,7 +80,14 @@ impl Gateway {
             devices = self.config.devices.len(),
             "wardgate ready"
         );
+        // Everything a device needs is up: broker, TLS material, edge listener.
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
         let tracker = TaskTracker::new();
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        });
         self.edge.run(shutdown, tracker.clone()).await;
         tracker.close();
         let grace = self.config.gateway.shutdown_grace;
@@ -92,5 +99,13 @@ impl Gateway {
             );
         }
         tracing::info!(event = "gateway.stopped", "wardgate stopped");
+    }
+}
+
+/// Tells systemd (when it started us with `Type=notify`) about our state. Without a
+/// `NOTIFY_SOCKET` this does nothing.
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(event = "gateway.notify_failed", error = %e, "sd_notify failed");
     }
 }

@@ -1,6 +1,6 @@
 //! The command line: configuration checking and the PKI commands' refusals.
 
-use crate::support::{wardgate, Site};
+use crate::support::{wardgate, Gateway, Site, DEADLINE, WARDGATE};
 
 #[test]
 fn check_config_accepts_the_shipped_example() {
@@ -69,4 +69,56 @@ fn pki_init_refuses_to_overwrite_and_revoke_needs_a_known_device() {
     ]);
     assert!(!status.success());
     assert!(err.contains("invalid device id"), "{err}");
+}
+
+#[tokio::test]
+async fn readiness_is_notified_to_systemd() {
+    let site = Site::ward();
+    let socket_path = site.path("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let gw =
+        Gateway::start_with_env(&site.write_config(), &[("NOTIFY_SOCKET", &socket_path)]).await;
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(DEADLINE, socket.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "READY=1");
+    assert!(gw.stop().await.success());
+    let n = tokio::time::timeout(DEADLINE, socket.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "STOPPING=1");
+}
+
+/// The README's first command: the demo shows traffic flowing, the forged alarm cut off and
+/// the unregistered device refused, and exits by itself.
+#[test]
+fn demo_shows_the_gateway_at_work() {
+    let out = std::process::Command::new(WARDGATE)
+        .args(["demo", "--duration", "8s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "pump-01 ⇒ ward/pump-01/vitals",
+        "nurse-station ⇐ ward/pump-01/alarm/occlusion",
+        "nurse-station ⇐ ward/monitor-02/alarm/spo2-low",
+        "rogue-03 ✗ disconnected by the gateway",
+        "visitor-laptop ✗ connection refused: CONNACK NotAuthorized",
+        "2 devices refused",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert!(
+        !stdout.contains("nurse-station ⇐ ward/pump-01/alarm/forged"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("event=\"edge.acl_violation\""), "{stderr}");
 }

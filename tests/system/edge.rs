@@ -578,3 +578,64 @@ async fn sigterm_stops_the_gateway_with_sessions_open() {
     assert!(status.success(), "{status:?}");
     pump.closed().await;
 }
+
+#[tokio::test]
+async fn mqtt31_connect_is_refused_with_unacceptable_protocol_version() {
+    let site = Site::ward();
+    let mut gw = site.start().await;
+    let mut raw = Raw::open(&site, "pump-1", gw.edge, None).await;
+    // MQTT 3.1 CONNECT: protocol "MQIsdp", level 3, clean session, keep-alive 30.
+    let mut body = vec![0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 30];
+    body.extend_from_slice(&[0, 6]);
+    body.extend_from_slice(b"pump-1");
+    let mut frame = vec![0x10, body.len() as u8];
+    frame.extend_from_slice(&body);
+    raw.send_bytes(&frame).await;
+    assert_eq!(
+        raw.read_to_close().await,
+        [0x20, 0x02, 0x00, 0x01],
+        "CONNACK 0x01"
+    );
+    gw.wait_log(
+        "edge.connect_refused",
+        &["code=\"unsupported_protocol\"", "\"MQIsdp\" level 3"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn silent_client_after_the_handshake_is_dropped() {
+    let mut site = Site::ward();
+    site.extra_edge = "connect_timeout = \"1s\"".into();
+    let mut gw = site.start().await;
+    let mut raw = Raw::open(&site, "pump-1", gw.edge, None).await;
+    raw.expect_closed().await;
+    gw.wait_log(
+        "edge.connect_refused",
+        &["device=\"pump-1\"", "code=\"connect_timeout\""],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn qos2_passes_through_to_a_granted_subscriber() {
+    let site = Site::ward();
+    let gw = site.start().await;
+    let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
+    nurse
+        .subscribe_qos("ward/+/alarm/#", QoS::ExactlyOnce)
+        .await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.client
+        .publish(
+            "ward/pump-1/alarm/qos2",
+            QoS::ExactlyOnce,
+            false,
+            b"exactly-once".to_vec(),
+        )
+        .await
+        .unwrap();
+    let got = nurse.next_publish().await;
+    assert_eq!(got.qos, QoS::ExactlyOnce);
+    assert_eq!(&got.payload[..], b"exactly-once");
+}

@@ -124,12 +124,13 @@ impl Client {
         }
     }
 
-    /// Subscribes and waits for the SUBACK.
+    /// Subscribes at QoS 1 and waits for the SUBACK.
     pub async fn subscribe(&mut self, filter: &str) {
-        self.client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
+        self.subscribe_qos(filter, QoS::AtLeastOnce).await
+    }
+
+    pub async fn subscribe_qos(&mut self, filter: &str, qos: QoS) {
+        self.client.subscribe(filter, qos).await.expect("subscribe");
         match tokio::time::timeout(DEADLINE, self.acks.recv()).await {
             Ok(Some(Packet::SubAck(_))) => {}
             other => panic!("no SUBACK for {filter}: {other:?}"),

@@ -221,8 +221,13 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(config: &Path) -> Gateway {
+        Gateway::start_with_env(config, &[]).await
+    }
+
+    pub async fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Gateway {
         let mut child = tokio::process::Command::new(WARDGATE)
             .args(["run", "--config", config.to_str().unwrap()])
+            .envs(env.iter().copied())
             .kill_on_drop(true)
             .env("RUST_LOG", "info,rumqttd=off,rustls=error")
             .stdin(Stdio::null())
