@@ -79,30 +79,30 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
     let tally = Arc::new(Tally::default());
     let devices = CancellationToken::new();
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(nurse_station(
-        dir.clone(),
-        port,
-        tally.clone(),
-        devices.clone(),
-    )));
-    // Let the nurse station subscribe before the alarms start.
-    tasks.push(tokio::spawn(sender(
-        dir.clone(),
-        port,
-        "pump-01",
-        tally.clone(),
-        devices.clone(),
-    )));
-    tasks.push(tokio::spawn(sender(
-        dir.clone(),
-        port,
-        "monitor-02",
-        tally.clone(),
-        devices.clone(),
-    )));
-    tasks.push(tokio::spawn(rogue(dir.clone(), port, tally.clone())));
-    tasks.push(tokio::spawn(visitor(dir.clone(), port, tally.clone())));
+    let tasks = vec![
+        tokio::spawn(nurse_station(
+            dir.clone(),
+            port,
+            tally.clone(),
+            devices.clone(),
+        )),
+        tokio::spawn(sender(
+            dir.clone(),
+            port,
+            "pump-01",
+            tally.clone(),
+            devices.clone(),
+        )),
+        tokio::spawn(sender(
+            dir.clone(),
+            port,
+            "monitor-02",
+            tally.clone(),
+            devices.clone(),
+        )),
+        tokio::spawn(rogue(dir.clone(), port, tally.clone())),
+        tokio::spawn(visitor(dir.clone(), port, tally.clone())),
+    ];
 
     if duration.is_zero() {
         tokio::signal::ctrl_c().await?;

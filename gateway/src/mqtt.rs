@@ -30,30 +30,16 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Option<Packet>, ReadError> {
-    loop {
-        if !buf.is_empty() {
-            match Packet::read(buf, max) {
-                Ok(p) => return Ok(Some(p)),
-                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
-                    return Err(ReadError::TooLarge { size, max })
-                }
-                Err(e) => return Err(ReadError::Malformed(e)),
-            }
-        }
-        buf.reserve(READ_CHUNK);
-        if rd.read_buf(buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(ReadError::Truncated)
-            };
-        }
+    if read_frame(rd, buf, max).await?.is_none() {
+        return Ok(None);
     }
+    Packet::read(buf, max)
+        .map(Some)
+        .map_err(ReadError::Malformed)
 }
 
-/// Reads raw bytes until `buf` holds one whole frame, and returns its fixed header without
-/// parsing the body. Used for the CONNECT, whose protocol level decides which codec applies.
+/// Reads raw bytes until `buf` starts with one whole frame, and returns its fixed header
+/// without parsing the body (the CONNECT's protocol level decides which codec applies).
 pub async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,

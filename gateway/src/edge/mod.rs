@@ -36,6 +36,9 @@ use crate::events::{self, Refusal};
 use crate::registry::SharedRegistry;
 use tls::{TlsError, TlsMaterial};
 
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A live device connection, as the reload path sees it.
 #[derive(Debug)]
 struct LiveConn {
@@ -167,9 +170,10 @@ impl Edge {
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of descriptors or similar: keep serving the connections we have.
+                    // Out of descriptors or similar: keep serving the connections we have,
+                    // and pause so that a persistent error does not spin this loop.
                     tracing::warn!(event = "edge.accept_failed", error = %e, "accept failed");
-                    tokio::task::yield_now().await;
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };

@@ -28,6 +28,8 @@ use crate::registry::Grant;
 const MAX_CONNECT: usize = 64 * 1024 + PUBLISH_OVERHEAD;
 /// How long a close_notify or a refusal CONNACK may take to leave.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the embedded broker may take to accept a session and answer its CONNECT.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
 type DeviceStream = TlsStream<TcpStream>;
 
@@ -211,7 +213,7 @@ async fn connect_broker(
     addr: SocketAddr,
     connect: &Connect,
 ) -> Result<(TcpStream, Packet), String> {
-    let mut stream = timeout(CLOSE_TIMEOUT, TcpStream::connect(addr))
+    let mut stream = timeout(BROKER_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;
@@ -223,7 +225,7 @@ async fn connect_broker(
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::new();
     let connack = timeout(
-        CLOSE_TIMEOUT,
+        BROKER_TIMEOUT,
         mqtt::read_packet(&mut stream, &mut buf, MAX_CONNECT),
     )
     .await
