@@ -83,12 +83,9 @@ impl Gateway {
         // Everything a device needs is up: broker, TLS material, edge listener.
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         let tracker = TaskTracker::new();
-        let stopping = shutdown.clone();
-        tokio::spawn(async move {
-            stopping.cancelled().await;
-            notify_systemd(&[sd_notify::NotifyState::Stopping]);
-        });
+        // Returns once `shutdown` is cancelled: from here on we are stopping.
         self.edge.run(shutdown, tracker.clone()).await;
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
         tracker.close();
         let grace = self.config.gateway.shutdown_grace;
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

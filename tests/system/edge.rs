@@ -644,3 +644,58 @@ async fn other_protocol_versions_are_refused_in_their_own_terms() {
     }
     assert_serving(&site, gw.port()).await;
 }
+
+#[tokio::test]
+async fn stale_crl_is_used_with_a_warning() {
+    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, SerialNumber};
+    let site = Site::ward();
+    // A CRL whose nextUpdate passed yesterday, signed by the site CA.
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(site.pki().join("ca.key")).unwrap()).unwrap();
+    let issuer =
+        Issuer::from_ca_cert_pem(&std::fs::read_to_string(site.ca()).unwrap(), ca_key).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let crl = CertificateRevocationListParams {
+        this_update: now - time::Duration::days(30),
+        next_update: now - time::Duration::days(1),
+        crl_number: SerialNumber::from(99u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap();
+    std::fs::write(site.pki().join("crl.pem"), crl.pem().unwrap()).unwrap();
+    let mut gw = site.start().await;
+    gw.wait_log("edge.crl_stale", &["crl.pem"]).await;
+    assert_serving(&site, gw.port()).await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    let mut site = Site::ward();
+    site.extra_edge = "max_connections = 2".into();
+    let mut gw = site.start().await;
+    let held: Vec<_> = open_silent(gw.edge, 2).await;
+    let mut third = tokio::net::TcpStream::connect(gw.edge).await.unwrap();
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(DEADLINE, third.read(&mut byte))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "third connection should be closed: {n:?}"
+    );
+    gw.wait_log("edge.connect_refused", &["code=\"too_many_connections\""])
+        .await;
+    drop(held);
+}
+
+/// Opens `n` TCP connections that never speak TLS.
+async fn open_silent(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    v
+}
