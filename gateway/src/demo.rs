@@ -299,6 +299,7 @@ async fn sender(
 
 /// A registered monitor that forges an alarm in pump-01's name.
 async fn rogue(dir: PathBuf, port: u16, tally: Arc<Tally>) {
+    // Scripted timing: misbehave once the ward's traffic is under way.
     tokio::time::sleep(VITALS_EVERY * 2).await;
     let Ok(opts) = options(&dir, "rogue-03", port) else {
         return;
@@ -329,6 +330,7 @@ async fn rogue(dir: PathBuf, port: u16, tally: Arc<Tally>) {
 
 /// A device with a valid site certificate that is not in the registry.
 async fn visitor(dir: PathBuf, port: u16, tally: Arc<Tally>) {
+    // Scripted timing: arrive after the rogue, so the two refusals read apart.
     tokio::time::sleep(VITALS_EVERY * 3).await;
     let Ok(opts) = options(&dir, UNREGISTERED, port) else {
         return;

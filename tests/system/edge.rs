@@ -26,6 +26,22 @@ async fn assert_serving(site: &Site, port: u16) {
     assert_eq!(&got.payload[..], b"still-serving");
 }
 
+/// Connects `device` with the raw client, sends `packet`, expects the gateway to close the
+/// connection, and waits for `event` with `parts` in its log.
+async fn expect_disconnect_for(
+    site: &Site,
+    gw: &mut crate::support::Gateway,
+    device: &str,
+    packet: RawPacket,
+    event: &str,
+    parts: &[&str],
+) {
+    let mut raw = Raw::connect(site, device, gw.edge).await;
+    raw.send(&packet).await;
+    raw.expect_closed().await;
+    gw.wait_log(event, parts).await;
+}
+
 #[tokio::test]
 async fn registered_device_publishes_and_granted_subscriber_receives() {
     let site = Site::ward();
@@ -318,17 +334,16 @@ async fn wildcard_in_a_publish_topic_is_a_protocol_violation() {
     let site = Site::ward();
     let mut gw = site.start().await;
     // rumqttc refuses to send this; the raw client does.
-    let mut raw = Raw::connect(&site, "pump-1", gw.edge).await;
-    raw.send(&RawPacket::Publish(Publish::new(
-        "ward/pump-1/#",
-        QoS::AtMostOnce,
-        "x",
-    )))
-    .await;
-    raw.expect_closed().await;
-    gw.wait_log(
-        "edge.protocol_violation",
-        &["device=pump-1", "code=\"wildcard_publish\""],
+    let publish = Publish::new("ward/pump-1/#", QoS::AtMostOnce, "x");
+    let parts = ["device=pump-1", "code=\"wildcard_publish\""];
+    let event = "edge.protocol_violation";
+    expect_disconnect_for(
+        &site,
+        &mut gw,
+        "pump-1",
+        RawPacket::Publish(publish),
+        event,
+        &parts,
     )
     .await;
     assert_serving(&site, gw.port()).await;
@@ -368,16 +383,19 @@ async fn oversized_payload_disconnects() {
 async fn second_connect_and_server_packets_are_protocol_violations() {
     let site = Site::ward();
     let mut gw = site.start().await;
-    let mut raw = Raw::connect(&site, "pump-1", gw.edge).await;
-    raw.send(&RawPacket::Connect(Connect::new("pump-1"))).await;
-    raw.expect_closed().await;
-    gw.wait_log("edge.protocol_violation", &["second CONNECT"])
-        .await;
-    let mut raw = Raw::connect(&site, "pump-2", gw.edge).await;
-    raw.send(&RawPacket::PingResp).await;
-    raw.expect_closed().await;
-    gw.wait_log("edge.protocol_violation", &["server-to-client packet"])
-        .await;
+    let connect = RawPacket::Connect(Connect::new("pump-1"));
+    let event = "edge.protocol_violation";
+    expect_disconnect_for(
+        &site,
+        &mut gw,
+        "pump-1",
+        connect,
+        event,
+        &["second CONNECT"],
+    )
+    .await;
+    let parts = ["server-to-client packet"];
+    expect_disconnect_for(&site, &mut gw, "pump-2", RawPacket::PingResp, event, &parts).await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -452,16 +470,15 @@ async fn last_will_outside_the_acl_is_refused() {
 async fn subscribe_with_an_invalid_filter_is_a_protocol_violation() {
     let site = Site::ward();
     let mut gw = site.start().await;
-    let mut raw = Raw::connect(&site, "nurse-1", gw.edge).await;
-    raw.send(&RawPacket::Subscribe(Subscribe::new(
-        "ward/#/alarm",
-        QoS::AtMostOnce,
-    )))
-    .await;
-    raw.expect_closed().await;
-    gw.wait_log(
+    let subscribe = RawPacket::Subscribe(Subscribe::new("ward/#/alarm", QoS::AtMostOnce));
+    let parts = ["device=nurse-1", "code=\"invalid_topic\""];
+    expect_disconnect_for(
+        &site,
+        &mut gw,
+        "nurse-1",
+        subscribe,
         "edge.protocol_violation",
-        &["device=nurse-1", "code=\"invalid_topic\""],
+        &parts,
     )
     .await;
     assert_serving(&site, gw.port()).await;
