@@ -26,6 +26,20 @@ async fn assert_serving(site: &Site, port: u16) {
     assert_eq!(&got.payload[..], b"still-serving");
 }
 
+/// Connects with rumqttc as `client_id` presenting `tls`, expects the TLS handshake to be
+/// refused, and waits for the gateway's `code="tls"` refusal naming `why`.
+async fn expect_tls_refused(
+    gw: &mut crate::support::Gateway,
+    client_id: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    why: &str,
+) {
+    let (_client, eventloop) = AsyncClient::new(options(client_id, gw.port(), tls), 8);
+    expect_tls_refusal(eventloop).await;
+    gw.wait_log("edge.connect_refused", &["code=\"tls\"", why])
+        .await;
+}
+
 /// Connects `device` with the raw client, sends `packet`, expects the gateway to close the
 /// connection, and waits for `event` with `parts` in its log.
 async fn expect_disconnect_for(
@@ -144,10 +158,7 @@ async fn certificate_from_another_ca_fails_the_handshake() {
     // Another hospital's CA, with the same device names.
     let other = Site::ward_of("st-elsewhere");
     let tls = clients::tls_config(&site.ca(), &other.cert("pump-1"), &other.key("pump-1"));
-    let (_c, eventloop) = AsyncClient::new(options("pump-1", gw.port(), tls), 8);
-    expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "UnknownIssuer"])
-        .await;
+    expect_tls_refused(&mut gw, "pump-1", tls, "UnknownIssuer").await;
     // A rogue CA that copies our CA's name exactly: the signature gives it away.
     let impostor = Site::ward_of("st-mary");
     let tls = clients::tls_config(
@@ -155,20 +166,21 @@ async fn certificate_from_another_ca_fails_the_handshake() {
         &impostor.cert("pump-1"),
         &impostor.key("pump-1"),
     );
-    let (_c, eventloop) = AsyncClient::new(options("pump-1", gw.port(), tls), 8);
-    expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "BadSignature"])
-        .await;
+    expect_tls_refused(&mut gw, "pump-1", tls, "BadSignature").await;
     assert_serving(&site, gw.port()).await;
+}
+
+/// The site CA as an rcgen issuer, for certificates and CRLs `wardgate pki` will not make.
+fn site_issuer(site: &Site) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    let key = std::fs::read_to_string(site.pki().join("ca.key")).unwrap();
+    let cert = std::fs::read_to_string(site.ca()).unwrap();
+    rcgen::Issuer::from_ca_cert_pem(&cert, rcgen::KeyPair::from_pem(&key).unwrap()).unwrap()
 }
 
 /// Issues `id` a certificate from the site CA valid only between the given offsets from now.
 fn issue_with_validity(site: &Site, id: &str, from_days: i64, to_days: i64) {
-    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(site.pki().join("ca.key")).unwrap()).unwrap();
-    let issuer =
-        Issuer::from_ca_cert_pem(&std::fs::read_to_string(site.ca()).unwrap(), ca_key).unwrap();
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let issuer = site_issuer(site);
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, id);
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -193,10 +205,7 @@ async fn expired_and_not_yet_valid_certificates_fail_the_handshake() {
         ("old-pump", "certificate expired"),
         ("future-pump", "not valid before"),
     ] {
-        let (_c, eventloop) = AsyncClient::new(options(id, gw.port(), device_tls(&site, id)), 8);
-        expect_tls_refusal(eventloop).await;
-        gw.wait_log("edge.connect_refused", &["code=\"tls\"", why])
-            .await;
+        expect_tls_refused(&mut gw, id, device_tls(&site, id), why).await;
     }
     assert_serving(&site, gw.port()).await;
 }
@@ -206,11 +215,7 @@ async fn revoked_certificate_fails_the_handshake() {
     let site = Site::ward();
     site.revoke("pump-1");
     let mut gw = site.start().await;
-    let (_c, eventloop) =
-        AsyncClient::new(options("pump-1", gw.port(), device_tls(&site, "pump-1")), 8);
-    expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "Revoked"])
-        .await;
+    expect_tls_refused(&mut gw, "pump-1", device_tls(&site, "pump-1"), "Revoked").await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -229,11 +234,7 @@ async fn crl_reload_closes_the_live_connection_and_refuses_the_next() {
         .await;
     pump.closed().await;
 
-    let (_c, eventloop) =
-        AsyncClient::new(options("pump-1", gw.port(), device_tls(&site, "pump-1")), 8);
-    expect_tls_refusal(eventloop).await;
-    gw.wait_log("edge.connect_refused", &["code=\"tls\"", "Revoked"])
-        .await;
+    expect_tls_refused(&mut gw, "pump-1", device_tls(&site, "pump-1"), "Revoked").await;
     assert_serving(&site, gw.port()).await;
 }
 
@@ -664,13 +665,10 @@ async fn other_protocol_versions_are_refused_in_their_own_terms() {
 
 #[tokio::test]
 async fn stale_crl_is_used_with_a_warning() {
-    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, SerialNumber};
+    use rcgen::{CertificateRevocationListParams, KeyIdMethod, SerialNumber};
     let site = Site::ward();
     // A CRL whose nextUpdate passed yesterday, signed by the site CA.
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(site.pki().join("ca.key")).unwrap()).unwrap();
-    let issuer =
-        Issuer::from_ca_cert_pem(&std::fs::read_to_string(site.ca()).unwrap(), ca_key).unwrap();
+    let issuer = site_issuer(&site);
     let now = time::OffsetDateTime::now_utc();
     let crl = CertificateRevocationListParams {
         this_update: now - time::Duration::days(30),
