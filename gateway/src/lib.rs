@@ -15,3 +15,4 @@ pub mod mqtt;
 pub mod pki;
 pub mod policy;
 pub mod registry;
+pub mod spool;

@@ -1,0 +1,705 @@
+//! The spool: durable, encrypted store-and-forward of every accepted message.
+//!
+//! Invariants:
+//! - A message is in the spool from [`Spool::append`] until the upstream broker's PUBACK
+//!   ([`Spool::remove`]), its expiry (`max_age` of its priority class) or its eviction.
+//! - [`Durable`] resolves only after a `flush` that covers the record: the edge lets a
+//!   QoS 1 PUBLISH reach the broker (and so be acknowledged) only then. Flushes are group
+//!   commits: one flush thread takes every waiter queued while the previous flush ran, so
+//!   the flush rate, not the message rate, bounds the disk work.
+//! - Records are encrypted at rest (see [`record`]); the key lives in `data_dir/spool.key`
+//!   (0600), is made at first start, and never leaves the process or reaches a log.
+//! - When the spool (`max_bytes`) or a device's share (`device_quota`) is full, a new record
+//!   may evict only records of its own or a lower priority class, routine before vital,
+//!   oldest first, and never an alarm; if no room can be made the record is refused (the
+//!   device gets no acknowledgement). Every eviction, expiry and refusal is counted per
+//!   device and logged (`spool.evicted`, `spool.expired`, `spool.refused`).
+//! - Sequence numbers never repeat, across restarts too: blocks of [`SEQ_BLOCK`] are
+//!   reserved in the meta tree before use.
+//! - A record that cannot be read back (corrupt, wrong version) is reported
+//!   (`spool.corrupt_record`), moved to the `corrupt` tree for inspection, and skipped.
+//!
+//! On disk (`data_dir/spool/`, sled 0.34): tree `records` (key → sealed value, see
+//! [`record`]), tree `meta` (`format` = [`FORMAT_VERSION`], `seq_limit`), tree `corrupt`.
+//! An in-memory index of keys, devices and sizes is rebuilt at open by reading every
+//! record (which also finds corrupt ones before the uplink does).
+//!
+//! Tested by the unit tests below (quotas, eviction order, expiry, sequence persistence,
+//! corruption) and by the system tests (kill -9 under load, plaintext search of the files).
+
+pub mod record;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::device::DeviceId;
+pub use record::{Key, Priority, Record, RecordError};
+use record::{Sealer, KEY_LEN, SECRET_LEN};
+
+/// Version of the spool's on-disk layout (trees and meta keys).
+pub const FORMAT_VERSION: u64 = 1;
+/// Sequence numbers reserved at a time.
+pub const SEQ_BLOCK: u64 = 4096;
+const META_FORMAT: &[u8] = b"format";
+const META_SEQ_LIMIT: &[u8] = b"seq_limit";
+/// How often sled flushes on its own (acknowledged deletions, between group commits).
+const BACKGROUND_FLUSH_MS: u64 = 500;
+
+/// Limits, from the `[spool]` section.
+#[derive(Debug, Clone)]
+pub struct SpoolLimits {
+    pub max_bytes: u64,
+    pub device_quota: u64,
+    /// Indexed by `Priority as usize`.
+    pub max_age: [Duration; 3],
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("spool key {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool key {0} is missing but the spool holds records; refusing to start rather than discard them")]
+    KeyMissing(PathBuf),
+    #[error(
+        "spool format version {found} in {path}; this wardgate reads version {FORMAT_VERSION}"
+    )]
+    Format { path: PathBuf, found: u64 },
+    #[error("spool write failed: {0}")]
+    Write(#[from] sled::Error),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("spool flush failed: {0}")]
+    Flush(String),
+    #[error(
+        "no room in the spool for a {priority} record of {size} bytes from {device}: {reason}"
+    )]
+    Refused {
+        device: DeviceId,
+        priority: Priority,
+        size: u64,
+        reason: &'static str,
+    },
+}
+
+/// Per-device counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    pub stored: u64,
+    pub evicted: u64,
+    pub expired: u64,
+    pub refused: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SpoolStats {
+    pub records: usize,
+    pub bytes: u64,
+    pub corrupt: u64,
+    pub devices: BTreeMap<DeviceId, DeviceCounters>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    device: DeviceId,
+    size: u64,
+    received_at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct DeviceShare {
+    bytes: u64,
+    keys: BTreeSet<Key>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    index: BTreeMap<Key, Entry>,
+    devices: HashMap<DeviceId, DeviceShare>,
+    total_bytes: u64,
+    next_seq: u64,
+    seq_limit: u64,
+    counters: BTreeMap<DeviceId, DeviceCounters>,
+    corrupt: u64,
+}
+
+impl State {
+    fn insert(&mut self, key: Key, entry: Entry) {
+        self.total_bytes += entry.size;
+        let share = self.devices.entry(entry.device.clone()).or_default();
+        share.bytes += entry.size;
+        share.keys.insert(key);
+        self.index.insert(key, entry);
+    }
+
+    fn take(&mut self, key: Key) -> Option<Entry> {
+        let entry = self.index.remove(&key)?;
+        self.total_bytes -= entry.size;
+        if let Some(share) = self.devices.get_mut(&entry.device) {
+            share.bytes -= entry.size;
+            share.keys.remove(&key);
+            if share.keys.is_empty() {
+                self.devices.remove(&entry.device);
+            }
+        }
+        Some(entry)
+    }
+
+    fn counters(&mut self, device: &DeviceId) -> &mut DeviceCounters {
+        self.counters.entry(device.clone()).or_default()
+    }
+
+    /// The records to evict so that a `size`-byte record of `priority` from `device` fits,
+    /// or why it cannot. Pure: nothing is changed.
+    fn plan(
+        &self,
+        device: &DeviceId,
+        priority: Priority,
+        size: u64,
+        limits: &SpoolLimits,
+    ) -> Result<Vec<Key>, &'static str> {
+        if size > limits.device_quota || size > limits.max_bytes {
+            return Err("the record is larger than the spool or the device quota");
+        }
+        // Evictable: not an alarm, and not more urgent than the newcomer.
+        let evictable = |k: &Key| k.priority != Priority::Alarm && k.priority >= priority;
+        let order = |keys: &BTreeSet<Key>| -> Vec<Key> {
+            let routine = keys.range(Key::first_of(Priority::Routine)..);
+            let vital =
+                keys.range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
+            routine.chain(vital).copied().filter(evictable).collect()
+        };
+        let mut victims = Vec::new();
+        let mut chosen = HashSet::new();
+        let mut freed_device = 0;
+        let mut freed_total = 0;
+
+        let share = self.devices.get(device);
+        let device_bytes = share.map_or(0, |s| s.bytes);
+        if device_bytes + size > limits.device_quota {
+            for k in share.map(|s| order(&s.keys)).unwrap_or_default() {
+                if device_bytes - freed_device + size <= limits.device_quota {
+                    break;
+                }
+                let s = self.index.get(&k).map_or(0, |e| e.size);
+                freed_device += s;
+                freed_total += s;
+                chosen.insert(k);
+                victims.push(k);
+            }
+            if device_bytes - freed_device + size > limits.device_quota {
+                return Err("the device's quota is full of records as urgent as this one");
+            }
+        }
+        if self.total_bytes - freed_total + size > limits.max_bytes {
+            let routine = self.index.range(Key::first_of(Priority::Routine)..);
+            let vital = self
+                .index
+                .range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
+            for (k, e) in routine.chain(vital) {
+                if self.total_bytes - freed_total + size <= limits.max_bytes {
+                    break;
+                }
+                if !evictable(k) || chosen.contains(k) {
+                    continue;
+                }
+                freed_total += e.size;
+                victims.push(*k);
+            }
+            if self.total_bytes - freed_total + size > limits.max_bytes {
+                return Err("the spool is full of records as urgent as this one");
+            }
+        }
+        Ok(victims)
+    }
+}
+
+type FlushWaiter = oneshot::Sender<Result<(), String>>;
+
+struct Inner {
+    path: PathBuf,
+    db: sled::Db,
+    records: sled::Tree,
+    meta: sled::Tree,
+    corrupt: sled::Tree,
+    sealer: Sealer,
+    limits: SpoolLimits,
+    state: Mutex<State>,
+    /// `None` once dropping: closing it stops the flush thread.
+    flush_tx: Mutex<Option<mpsc::Sender<FlushWaiter>>>,
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    wake: Notify,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the queue, then wait for the flush thread so that its handle on the store
+        // is gone before anyone reopens it.
+        self.flush_tx.get_mut().map(Option::take).ok();
+        if let Ok(Some(handle)) = self.flusher.get_mut().map(Option::take) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A handle on the spool; cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+/// Resolves once the record it belongs to is on disk.
+#[derive(Debug)]
+pub struct Durable(oneshot::Receiver<Result<(), String>>);
+
+impl Durable {
+    pub async fn wait(self) -> Result<(), SpoolError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SpoolError::Flush(e)),
+            Err(_) => Err(SpoolError::Flush("the flush thread stopped".into())),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn load_or_make_secret(path: &Path, store_has_data: bool) -> Result<[u8; SECRET_LEN], SpoolError> {
+    let key_err = |source| SpoolError::KeyFile {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
+            key_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("expected {SECRET_LEN} bytes, found {}", bytes.len()),
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if store_has_data {
+                return Err(SpoolError::KeyMissing(path.to_owned()));
+            }
+            let secret = Sealer::generate_secret()?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(key_err)?;
+            f.write_all(&secret).map_err(key_err)?;
+            f.sync_all().map_err(key_err)?;
+            Ok(secret)
+        }
+        Err(e) => Err(key_err(e)),
+    }
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `data_dir`.
+    pub fn open(data_dir: &Path, limits: SpoolLimits) -> Result<Spool, SpoolError> {
+        let path = data_dir.join("spool");
+        let store_err = |source| SpoolError::Store {
+            path: path.clone(),
+            source,
+        };
+        let existed = path.exists();
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(limits.cache_bytes)
+            .flush_every_ms(Some(BACKGROUND_FLUSH_MS))
+            .open()
+            .map_err(store_err)?;
+        let records = db.open_tree("records").map_err(store_err)?;
+        let meta = db.open_tree("meta").map_err(store_err)?;
+        let corrupt = db.open_tree("corrupt").map_err(store_err)?;
+        let secret =
+            load_or_make_secret(&data_dir.join("spool.key"), existed && !records.is_empty())?;
+        let sealer = Sealer::new(&secret);
+
+        match meta.get(META_FORMAT).map_err(store_err)? {
+            Some(v) => {
+                let found = read_u64(&v);
+                if found != FORMAT_VERSION {
+                    return Err(SpoolError::Format { path, found });
+                }
+            }
+            None => {
+                meta.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(store_err)?;
+            }
+        }
+
+        let mut state = State::default();
+        let mut max_seq = None;
+        for item in records.iter() {
+            let (k, v) = item.map_err(store_err)?;
+            let key = Key::from_bytes(&k);
+            if let Some(key) = key {
+                max_seq = max_seq.max(Some(key.seq));
+            }
+            match key.map(|key| (key, sealer.open(key, &v))) {
+                Some((key, Ok(rec))) => state.insert(
+                    key,
+                    Entry {
+                        device: rec.device,
+                        size: (v.len() + KEY_LEN) as u64,
+                        received_at_ms: rec.received_at_ms,
+                    },
+                ),
+                Some((key, Err(e))) => {
+                    quarantine(
+                        &records,
+                        &corrupt,
+                        &k,
+                        &v,
+                        &format!("{key:?}"),
+                        &e.to_string(),
+                    )?;
+                    state.corrupt += 1;
+                }
+                None => {
+                    quarantine(&records, &corrupt, &k, &v, "unreadable key", "bad key")?;
+                    state.corrupt += 1;
+                }
+            }
+        }
+        let stored_limit = meta
+            .get(META_SEQ_LIMIT)
+            .map_err(store_err)?
+            .map_or(0, |v| read_u64(&v));
+        state.next_seq = stored_limit.max(max_seq.map_or(0, |s| s + 1));
+        state.seq_limit = state.next_seq + SEQ_BLOCK;
+        meta.insert(META_SEQ_LIMIT, &state.seq_limit.to_be_bytes())
+            .map_err(store_err)?;
+        db.flush().map_err(store_err)?;
+
+        let (flush_tx, flush_rx) = mpsc::channel::<FlushWaiter>();
+        let flusher = db.clone();
+        let flusher = std::thread::Builder::new()
+            .name("wardgate-spool-flush".into())
+            .spawn(move || group_commit(flusher, flush_rx))
+            .map_err(|source| SpoolError::KeyFile {
+                path: path.clone(),
+                source,
+            })?;
+
+        tracing::info!(
+            event = "spool.opened",
+            path = %path.display(),
+            records = state.index.len(),
+            bytes = state.total_bytes,
+            corrupt = state.corrupt,
+            "spool opened"
+        );
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                path,
+                db,
+                records,
+                meta,
+                corrupt,
+                sealer,
+                limits,
+                state: Mutex::new(state),
+                flush_tx: Mutex::new(Some(flush_tx)),
+                flusher: Mutex::new(Some(flusher)),
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores `record`. Returns a [`Durable`] that resolves once it is on disk, or a
+    /// refusal when no room can be made for it.
+    pub fn append(&self, record: &Record, priority: Priority) -> Result<Durable, SpoolError> {
+        let inner = &self.inner;
+        let mut st = self.state();
+        let seq = st.next_seq;
+        if seq >= st.seq_limit {
+            st.seq_limit = seq + SEQ_BLOCK;
+            inner
+                .meta
+                .insert(META_SEQ_LIMIT, &st.seq_limit.to_be_bytes())?;
+        }
+        let key = Key { priority, seq };
+        let value = inner.sealer.seal(key, record)?;
+        let size = (value.len() + KEY_LEN) as u64;
+        let victims = match st.plan(&record.device, priority, size, &inner.limits) {
+            Ok(v) => v,
+            Err(reason) => {
+                st.counters(&record.device).refused += 1;
+                let refused = st.counters(&record.device).refused;
+                tracing::warn!(
+                    event = "spool.refused",
+                    device = %record.device,
+                    priority = %priority,
+                    size,
+                    refused,
+                    reason,
+                    "record refused: no room in the spool"
+                );
+                return Err(SpoolError::Refused {
+                    device: record.device.clone(),
+                    priority,
+                    size,
+                    reason,
+                });
+            }
+        };
+        for victim in victims {
+            if let Some(entry) = st.take(victim) {
+                inner.records.remove(victim.to_bytes())?;
+                let c = st.counters(&entry.device);
+                c.evicted += 1;
+                let evicted = c.evicted;
+                tracing::warn!(
+                    event = "spool.evicted",
+                    device = %entry.device,
+                    priority = %victim.priority,
+                    seq = victim.seq,
+                    for_device = %record.device,
+                    evicted,
+                    "record evicted to make room"
+                );
+            }
+        }
+        inner.records.insert(key.to_bytes(), value)?;
+        st.insert(
+            key,
+            Entry {
+                device: record.device.clone(),
+                size,
+                received_at_ms: record.received_at_ms,
+            },
+        );
+        st.counters(&record.device).stored += 1;
+        st.next_seq += 1;
+        drop(st);
+        inner.wake.notify_waiters();
+        let (tx, rx) = oneshot::channel();
+        // If the flush thread is gone, `tx` is dropped and the Durable reports the failure.
+        if let Some(queue) = inner
+            .flush_tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            let _ = queue.send(tx);
+        }
+        Ok(Durable(rx))
+    }
+
+    /// Up to `max` records in drain order (alarms first, oldest first), skipping `skip`.
+    /// Records past their class's `max_age` are expired instead of returned; unreadable
+    /// ones are reported and moved aside.
+    pub fn next_batch(&self, max: usize, skip: &HashSet<Key>) -> Vec<(Key, Record)> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        let keys: Vec<(Key, u64)> = {
+            let st = self.state();
+            st.index
+                .iter()
+                .filter(|(k, _)| !skip.contains(k))
+                .take(max)
+                .map(|(k, e)| (*k, e.received_at_ms))
+                .collect()
+        };
+        for (key, received) in keys {
+            if self.too_old(key.priority, received, now) {
+                stale.push(key);
+                continue;
+            }
+            let value = match self.inner.records.get(key.to_bytes()) {
+                Ok(Some(v)) => v,
+                // Evicted or acknowledged in the meantime.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(event = "spool.read_failed", error = %e, "spool read failed");
+                    break;
+                }
+            };
+            match self.inner.sealer.open(key, &value) {
+                Ok(rec) => out.push((key, rec)),
+                Err(e) => self.set_aside(key, &value, &e),
+            }
+        }
+        if !stale.is_empty() {
+            self.expire_keys(&stale);
+        }
+        out
+    }
+
+    fn too_old(&self, priority: Priority, received_at_ms: u64, now: u64) -> bool {
+        let max = self.inner.limits.max_age[priority as usize];
+        let age = Duration::from_millis(now.saturating_sub(received_at_ms));
+        age > max
+    }
+
+    /// Expires every record older than its class's `max_age`; returns how many.
+    pub fn expire(&self) -> usize {
+        let now = now_ms();
+        let stale: Vec<Key> = self
+            .state()
+            .index
+            .iter()
+            .filter(|(k, e)| self.too_old(k.priority, e.received_at_ms, now))
+            .map(|(k, _)| *k)
+            .collect();
+        self.expire_keys(&stale)
+    }
+
+    fn expire_keys(&self, keys: &[Key]) -> usize {
+        let mut st = self.state();
+        let mut per_device: BTreeMap<(DeviceId, Priority), u64> = BTreeMap::new();
+        for key in keys {
+            if let Some(entry) = st.take(*key) {
+                let _ = self.inner.records.remove(key.to_bytes());
+                st.counters(&entry.device).expired += 1;
+                *per_device.entry((entry.device, key.priority)).or_default() += 1;
+            }
+        }
+        let mut n = 0;
+        for ((device, priority), count) in per_device {
+            n += count as usize;
+            let expired = st.counters(&device).expired;
+            tracing::warn!(
+                event = "spool.expired",
+                %device,
+                priority = %priority,
+                count,
+                expired,
+                "records expired unsent (older than max_age)"
+            );
+        }
+        n
+    }
+
+    fn set_aside(&self, key: Key, value: &[u8], error: &RecordError) {
+        let removed = self.state().take(key).is_some();
+        if removed {
+            let what = format!("{key:?}");
+            if quarantine(
+                &self.inner.records,
+                &self.inner.corrupt,
+                &key.to_bytes(),
+                value,
+                &what,
+                &error.to_string(),
+            )
+            .is_ok()
+            {
+                self.state().corrupt += 1;
+            }
+        }
+    }
+
+    /// Removes a record the upstream has acknowledged. Durability of the removal is not
+    /// awaited: after a crash the record is sent again (a duplicate, never a loss).
+    pub fn remove(&self, key: Key) {
+        if self.state().take(key).is_some() {
+            if let Err(e) = self.inner.records.remove(key.to_bytes()) {
+                tracing::error!(event = "spool.remove_failed", error = %e, "spool remove failed");
+            }
+        }
+    }
+
+    /// Waits until a record is appended (or a spurious wake-up).
+    pub async fn appended(&self) {
+        self.inner.wake.notified().await
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        let st = self.state();
+        SpoolStats {
+            records: st.index.len(),
+            bytes: st.total_bytes,
+            corrupt: st.corrupt,
+            devices: st.counters.clone(),
+        }
+    }
+
+    /// Flushes everything now (used at shutdown).
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+}
+
+fn read_u64(v: &[u8]) -> u64 {
+    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// Moves an unreadable record to the `corrupt` tree and reports it.
+fn quarantine(
+    records: &sled::Tree,
+    corrupt: &sled::Tree,
+    key: &[u8],
+    value: &[u8],
+    what: &str,
+    error: &str,
+) -> Result<(), SpoolError> {
+    corrupt.insert(key, value)?;
+    records.remove(key)?;
+    tracing::error!(
+        event = "spool.corrupt_record",
+        record = what,
+        error,
+        "unreadable spool record set aside; the rest is forwarded"
+    );
+    Ok(())
+}
+
+/// The flush thread: one `flush` for every waiter queued while the previous one ran.
+fn group_commit(db: sled::Db, rx: mpsc::Receiver<FlushWaiter>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        for waiter in batch {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

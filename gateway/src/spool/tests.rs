@@ -1,0 +1,265 @@
+use super::*;
+use bytes::Bytes;
+
+fn limits(max_bytes: u64, device_quota: u64) -> SpoolLimits {
+    SpoolLimits {
+        max_bytes,
+        device_quota,
+        max_age: [Duration::from_secs(3600); 3],
+        cache_bytes: 1 << 20,
+    }
+}
+
+fn rec(device: &str, n: u32) -> Record {
+    Record {
+        device: DeviceId::parse(device).unwrap(),
+        topic: format!("ward/{device}/t"),
+        payload: Bytes::from(format!("{n:08}")),
+        qos: 1,
+        received_at_ms: now_ms(),
+    }
+}
+
+/// Bytes one `rec()` takes in the spool.
+fn unit(dir: &Path) -> u64 {
+    let s = Spool::open(&dir.join("probe"), limits(1 << 20, 1 << 20)).unwrap();
+    s.append(&rec("pump-1", 0), Priority::Routine).unwrap();
+    s.stats().bytes
+}
+
+fn payloads(s: &Spool) -> Vec<(Priority, String)> {
+    s.next_batch(usize::MAX, &HashSet::new())
+        .into_iter()
+        .map(|(k, r)| (k.priority, String::from_utf8(r.payload.to_vec()).unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn drains_alarms_first_then_vitals_then_routine_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    for (n, p) in [
+        (1, Priority::Routine),
+        (2, Priority::Vital),
+        (3, Priority::Alarm),
+        (4, Priority::Routine),
+        (5, Priority::Alarm),
+    ] {
+        s.append(&rec("pump-1", n), p)
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    let order: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        order,
+        ["00000003", "00000005", "00000002", "00000001", "00000004"]
+    );
+    let (first, _) = s.next_batch(1, &HashSet::new()).remove(0);
+    s.remove(first);
+    assert_eq!(s.stats().records, 4);
+    let skip: HashSet<Key> = s
+        .next_batch(1, &HashSet::new())
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let next = s.next_batch(1, &skip);
+    assert_eq!(&next[0].1.payload[..], b"00000002");
+}
+
+#[tokio::test]
+async fn full_spool_evicts_routine_then_vital_never_alarms() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = unit(dir.path());
+    let s = Spool::open(&dir.path().join("s"), limits(4 * u, 100 * u)).unwrap();
+    s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
+    s.append(&rec("pump-2", 2), Priority::Vital).unwrap();
+    s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
+    s.append(&rec("pump-2", 4), Priority::Alarm).unwrap();
+    // Full. A vital record evicts the oldest routine one.
+    s.append(&rec("pump-3", 5), Priority::Vital).unwrap();
+    assert_eq!(
+        payloads(&s),
+        [
+            (Priority::Alarm, "00000004".into()),
+            (Priority::Vital, "00000002".into()),
+            (Priority::Vital, "00000005".into()),
+            (Priority::Routine, "00000003".into()),
+        ]
+    );
+    // An alarm evicts the remaining routine, then the oldest vital.
+    s.append(&rec("pump-3", 6), Priority::Alarm).unwrap();
+    s.append(&rec("pump-3", 7), Priority::Alarm).unwrap();
+    assert_eq!(
+        payloads(&s),
+        [
+            (Priority::Alarm, "00000004".into()),
+            (Priority::Alarm, "00000006".into()),
+            (Priority::Alarm, "00000007".into()),
+            (Priority::Vital, "00000005".into()),
+        ]
+    );
+    // A routine record may not evict anything more urgent: refused.
+    let e = s.append(&rec("pump-1", 8), Priority::Routine).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SpoolError::Refused {
+                priority: Priority::Routine,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // One more alarm takes the last vital; the next finds only alarms and is refused.
+    s.append(&rec("pump-1", 9), Priority::Alarm).unwrap();
+    let e = s.append(&rec("pump-1", 10), Priority::Alarm).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SpoolError::Refused {
+                priority: Priority::Alarm,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let stats = s.stats();
+    assert_eq!(stats.records, 4);
+    let c = |d: &str| stats.devices[&DeviceId::parse(d).unwrap()];
+    assert_eq!(c("pump-1").evicted, 2);
+    assert_eq!(c("pump-2").evicted, 1);
+    assert_eq!(c("pump-3").evicted, 1);
+    assert_eq!(c("pump-1").refused, 2);
+    assert_eq!(stats.devices.values().map(|c| c.stored).sum::<u64>(), 8);
+}
+
+#[tokio::test]
+async fn device_over_its_quota_evicts_its_own_records_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = unit(dir.path());
+    let s = Spool::open(&dir.path().join("s"), limits(100 * u, 2 * u)).unwrap();
+    s.append(&rec("pump-2", 1), Priority::Routine).unwrap();
+    s.append(&rec("pump-1", 2), Priority::Routine).unwrap();
+    s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
+    s.append(&rec("pump-1", 4), Priority::Routine).unwrap();
+    let left: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    // pump-2's older record stays; pump-1 lost its own oldest.
+    assert_eq!(left, ["00000001", "00000003", "00000004"]);
+    // Alarms of a device are never evicted, even for its own alarms.
+    s.append(&rec("pump-3", 5), Priority::Alarm).unwrap();
+    s.append(&rec("pump-3", 6), Priority::Alarm).unwrap();
+    assert!(s.append(&rec("pump-3", 7), Priority::Alarm).is_err());
+}
+
+#[tokio::test]
+async fn sequence_numbers_never_repeat_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let seqs = |s: &Spool| -> Vec<u64> {
+        s.next_batch(usize::MAX, &HashSet::new())
+            .into_iter()
+            .map(|(k, _)| k.seq)
+            .collect()
+    };
+    let first = {
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        s.append(&rec("pump-1", 1), Priority::Routine)
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        let k = s.next_batch(1, &HashSet::new())[0].0;
+        s.remove(k);
+        s.flush().unwrap();
+        k.seq
+    };
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    s.append(&rec("pump-1", 2), Priority::Routine)
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert!(seqs(&s)[0] > first);
+}
+
+#[tokio::test]
+async fn records_survive_reopen_and_corrupt_ones_are_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        for n in 0..5 {
+            s.append(&rec("pump-1", n), Priority::Vital)
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+        }
+        // Flip one byte of the third record's ciphertext behind the spool's back.
+        let k = Key {
+            priority: Priority::Vital,
+            seq: s.next_batch(5, &HashSet::new())[2].0.seq,
+        };
+        let mut v = s.inner.records.get(k.to_bytes()).unwrap().unwrap().to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0x40;
+        s.inner.records.insert(k.to_bytes(), v).unwrap();
+        s.flush().unwrap();
+    }
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let left: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(left, ["00000000", "00000001", "00000003", "00000004"]);
+    assert_eq!(s.stats().corrupt, 1);
+    assert_eq!(s.inner.corrupt.len(), 1);
+}
+
+#[tokio::test]
+async fn old_records_expire_per_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = limits(1 << 20, 1 << 20);
+    l.max_age[Priority::Routine as usize] = Duration::from_secs(60);
+    let s = Spool::open(dir.path(), l).unwrap();
+    let mut old = rec("pump-1", 1);
+    old.received_at_ms -= 120_000;
+    s.append(&old, Priority::Routine).unwrap();
+    let mut old_alarm = rec("pump-1", 2);
+    old_alarm.received_at_ms -= 120_000;
+    s.append(&old_alarm, Priority::Alarm).unwrap();
+    s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
+    assert_eq!(s.expire(), 1);
+    let left: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(left, ["00000002", "00000003"]);
+    assert_eq!(
+        s.stats().devices[&DeviceId::parse("pump-1").unwrap()].expired,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_missing_key_with_records_present_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        s.append(&rec("pump-1", 1), Priority::Routine)
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    std::fs::remove_file(dir.path().join("spool.key")).unwrap();
+    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap_err();
+    assert!(matches!(e, SpoolError::KeyMissing(_)), "{e}");
+}
+
+#[tokio::test]
+async fn group_commit_serves_many_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 30, 1 << 30)).unwrap();
+    let waits: Vec<Durable> = (0..500)
+        .map(|n| s.append(&rec("pump-1", n), Priority::Routine).unwrap())
+        .collect();
+    for w in waits {
+        w.wait().await.unwrap();
+    }
+    assert_eq!(s.stats().records, 500);
+}
