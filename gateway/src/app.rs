@@ -12,6 +12,7 @@ use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
 use crate::registry::Registry;
+use crate::spool::{Spool, SpoolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -23,6 +24,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
 }
@@ -46,8 +49,9 @@ impl Gateway {
                 source,
             })?;
         let registry = Registry::from_config(&config).shared();
+        let spool = Spool::open(&config.gateway.data_dir, config.spool.clone())?;
         let broker = broker::start(&config.broker, config.max_payload()).await?;
-        let edge = Edge::bind(config.edge.clone(), registry, broker.addr).await?;
+        let edge = Edge::bind(config.edge.clone(), registry, broker.addr, spool.clone()).await?;
         Ok(Gateway {
             config,
             broker,

@@ -10,7 +10,8 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::{Config, DeviceClass, DeviceEntry};
 use crate::device::DeviceId;
-use crate::policy::Acl;
+use crate::policy::{Acl, TopicFilter};
+use crate::spool::Priority;
 
 /// What a registered device is granted, resolved at CONNECT.
 #[derive(Debug, Clone)]
@@ -19,6 +20,21 @@ pub struct Grant {
     pub address: IpAddr,
     pub acl: Acl,
     pub max_payload: usize,
+    alarm: Vec<TopicFilter>,
+    vital: Vec<TopicFilter>,
+}
+
+impl Grant {
+    /// The priority class of a topic this device publishes: alarm, vital, else routine.
+    pub fn priority(&self, topic: &str) -> Priority {
+        if self.alarm.iter().any(|f| f.matches(topic)) {
+            Priority::Alarm
+        } else if self.vital.iter().any(|f| f.matches(topic)) {
+            Priority::Vital
+        } else {
+            Priority::Routine
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -51,6 +67,8 @@ impl Registry {
             address: entry.address,
             acl: Acl::for_device(device, &class.publish, &class.subscribe),
             max_payload: usize::try_from(class.max_payload).unwrap_or(usize::MAX),
+            alarm: class.alarm.iter().map(|t| t.expand(device)).collect(),
+            vital: class.vital.iter().map(|t| t.expand(device)).collect(),
         })
     }
 

@@ -38,6 +38,22 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 pub const DEFAULT_SEGMENT_COUNT: usize = 4;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
 pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
+pub const DEFAULT_SPOOL_DEVICE_QUOTA: u64 = 32 << 20;
+/// sled's page cache; small, for a small board.
+pub const DEFAULT_SPOOL_CACHE: u64 = 16 << 20;
+pub const DEFAULT_MAX_AGE_ALARM: Duration = Duration::from_secs(30 * 86_400);
+pub const DEFAULT_MAX_AGE_VITAL: Duration = Duration::from_secs(7 * 86_400);
+pub const DEFAULT_MAX_AGE_ROUTINE: Duration = Duration::from_secs(86_400);
+pub const DEFAULT_UPLINK_PORT: u16 = 8883;
+pub const DEFAULT_TOPIC_PREFIX: &str = "wardgate";
+pub const DEFAULT_INFLIGHT: usize = 32;
+pub const DEFAULT_REPLAY_RATE: u32 = 500;
+pub const DEFAULT_UPLINK_KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// rumqttc's in-flight window is a u16.
+pub const MAX_INFLIGHT: usize = 1024;
 /// The largest payload MQTT can carry in one packet (remaining length limit).
 pub const MQTT_MAX_PAYLOAD: u64 = 268_435_455 - 65_539;
 
@@ -52,6 +68,26 @@ pub struct Config {
     pub admin: AdminConfig,
     pub classes: BTreeMap<String, DeviceClass>,
     pub devices: BTreeMap<DeviceId, DeviceEntry>,
+    pub spool: crate::spool::SpoolLimits,
+    /// No `[uplink]`: a local-only gateway; records wait in the spool until they expire.
+    pub uplink: Option<UplinkConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    pub host: String,
+    pub port: u16,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub inflight: usize,
+    /// Messages per second the uplink sends at most (a backlog drains at this pace).
+    pub replay_rate: u32,
+    pub keep_alive: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +128,8 @@ pub struct DeviceClass {
     pub name: String,
     pub publish: Vec<FilterTemplate>,
     pub subscribe: Vec<FilterTemplate>,
+    pub alarm: Vec<FilterTemplate>,
+    pub vital: Vec<FilterTemplate>,
     pub max_payload: u64,
 }
 
@@ -437,6 +475,8 @@ impl Validator<'_> {
             };
             let publish = self.templates(&c.publish);
             let subscribe = self.templates(&c.subscribe);
+            let alarm = self.templates(&c.alarm);
+            let vital = self.templates(&c.vital);
             let max_payload = self.size(c.max_payload.as_ref(), DEFAULT_MAX_PAYLOAD);
             if let Some(s) = &c.max_payload {
                 if max_payload == 0 || max_payload > MQTT_MAX_PAYLOAD {
@@ -450,6 +490,8 @@ impl Validator<'_> {
                 name: name.clone(),
                 publish,
                 subscribe,
+                alarm,
+                vital,
                 max_payload,
             };
             if classes.insert(name.clone(), class).is_some() {
@@ -501,8 +543,16 @@ impl Validator<'_> {
             }
         }
 
+        let spool = self.spool(&raw.spool);
+        let uplink = raw
+            .uplink
+            .as_ref()
+            .and_then(|u| self.uplink(u, gateway.as_ref()));
+
         if self.diagnostics.is_empty() {
             Some(Config {
+                spool,
+                uplink: uplink.flatten(),
                 source: path.to_owned(),
                 gateway: gateway?,
                 edge: edge?,
@@ -514,6 +564,117 @@ impl Validator<'_> {
         } else {
             None
         }
+    }
+
+    fn spool(&mut self, s: &raw::RawSpool) -> crate::spool::SpoolLimits {
+        let max_bytes = self.size(s.max_bytes.as_ref(), DEFAULT_SPOOL_MAX_BYTES);
+        let device_quota = self.size(s.device_quota.as_ref(), DEFAULT_SPOOL_DEVICE_QUOTA);
+        let cache_bytes = self.size(s.cache.as_ref(), DEFAULT_SPOOL_CACHE);
+        if let Some(q) = &s.device_quota {
+            if device_quota > max_bytes || device_quota == 0 {
+                self.error(
+                    q.span(),
+                    "device_quota must be between 1 byte and max_bytes",
+                );
+            }
+        }
+        if let Some(m) = &s.max_bytes {
+            if max_bytes < 64 * 1024 {
+                self.error(m.span(), "spool max_bytes must be at least 64KiB");
+            }
+        }
+        let a = &s.max_age;
+        crate::spool::SpoolLimits {
+            max_bytes,
+            device_quota,
+            cache_bytes,
+            max_age: [
+                self.duration(a.alarm.as_ref(), DEFAULT_MAX_AGE_ALARM),
+                self.duration(a.vital.as_ref(), DEFAULT_MAX_AGE_VITAL),
+                self.duration(a.routine.as_ref(), DEFAULT_MAX_AGE_ROUTINE),
+            ],
+        }
+    }
+
+    /// `Some(None)` when the section has errors (already reported).
+    fn uplink(
+        &mut self,
+        u: &S<raw::RawUplink>,
+        gateway: Option<&GatewayConfig>,
+    ) -> Option<Option<UplinkConfig>> {
+        let span = u.span();
+        let u = u.get_ref();
+        let host = self
+            .required(&u.host, &span, "host")
+            .map(|h| h.get_ref().clone());
+        let ca = self.required(&u.ca, &span, "ca").map(|p| self.path(p));
+        let cert = self.required(&u.cert, &span, "cert").map(|p| self.path(p));
+        let key = self.required(&u.key, &span, "key").map(|p| self.path(p));
+        let port = match &u.port {
+            None => Some(DEFAULT_UPLINK_PORT),
+            Some(p) => {
+                let r = u16::try_from(*p.get_ref())
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| "port must be between 1 and 65535".to_owned());
+                self.check(p.span(), r)
+            }
+        };
+        let client_id = match &u.client_id {
+            Some(c) => self.name(c, "uplink client id"),
+            None => gateway.map(|g| g.id.clone()),
+        };
+        let topic_prefix = match &u.topic_prefix {
+            None => Some(DEFAULT_TOPIC_PREFIX.to_owned()),
+            Some(t) => {
+                let r = crate::policy::acl::validate_topic_name(t.get_ref())
+                    .map(|_| t.get_ref().trim_end_matches('/').to_owned())
+                    .map_err(|e| format!("topic_prefix: {e}"));
+                self.check(t.span(), r)
+            }
+        };
+        let inflight = self.count(u.inflight.as_ref(), DEFAULT_INFLIGHT, "inflight");
+        if let Some(i) = &u.inflight {
+            if inflight > MAX_INFLIGHT {
+                self.error(i.span(), format!("inflight must be at most {MAX_INFLIGHT}"));
+            }
+        }
+        let replay_rate = self.count(
+            u.replay_rate.as_ref(),
+            DEFAULT_REPLAY_RATE as usize,
+            "replay_rate",
+        );
+        let keep_alive = self.duration(u.keep_alive.as_ref(), DEFAULT_UPLINK_KEEP_ALIVE);
+        let backoff_min = self.duration(u.backoff_min.as_ref(), DEFAULT_BACKOFF_MIN);
+        let backoff_max = self.duration(u.backoff_max.as_ref(), DEFAULT_BACKOFF_MAX);
+        if let (Some(b), true) = (&u.backoff_max, backoff_max < backoff_min) {
+            self.error(b.span(), "backoff_max must not be below backoff_min");
+        }
+        Some(match (host, port, ca, cert, key, client_id, topic_prefix) {
+            (
+                Some(host),
+                Some(port),
+                Some(ca),
+                Some(cert),
+                Some(key),
+                Some(client_id),
+                Some(topic_prefix),
+            ) => Some(UplinkConfig {
+                host,
+                port,
+                ca,
+                cert,
+                key,
+                client_id,
+                topic_prefix,
+                inflight,
+                replay_rate: u32::try_from(replay_rate).unwrap_or(u32::MAX),
+                keep_alive,
+                backoff_min,
+                backoff_max,
+            }),
+            _ => None,
+        })
     }
 
     fn templates(&mut self, list: &[S<String>]) -> Vec<FilterTemplate> {

@@ -26,6 +26,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     #[serde(default)]
+    pub spool: RawSpool,
+    pub uplink: Option<S<RawUplink>>,
+    #[serde(default)]
     pub device_class: Vec<S<RawDeviceClass>>,
     #[serde(default)]
     pub device: Vec<S<RawDevice>>,
@@ -76,6 +79,11 @@ pub struct RawDeviceClass {
     pub publish: Vec<S<String>>,
     #[serde(default)]
     pub subscribe: Vec<S<String>>,
+    /// Topics (of the publish filters) that are alarms, and vital signs; the rest is routine.
+    #[serde(default)]
+    pub alarm: Vec<S<String>>,
+    #[serde(default)]
+    pub vital: Vec<S<String>>,
     pub max_payload: Option<S<RawSize>>,
 }
 
@@ -85,4 +93,39 @@ pub struct RawDevice {
     pub id: Option<S<String>>,
     pub class: Option<S<String>>,
     pub address: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpool {
+    pub max_bytes: Option<S<RawSize>>,
+    pub device_quota: Option<S<RawSize>>,
+    pub cache: Option<S<RawSize>>,
+    #[serde(default)]
+    pub max_age: RawMaxAge,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMaxAge {
+    pub alarm: Option<S<String>>,
+    pub vital: Option<S<String>>,
+    pub routine: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUplink {
+    pub host: Option<S<String>>,
+    pub port: Option<S<i64>>,
+    pub ca: Option<S<String>>,
+    pub cert: Option<S<String>>,
+    pub key: Option<S<String>>,
+    pub client_id: Option<S<String>>,
+    pub topic_prefix: Option<S<String>>,
+    pub inflight: Option<S<i64>>,
+    pub replay_rate: Option<S<i64>>,
+    pub keep_alive: Option<S<String>>,
+    pub backoff_min: Option<S<String>>,
+    pub backoff_max: Option<S<String>>,
 }

@@ -34,6 +34,7 @@ use crate::config::EdgeConfig;
 use crate::device::DeviceId;
 use crate::events::{self, Refusal};
 use crate::registry::SharedRegistry;
+use crate::spool::Spool;
 use tls::{TlsError, TlsMaterial};
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
@@ -55,6 +56,7 @@ struct EdgeShared {
     tls: RwLock<Arc<TlsMaterial>>,
     registry: SharedRegistry,
     broker: SocketAddr,
+    spool: Spool,
     live: Mutex<HashMap<u64, LiveConn>>,
     next_id: AtomicU64,
 }
@@ -126,6 +128,7 @@ impl Edge {
         config: EdgeConfig,
         registry: SharedRegistry,
         broker: SocketAddr,
+        spool: Spool,
     ) -> Result<Edge, EdgeError> {
         let tls = tls::load(&config)?;
         let listener =
@@ -142,6 +145,7 @@ impl Edge {
                 tls: RwLock::new(Arc::new(tls)),
                 registry,
                 broker,
+                spool,
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
-use rumqttc::mqttbytes::Protocol;
+use rumqttc::mqttbytes::{Protocol, QoS};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,6 +22,7 @@ use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
 use crate::pki::cert;
 use crate::policy::{acl, TopicFilter};
 use crate::registry::Grant;
+use crate::spool::{now_ms, Durable, Record, Spool};
 
 /// Largest CONNECT accepted before the device's class is known: a will message of up to
 /// this size plus client id and credentials.
@@ -118,7 +119,17 @@ pub(super) async fn serve(
     let close_token = shutdown.child_token();
     let _live = shared.register(device.clone(), peer, chain, close_token.clone());
     events::device_connected(peer, &device, &grant.class);
-    let reason = relay(tls, buf, broker, &device, peer, &grant, close_token).await;
+    let reason = relay(
+        tls,
+        buf,
+        broker,
+        &shared,
+        &device,
+        peer,
+        &grant,
+        close_token,
+    )
+    .await;
     events::device_disconnected(peer, &device, &reason);
 }
 
@@ -239,12 +250,23 @@ async fn connect_broker(
     }
 }
 
+/// Packets read from a device and not yet written to the broker (waiting for their
+/// records to become durable). Bounds what one device can have in flight.
+const PIPELINE_DEPTH: usize = 64;
+
 /// Relays between device and broker until one side ends, a violation, or `close`.
 /// Returns the reason the session ended.
+///
+/// Every PUBLISH that passes [`inspect`] is appended to the spool. It is written to the
+/// broker — which acknowledges it to the device — only after its record is durable if it
+/// is QoS 1 or 2; QoS 0 does not wait for its own flush. Packets reach the broker in the
+/// order the device sent them.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     tls: DeviceStream,
     mut buf: BytesMut,
     broker: (TcpStream, Packet),
+    shared: &EdgeShared,
     device: &DeviceId,
     peer: SocketAddr,
     grant: &Grant,
@@ -260,6 +282,7 @@ async fn relay(
         return format!("device write failed: {e}");
     }
 
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Packet, Option<Durable>)>(PIPELINE_DEPTH);
     let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
     let inbound = async {
         loop {
@@ -273,39 +296,92 @@ async fn relay(
                 }
                 Err(ReadError::Malformed(e)) => return Err(Violation::Protocol(e.to_string())),
             };
-            let last = matches!(packet, Packet::Disconnect);
             inspect(&packet, grant)?;
-            out.clear();
-            if let Err(e) = packet.write(&mut out, usize::MAX) {
-                return Err(Violation::Protocol(e.to_string()));
-            }
-            if let Err(e) = br_wr.write_all(&out).await {
-                return Ok(format!("broker write failed: {e}"));
+            let durable = match &packet {
+                Packet::Publish(p) => match spool_publish(&shared.spool, device, grant, p) {
+                    Ok(d) => Some(d),
+                    // QoS 0 has no acknowledgement to withhold; the refusal is counted and
+                    // logged by the spool.
+                    Err(_) if p.qos == QoS::AtMostOnce => continue,
+                    Err(e) => return Ok(format!("not stored, so not acknowledged: {e}")),
+                },
+                _ => None,
+            };
+            let last = matches!(packet, Packet::Disconnect);
+            if tx.send((packet, durable)).await.is_err() {
+                return Ok("broker side closed".to_owned());
             }
             if last {
                 return Ok("device sent DISCONNECT".to_owned());
             }
         }
     };
+    let forward = async {
+        let mut out = BytesMut::new();
+        while let Some((packet, durable)) = rx.recv().await {
+            if let (Packet::Publish(p), Some(durable)) = (&packet, durable) {
+                if p.qos != QoS::AtMostOnce {
+                    if let Err(e) = durable.wait().await {
+                        return format!("record not durable, so not acknowledged: {e}");
+                    }
+                }
+            }
+            out.clear();
+            if let Err(e) = packet.write(&mut out, usize::MAX) {
+                return format!("cannot encode for the broker: {e}");
+            }
+            if let Err(e) = br_wr.write_all(&out).await {
+                return format!("broker write failed: {e}");
+            }
+            if matches!(packet, Packet::Disconnect) {
+                // Let the broker see the clean DISCONNECT before the socket closes.
+                let _ = br_wr.shutdown().await;
+                return "device sent DISCONNECT".to_owned();
+            }
+        }
+        "device side closed".to_owned()
+    };
     let outbound = tokio::io::copy(&mut br_rd, &mut dev_wr);
 
+    tokio::pin!(forward);
     let reason = tokio::select! {
         _ = close.cancelled() => "closed by the gateway".to_owned(),
         r = inbound => match r {
-            Ok(reason) => reason,
+            // The device is done sending: let what it sent reach the broker first.
+            Ok(reason) => {
+                let _ = timeout(CLOSE_TIMEOUT, &mut forward).await;
+                reason
+            }
             Err(v) => {
                 events::violation(peer, device, &v);
                 format!("violation: {}", v.code())
             }
         },
+        reason = &mut forward => reason,
         r = outbound => match r {
             Ok(_) => "broker closed the session".to_owned(),
             Err(e) => format!("relay to device failed: {e}"),
         },
     };
-    let _ = br_wr.shutdown().await;
     let _ = timeout(CLOSE_TIMEOUT, dev_wr.shutdown()).await;
     reason
+}
+
+/// Appends a device's PUBLISH to the spool.
+fn spool_publish(
+    spool: &Spool,
+    device: &DeviceId,
+    grant: &Grant,
+    p: &rumqttc::mqttbytes::v4::Publish,
+) -> Result<Durable, crate::spool::SpoolError> {
+    let record = Record {
+        device: device.clone(),
+        topic: p.topic.clone(),
+        payload: p.payload.clone(),
+        qos: p.qos as u8,
+        received_at_ms: now_ms(),
+    };
+    spool.append(&record, grant.priority(&p.topic))
 }
 
 /// The policy check of one packet from a device.
