@@ -11,8 +11,9 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
-use crate::registry::Registry;
+use crate::registry::{Registry, SharedRegistry};
 use crate::spool::{Spool, SpoolError};
+use crate::uplink::Uplink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -36,7 +37,12 @@ pub struct Gateway {
     config: Config,
     broker: EmbeddedBroker,
     edge: Edge,
+    spool: Spool,
+    registry: SharedRegistry,
 }
+
+/// How often records past their `max_age` are swept out of the spool.
+const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Gateway {
     pub async fn build(config: Config) -> Result<Gateway, AppError> {
@@ -51,11 +57,19 @@ impl Gateway {
         let registry = Registry::from_config(&config).shared();
         let spool = Spool::open(&config.gateway.data_dir, config.spool.clone())?;
         let broker = broker::start(&config.broker, config.max_payload()).await?;
-        let edge = Edge::bind(config.edge.clone(), registry, broker.addr, spool.clone()).await?;
+        let edge = Edge::bind(
+            config.edge.clone(),
+            registry.clone(),
+            broker.addr,
+            spool.clone(),
+        )
+        .await?;
         Ok(Gateway {
             config,
             broker,
             edge,
+            spool,
+            registry,
         })
     }
 
@@ -87,6 +101,24 @@ impl Gateway {
         // Everything a device needs is up: broker, TLS material, edge listener.
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         let tracker = TaskTracker::new();
+        match &self.config.uplink {
+            Some(u) => {
+                let uplink = Uplink {
+                    config: u.clone(),
+                    site: self.config.gateway.site.clone(),
+                    gateway_id: self.config.gateway.id.clone(),
+                    spool: self.spool.clone(),
+                    registry: self.registry.clone(),
+                    broker: self.broker.addr,
+                };
+                tracker.spawn(uplink.run(shutdown.clone()));
+            }
+            None => tracing::warn!(
+                event = "uplink.none",
+                "no [uplink] configured: records stay in the spool until they expire"
+            ),
+        }
+        tracker.spawn(sweep_expired(self.spool.clone(), shutdown.clone()));
         // Returns once `shutdown` is cancelled: from here on we are stopping.
         self.edge.run(shutdown, tracker.clone()).await;
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
@@ -99,6 +131,9 @@ impl Gateway {
                 "sessions still open after the shutdown grace period; leaving them"
             );
         }
+        if let Err(e) = self.spool.flush() {
+            tracing::error!(event = "spool.flush_failed", error = %e, "final spool flush failed");
+        }
         tracing::info!(event = "gateway.stopped", "wardgate stopped");
     }
 }
@@ -108,5 +143,17 @@ impl Gateway {
 fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(event = "gateway.notify_failed", error = %e, "sd_notify failed");
+    }
+}
+
+async fn sweep_expired(spool: Spool, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                spool.expire();
+            }
+        }
     }
 }

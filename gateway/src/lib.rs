@@ -16,3 +16,4 @@ pub mod pki;
 pub mod policy;
 pub mod registry;
 pub mod spool;
+pub mod uplink;

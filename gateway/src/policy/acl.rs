@@ -222,6 +222,11 @@ impl Acl {
         self.publish.iter().any(|f| f.matches(topic))
     }
 
+    /// Would one of the device's granted subscriptions receive a message on `topic`?
+    pub fn may_receive(&self, topic: &str) -> bool {
+        self.subscribe.iter().any(|f| f.matches(topic))
+    }
+
     /// May the device subscribe to `filter`?
     pub fn may_subscribe(&self, filter: &TopicFilter) -> bool {
         self.subscribe.iter().any(|f| f.covers(filter))

@@ -639,9 +639,10 @@ impl Spool {
         }
     }
 
-    /// Waits until a record is appended (or a spurious wake-up).
-    pub async fn appended(&self) {
-        self.inner.wake.notified().await
+    /// A future that resolves when a record is appended after it was enabled (call
+    /// `enable` on it before looking at the spool, so no append is missed).
+    pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.wake.notified()
     }
 
     pub fn stats(&self) -> SpoolStats {

@@ -1,0 +1,103 @@
+//! Commands from upstream, delivered to devices through the embedded broker.
+
+use std::net::SocketAddr;
+use std::sync::PoisonError;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use tokio_util::sync::CancellationToken;
+
+use super::Uplink;
+use crate::device::DeviceId;
+use crate::policy::acl;
+
+/// The gateway's own session on the embedded broker. Its client id cannot collide with a
+/// device's: device ids start with a letter or digit.
+const LOCAL_CLIENT_ID: &str = "_wardgate-uplink";
+
+#[derive(Debug)]
+pub struct LocalDelivery {
+    client: AsyncClient,
+}
+
+impl LocalDelivery {
+    /// Connects to the embedded broker; the connection is kept (and re-made) by a task.
+    pub fn start(broker: SocketAddr, shutdown: CancellationToken) -> LocalDelivery {
+        let mut o = MqttOptions::new(LOCAL_CLIENT_ID, broker.ip().to_string(), broker.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(o, 64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = eventloop.poll() => if let Err(e) = r {
+                        tracing::warn!(event = "uplink.local_link_failed", error = %e, "local broker link lost; retrying");
+                        // rumqttc reconnects on the next poll; pause so a dead broker is not spun on.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    },
+                }
+            }
+        });
+        LocalDelivery { client }
+    }
+
+    /// Delivers an upstream command to its device, if policy allows.
+    pub fn deliver(&self, uplink: &Uplink, topic: &Bytes, payload: Bytes) {
+        let topic = String::from_utf8_lossy(topic);
+        match route(uplink, &topic) {
+            Ok((device, local)) => {
+                match self
+                    .client
+                    .try_publish(local.clone(), QoS::AtLeastOnce, false, payload)
+                {
+                    Ok(()) => tracing::info!(
+                        event = "uplink.command_delivered",
+                        %device,
+                        topic = ?local,
+                        "command from upstream delivered"
+                    ),
+                    Err(e) => tracing::error!(
+                        event = "uplink.command_failed",
+                        %device,
+                        error = %e,
+                        "command could not be queued to the local broker"
+                    ),
+                }
+            }
+            Err(reason) => tracing::warn!(
+                event = "uplink.command_refused",
+                topic = ?topic,
+                reason,
+                "command from upstream refused"
+            ),
+        }
+    }
+}
+
+/// The device and local topic of an upstream command topic, or why it is refused.
+fn route(uplink: &Uplink, topic: &str) -> Result<(DeviceId, String), &'static str> {
+    let base = format!(
+        "{}/{}/{}/",
+        uplink.config.topic_prefix, uplink.site, uplink.gateway_id
+    );
+    let rest = topic
+        .strip_prefix(&base)
+        .ok_or("not under this gateway's topic")?;
+    let (device, rest) = rest.split_once('/').ok_or("no device level")?;
+    let rest = rest.strip_prefix("cmd/").ok_or("not a command topic")?;
+    let device = DeviceId::parse(device).map_err(|_| "not a valid device id")?;
+    let local = format!("ward/{device}/cmd/{rest}");
+    acl::validate_topic_name(&local).map_err(|_| "invalid topic")?;
+    let grant = uplink
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .grant(&device)
+        .ok_or("device is not registered")?;
+    if !grant.acl.may_receive(&local) {
+        return Err("the device's class may not subscribe to this topic");
+    }
+    Ok((device, local))
+}
