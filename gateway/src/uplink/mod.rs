@@ -243,12 +243,7 @@ impl Uplink {
         }
     }
 
-    fn publish(
-        &self,
-        client: &AsyncClient,
-        key: Key,
-        record: &Record,
-    ) -> Result<(), rumqttc::v5::ClientError> {
+    fn publish(&self, client: &AsyncClient, key: Key, record: &Record) -> Result<(), String> {
         let topic = upstream_topic(
             &self.config.topic_prefix,
             &self.site,
@@ -268,13 +263,15 @@ impl Uplink {
             ],
             ..PublishProperties::default()
         };
-        client.try_publish_with_properties(
-            topic,
-            QoS::AtLeastOnce,
-            false,
-            record.payload.clone(),
-            properties,
-        )
+        client
+            .try_publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                record.payload.clone(),
+                properties,
+            )
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -149,6 +149,14 @@ impl Client {
         }
     }
 
+    /// The next SUBACK or PUBACK, or `None` if the connection ended first.
+    pub async fn next_ack(&mut self) -> Option<Packet> {
+        tokio::time::timeout(DEADLINE, self.acks.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// The next message received, within the deadline.
     pub async fn next_publish(&mut self) -> Publish {
         tokio::time::timeout(DEADLINE, self.publishes.recv())

@@ -4,6 +4,7 @@
 //! refuse to send. Every port comes from the OS; every wait has a deadline.
 
 pub mod clients;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ pub fn wardgate(args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
-fn wardgate_ok(args: &[&str]) -> String {
+pub fn wardgate_ok(args: &[&str]) -> String {
     let (status, out, err) = wardgate(args);
     assert!(status.success(), "wardgate {args:?} failed: {err}");
     out
@@ -67,6 +68,8 @@ pub struct Site {
     /// (device id, class, address)
     pub devices: Vec<(String, String, String)>,
     pub extra_edge: String,
+    /// Appended to the configuration (e.g. `[spool]` and `[uplink]` sections).
+    pub extra: String,
 }
 
 impl Site {
@@ -106,6 +109,7 @@ impl Site {
             ],
             devices: Vec::new(),
             extra_edge: String::new(),
+            extra: String::new(),
         };
         for (id, class) in [
             ("pump-1", "infusion-pump"),
@@ -187,7 +191,8 @@ crl = "pki/crl.pem"
                     .join(", ")
             };
             toml.push_str(&format!(
-                "\n[[device_class]]\nname = {:?}\npublish = [{}]\nsubscribe = [{}]\nmax_payload = {:?}\n",
+                "\n[[device_class]]\nname = {:?}\npublish = [{}]\nsubscribe = [{}]\nmax_payload = {:?}\n\
+                 alarm = [\"ward/{{device}}/alarm/#\"]\nvital = [\"ward/{{device}}/vitals/#\"]\n",
                 c.name,
                 list(&c.publish),
                 list(&c.subscribe),
@@ -199,6 +204,7 @@ crl = "pki/crl.pem"
                 "\n[[device]]\nid = {id:?}\nclass = {class:?}\naddress = {address:?}\n"
             ));
         }
+        toml.push_str(&self.extra);
         let path = self.path("wardgate.toml");
         std::fs::write(&path, toml).expect("write config");
         path
@@ -307,6 +313,19 @@ impl Gateway {
         }
     }
 
+    /// Waits until the log holds at least `n` events `name` with `parts`.
+    pub async fn wait_count(&mut self, name: &str, parts: &[&str], n: usize) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while self.events(name, parts).len() < n {
+            if tokio::time::timeout_at(deadline, self.count.changed())
+                .await
+                .is_err()
+            {
+                panic!("fewer than {n} {name} events:\n{}", self.log().join("\n"));
+            }
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("gateway still running");
         let status = Command::new("kill")
@@ -314,6 +333,12 @@ impl Gateway {
             .status()
             .expect("kill");
         assert!(status.success());
+    }
+
+    /// Kills the process with SIGKILL (no chance to flush or close anything) and waits.
+    pub async fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = tokio::time::timeout(DEADLINE, self.child.wait()).await;
     }
 
     /// Sends SIGTERM and waits for the process to exit.
