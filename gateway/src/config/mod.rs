@@ -848,6 +848,41 @@ address = "10.0.0.8"
     }
 
     #[test]
+    fn spool_and_uplink_sections() {
+        let ok = format!(
+            "{MINIMAL}\n[spool]\nmax_bytes = \"1MiB\"\n[spool.max_age]\nroutine = \"1h\"\n\n\
+             [uplink]\nhost = \"broker\"\nca = \"u/ca.pem\"\ncert = \"u/c.pem\"\nkey = \"u/c.key\"\n"
+        );
+        let c = Config::parse(&ok, Path::new("/etc/wardgate/wardgate.toml")).unwrap();
+        assert_eq!(c.spool.max_bytes, 1 << 20);
+        assert_eq!(c.spool.max_age[2], Duration::from_secs(3600));
+        assert_eq!(c.spool.max_age[0], DEFAULT_MAX_AGE_ALARM);
+        let u = c.uplink.unwrap();
+        assert_eq!(
+            (u.port, u.client_id.as_str()),
+            (DEFAULT_UPLINK_PORT, "gw-1")
+        );
+        assert_eq!(u.ca, Path::new("/etc/wardgate/u/ca.pem"));
+
+        let bad = format!(
+            "{MINIMAL}\n[spool]\nmax_bytes = \"1MiB\"\ndevice_quota = \"2MiB\"\n\n\
+             [uplink]\nport = 0\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\ninflight = 5000\n\
+             topic_prefix = \"a/#\"\nbackoff_min = \"2s\"\nbackoff_max = \"1s\"\n"
+        );
+        let d = errors(&bad);
+        let got: Vec<(usize, &str)> = d.iter().map(|d| (d.line, d.message.as_str())).collect();
+        assert_eq!(
+            got[0],
+            (24, "device_quota must be between 1 byte and max_bytes")
+        );
+        assert_eq!(got[1], (26, "missing field `host`"));
+        assert_eq!(got[2].0, 27);
+        assert!(got[3].1.contains("inflight must be at most"), "{got:?}");
+        assert!(got[4].1.contains("topic_prefix"), "{got:?}");
+        assert_eq!(got[5], (34, "backoff_max must not be below backoff_min"));
+    }
+
+    #[test]
     fn rendered_errors_name_file_and_line() {
         let text = MINIMAL.replace("\"10.0.0.5\"", "\"ten\"");
         let e = Config::parse(&text, Path::new("/etc/w.toml")).unwrap_err();
