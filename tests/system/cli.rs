@@ -110,6 +110,7 @@ fn demo_shows_the_gateway_at_work() {
         "rogue-03 ✗ disconnected by the gateway",
         "visitor-laptop ✗ connection refused: CONNACK NotAuthorized",
         "2 devices refused",
+        "hospital ⇐ hospital/demo-hospital/demo-gateway/pump-01/alarm/occlusion",
     ] {
         assert!(
             stdout.contains(expected),

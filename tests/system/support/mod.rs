@@ -45,7 +45,7 @@ pub fn wardgate(args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
-pub fn wardgate_ok(args: &[&str]) -> String {
+fn wardgate_ok(args: &[&str]) -> String {
     let (status, out, err) = wardgate(args);
     assert!(status.success(), "wardgate {args:?} failed: {err}");
     out

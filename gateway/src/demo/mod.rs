@@ -12,8 +12,14 @@
 //! - `visitor-laptop` holds a certificate from the site CA but is not registered, and is
 //!   refused at CONNECT.
 //!
+//! - a hospital broker (mosquitto, TLS, its own PKI) receives what the gateway forwards,
+//!   and a hospital-side consumer prints it with the gateway's sequence numbers (skipped,
+//!   with a note, where mosquitto is not installed).
+//!
 //! What the devices send and receive is printed on stdout; the gateway's own security
 //! events appear in its log on stderr. The payloads are synthetic.
+
+pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +54,11 @@ struct Tally {
     published: AtomicU64,
     delivered: AtomicU64,
     refused: AtomicU64,
+    forwarded: Arc<AtomicU64>,
 }
+
+/// How long the demo waits, after the devices stop, for the uplink to forward the rest.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()> {
     let tmp;
@@ -61,7 +71,28 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
             tmp.path().to_owned()
         }
     };
-    let config_path = prepare(&dir)?;
+    let hospital = if upstream::available() {
+        Some(upstream::start(&dir.join("hospital"), "demo-gateway").await?)
+    } else {
+        println!(
+            "(mosquitto is not installed: `apt-get install mosquitto` to see the hospital side)"
+        );
+        None
+    };
+    let config_path = prepare(&dir, hospital.as_ref())?;
+    let tally = Arc::new(Tally::default());
+    let hospital_stop = CancellationToken::new();
+    let consumer = match hospital {
+        Some(h) => {
+            let (ready_tx, ready) = tokio::sync::oneshot::channel();
+            let (stop, count) = (hospital_stop.clone(), tally.forwarded.clone());
+            let task = tokio::spawn(async move { h.consume(stop, count, ready_tx).await });
+            // The hospital side listens before the ward starts talking.
+            let _ = ready.await;
+            Some(task)
+        }
+        None => None,
+    };
     let config = Config::load(&config_path)?;
     let gateway = Gateway::build(config).await?;
     let port = gateway.edge_addr().port();
@@ -72,11 +103,14 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
     println!("  PKI and configuration in {}", dir.display());
     println!("  devices: pump-01, monitor-02 (publish vitals and alarms), nurse-station");
     println!("           (receives every alarm), rogue-03 (will misbehave), visitor-laptop");
-    println!("           (not registered)\n");
+    println!("           (not registered)");
+    if consumer.is_some() {
+        println!("  hospital broker (mosquitto, TLS) receives what the gateway forwards");
+    }
+    println!();
 
     let shutdown = CancellationToken::new();
     let gw_task = tokio::spawn(gateway.run(shutdown.clone()));
-    let tally = Arc::new(Tally::default());
     let devices = CancellationToken::new();
 
     let tasks = vec![
@@ -116,11 +150,30 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
     for t in tasks {
         let _ = t.await;
     }
+    let forwarded = match consumer {
+        Some(task) => {
+            // Let the uplink forward what is still in the spool; the count is polled because
+            // it is the consumer's, in another task.
+            let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
+            while tally.forwarded.load(Ordering::Relaxed) < tally.published.load(Ordering::Relaxed)
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            hospital_stop.cancel();
+            task.await??;
+            format!(
+                ", {} reached the hospital broker",
+                tally.forwarded.load(Ordering::Relaxed)
+            )
+        }
+        None => String::new(),
+    };
     shutdown.cancel();
     let _ = gw_task.await;
     println!(
-        "\nsummary: {} messages published, {} alarms delivered to the nurse station, \
-         {} devices refused",
+        "\nsummary: {} messages published{forwarded}, {} alarms delivered to the nurse \
+         station, {} devices refused",
         tally.published.load(Ordering::Relaxed),
         tally.delivered.load(Ordering::Relaxed),
         tally.refused.load(Ordering::Relaxed)
@@ -129,7 +182,7 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
 }
 
 /// Writes the PKI, device certificates and configuration into `dir`; returns the config path.
-fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
+fn prepare(dir: &Path, hospital: Option<&upstream::Hospital>) -> anyhow::Result<PathBuf> {
     let pki = PkiDir::new(dir.join("pki"));
     if !pki.ca_key().exists() {
         pki::init(&pki, SITE, "demo-gateway", &[])?;
@@ -159,12 +212,16 @@ crl = "pki/crl.pem"
 name = "infusion-pump"
 publish = ["ward/{device}/#"]
 subscribe = ["ward/{device}/cmd/#"]
+alarm = ["ward/{device}/alarm/#"]
+vital = ["ward/{device}/vitals/#"]
 max_payload = "16KiB"
 
 [[device_class]]
 name = "patient-monitor"
 publish = ["ward/{device}/#"]
 subscribe = ["ward/{device}/cmd/#"]
+alarm = ["ward/{device}/alarm/#"]
+vital = ["ward/{device}/vitals/#"]
 
 [[device_class]]
 name = "nurse-display"
@@ -176,6 +233,14 @@ max_payload = "4KiB"
     for (id, class) in DEVICES {
         toml.push_str(&format!(
             "\n[[device]]\nid = \"{id}\"\nclass = \"{class}\"\naddress = \"127.0.0.1\"\n"
+        ));
+    }
+    if let Some(h) = hospital {
+        let (ca, cert, key) = h.client_files("demo-gateway");
+        toml.push_str(&format!(
+            "\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
+             topic_prefix = \"hospital\"\n",
+            h.port
         ));
     }
     let path = dir.join("wardgate.toml");
