@@ -151,6 +151,26 @@ impl Hospital {
         count: Arc<AtomicU64>,
         subscribed: tokio::sync::oneshot::Sender<()>,
     ) -> anyhow::Result<()> {
+        self.receive(stop, count, subscribed, true).await
+    }
+
+    /// [`Hospital::consume`] without printing (for the benchmark).
+    pub async fn consume_quietly(
+        &self,
+        stop: CancellationToken,
+        count: Arc<AtomicU64>,
+        subscribed: tokio::sync::oneshot::Sender<()>,
+    ) -> anyhow::Result<()> {
+        self.receive(stop, count, subscribed, false).await
+    }
+
+    async fn receive(
+        &self,
+        stop: CancellationToken,
+        count: Arc<AtomicU64>,
+        subscribed: tokio::sync::oneshot::Sender<()>,
+        print: bool,
+    ) -> anyhow::Result<()> {
         let mut subscribed = Some(subscribed);
         let (ca, cert, key) = self.client_files("hospital-consumer");
         let tls = cert::client_config(&ca, &cert, &key)?;
@@ -171,6 +191,9 @@ impl Hospital {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     count.fetch_add(1, Ordering::Relaxed);
+                    if !print {
+                        continue;
+                    }
                     let prop = |name: &str| {
                         p.properties
                             .as_ref()
