@@ -142,16 +142,29 @@ impl Uplink {
             if let Err(e) = client.try_subscribe(self.command_filter(), QoS::AtLeastOnce) {
                 tracing::error!(event = "uplink.subscribe_failed", error = %e, "cannot subscribe to commands");
             }
+            // The eventloop runs in a task of its own and reports through a channel, so that
+            // the session can wait on other things without ever cancelling a poll.
+            let (events_tx, mut events) = tokio::sync::mpsc::channel(self.config.inflight * 2 + 64);
+            let poller = tokio::spawn(async move {
+                loop {
+                    let event = eventloop.poll().await;
+                    let failed = event.is_err();
+                    if events_tx.send(event).await.is_err() || failed {
+                        return;
+                    }
+                }
+            });
             let reason = self
-                .session(&client, &mut eventloop, &mut pace, &commands, &shutdown)
+                .session(&client, &mut events, &mut pace, &commands, &shutdown)
                 .await;
             match reason {
                 None => {
                     let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), poller).await;
                     return;
                 }
                 Some(reason) => {
+                    poller.abort();
                     let delay = backoff.next();
                     tracing::warn!(
                         event = "uplink.disconnected",
@@ -171,7 +184,7 @@ impl Uplink {
     async fn session(
         &self,
         client: &AsyncClient,
-        eventloop: &mut EventLoop,
+        events: &mut tokio::sync::mpsc::Receiver<Result<Event, rumqttc::v5::ConnectionError>>,
         pace: &mut Pace,
         commands: &command::LocalDelivery,
         shutdown: &CancellationToken,
@@ -210,7 +223,7 @@ impl Uplink {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,
-                event = eventloop.poll() => match event {
+                event = events.recv() => match event.unwrap_or_else(|| Err(rumqttc::v5::ConnectionError::RequestsDone)) {
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(key) = queued.pop_front() {
                             by_pkid.insert(pkid, key);
