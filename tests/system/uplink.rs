@@ -434,3 +434,30 @@ async fn commands_reach_only_devices_whose_class_may_receive_them() {
     gw.wait_log("uplink.command_refused", &["pump-77", "not registered"])
         .await;
 }
+
+#[tokio::test]
+async fn records_older_than_their_class_max_age_expire_unsent() {
+    // Routine messages may wait 1 ms; alarms keep the default (30 days).
+    let (site, upstream, link) =
+        ward_with_upstream(false, "\n[spool.max_age]\nroutine = \"1ms\"\n").await;
+    let mut gw = site.start().await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.publish("ward/pump-1/status/battery", b"routine-1")
+        .await;
+    pump.publish("ward/pump-1/alarm/occlusion", b"alarm-1")
+        .await;
+    pump.publish("ward/pump-1/status/battery", b"routine-2")
+        .await;
+    let mut consumer = upstream.consumer("hospital/#").await;
+    link.set_up(true);
+    let got = consumer.next().await;
+    assert_eq!(&got.payload[..], b"alarm-1");
+    gw.wait_log(
+        "spool.expired",
+        &["device=pump-1", "priority=routine", "count=2"],
+    )
+    .await;
+    // Nothing else arrives: the next message upstream is a fresh one, not an expired one.
+    pump.publish("ward/pump-1/alarm/air", b"alarm-2").await;
+    assert_eq!(&consumer.next().await.payload[..], b"alarm-2");
+}
