@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::{AuditError, AuditLog};
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
@@ -27,6 +28,8 @@ pub enum AppError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
 }
@@ -54,6 +57,7 @@ impl Gateway {
                 path: config.gateway.data_dir.clone(),
                 source,
             })?;
+        crate::audit::install(AuditLog::open(&config.gateway.data_dir)?);
         let registry = Registry::from_config(&config).shared();
         let spool = Spool::open(&config.gateway.data_dir, config.spool.clone())?;
         let broker = broker::start(&config.broker, config.max_payload()).await?;
@@ -131,6 +135,7 @@ impl Gateway {
                 "sessions still open after the shutdown grace period; leaving them"
             );
         }
+        crate::audit::flush();
         if let Err(e) = self.spool.flush() {
             tracing::error!(event = "spool.flush_failed", error = %e, "final spool flush failed");
         }

@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// The hash-chained audit log of security decisions (read offline, from the data dir).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run a self-contained demonstration on loopback: a throwaway PKI and configuration,
     /// the gateway, and simulated ward devices; prints what flows and what is refused.
     Demo {
@@ -65,6 +70,25 @@ enum Command {
         /// How long to run (e.g. "20s"); "0s" runs until Ctrl-C.
         #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
         duration: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the whole chain; exit 0 if intact, 1 naming the first bad record.
+    Verify {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Print the most recent records, oldest first.
+    Tail {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        count: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -162,6 +186,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pki { command } => pki_command(command),
+        Command::Audit { command } => audit_command(command),
         Command::Demo { dir, duration } => {
             runtime()?.block_on(crate::demo::run(dir, duration))?;
             Ok(ExitCode::SUCCESS)
@@ -261,4 +286,40 @@ fn pki_command(command: PkiCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Verify { data_dir } => match crate::audit::verify(&data_dir) {
+            Ok(n) => {
+                println!("{}: {n} audit records, chain intact", data_dir.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", data_dir.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        AuditCommand::Tail {
+            data_dir,
+            count,
+            json,
+        } => {
+            for e in crate::audit::tail(&data_dir, count)? {
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    println!(
+                        "{:>6} {} {:<26} {:<16} {}",
+                        e.index,
+                        e.time_ms,
+                        e.event,
+                        e.device.as_deref().unwrap_or("-"),
+                        e.detail
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -4,8 +4,8 @@
 //! stable name below (`edge.connect_refused`, `edge.acl_violation`, …), so operators can
 //! alert on it and tests can wait for it. Fields never carry payloads or key material;
 //! strings that a device controls (client ids, topics) are written with `Debug` escaping.
-//! The hash-chained audit log (its own issue) will record these same events; this module
-//! is the single place it hooks into.
+//! Every event here is also appended to the hash-chained audit log ([`crate::audit`])
+//! under the same name, with the device and a detail text (never a payload).
 //!
 //! Tested through the system tests, which wait for these names in the gateway's log.
 
@@ -170,7 +170,16 @@ fn dev(device: Option<&DeviceId>) -> &str {
     device.map_or("-", DeviceId::as_str)
 }
 
+fn audit(event: &str, device: Option<&DeviceId>, detail: String) {
+    crate::audit::record(event, device.map(DeviceId::as_str), &detail);
+}
+
 pub fn connection_refused(peer: SocketAddr, device: Option<&DeviceId>, reason: &Refusal) {
+    audit(
+        "edge.connect_refused",
+        device,
+        format!("code={} peer={peer} reason={reason}", reason.code()),
+    );
     tracing::warn!(
         event = "edge.connect_refused",
         %peer,
@@ -182,10 +191,20 @@ pub fn connection_refused(peer: SocketAddr, device: Option<&DeviceId>, reason: &
 }
 
 pub fn device_connected(peer: SocketAddr, device: &DeviceId, class: &str) {
+    audit(
+        "edge.connected",
+        Some(device),
+        format!("peer={peer} class={class}"),
+    );
     tracing::info!(event = "edge.connected", %peer, %device, class, "device connected");
 }
 
 pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
+    audit(
+        v.event(),
+        Some(device),
+        format!("code={} peer={peer} reason={v}", v.code()),
+    );
     tracing::warn!(
         event = v.event(),
         %peer,
@@ -201,6 +220,11 @@ pub fn device_disconnected(peer: SocketAddr, device: &DeviceId, reason: &str) {
 }
 
 pub fn live_connection_revoked(peer: SocketAddr, device: &DeviceId, reason: &str) {
+    audit(
+        "edge.connection_revoked",
+        Some(device),
+        format!("peer={peer} reason={reason}"),
+    );
     tracing::warn!(
         event = "edge.connection_revoked",
         %peer,
@@ -211,6 +235,11 @@ pub fn live_connection_revoked(peer: SocketAddr, device: &DeviceId, reason: &str
 }
 
 pub fn tls_reloaded(crls: usize, closed: usize) {
+    audit(
+        "edge.tls_reloaded",
+        None,
+        format!("crls={crls} closed={closed}"),
+    );
     tracing::info!(
         event = "edge.tls_reloaded",
         crls,
@@ -220,6 +249,7 @@ pub fn tls_reloaded(crls: usize, closed: usize) {
 }
 
 pub fn tls_reload_failed(error: &dyn std::error::Error) {
+    audit("edge.tls_reload_failed", None, format!("error={error}"));
     tracing::error!(
         event = "edge.tls_reload_failed",
         error = %error,

@@ -4,6 +4,7 @@
 //! per domain noun; `app` wires them, `cli` is the command line.
 
 pub mod app;
+pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -464,6 +464,11 @@ impl Spool {
             Err(reason) => {
                 st.counters(&record.device).refused += 1;
                 let refused = st.counters(&record.device).refused;
+                crate::audit::record(
+                    "spool.refused",
+                    Some(record.device.as_str()),
+                    &format!("priority={priority} size={size} reason={reason}"),
+                );
                 tracing::warn!(
                     event = "spool.refused",
                     device = %record.device,
@@ -487,6 +492,14 @@ impl Spool {
                 let c = st.counters(&entry.device);
                 c.evicted += 1;
                 let evicted = c.evicted;
+                crate::audit::record(
+                    "spool.evicted",
+                    Some(entry.device.as_str()),
+                    &format!(
+                        "priority={} seq={} for_device={}",
+                        victim.priority, victim.seq, record.device
+                    ),
+                );
                 tracing::warn!(
                     event = "spool.evicted",
                     device = %entry.device,
@@ -598,6 +611,11 @@ impl Spool {
         for ((device, priority), count) in per_device {
             n += count as usize;
             let expired = st.counters(&device).expired;
+            crate::audit::record(
+                "spool.expired",
+                Some(device.as_str()),
+                &format!("priority={priority} count={count}"),
+            );
             tracing::warn!(
                 event = "spool.expired",
                 %device,
@@ -681,6 +699,11 @@ fn quarantine(
 ) -> Result<(), SpoolError> {
     corrupt.insert(key, value)?;
     records.remove(key)?;
+    crate::audit::record(
+        "spool.corrupt_record",
+        None,
+        &format!("record={what} error={error}"),
+    );
     tracing::error!(
         event = "spool.corrupt_record",
         record = what,

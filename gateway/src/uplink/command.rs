@@ -52,12 +52,19 @@ impl LocalDelivery {
                     .client
                     .try_publish(local.clone(), QoS::AtLeastOnce, false, payload)
                 {
-                    Ok(()) => tracing::info!(
-                        event = "uplink.command_delivered",
-                        %device,
-                        topic = ?local,
-                        "command from upstream delivered"
-                    ),
+                    Ok(()) => {
+                        crate::audit::record(
+                            "uplink.command_delivered",
+                            Some(device.as_str()),
+                            &format!("topic={local:?}"),
+                        );
+                        tracing::info!(
+                            event = "uplink.command_delivered",
+                            %device,
+                            topic = ?local,
+                            "command from upstream delivered"
+                        );
+                    }
                     Err(e) => tracing::error!(
                         event = "uplink.command_failed",
                         %device,
@@ -66,12 +73,19 @@ impl LocalDelivery {
                     ),
                 }
             }
-            Err(reason) => tracing::warn!(
-                event = "uplink.command_refused",
-                topic = ?topic,
-                reason,
-                "command from upstream refused"
-            ),
+            Err(reason) => {
+                crate::audit::record(
+                    "uplink.command_refused",
+                    None,
+                    &format!("topic={topic:?} reason={reason}"),
+                );
+                tracing::warn!(
+                    event = "uplink.command_refused",
+                    topic = ?topic,
+                    reason,
+                    "command from upstream refused"
+                );
+            }
         }
     }
 }

@@ -1,0 +1,364 @@
+//! The audit log: an append-only, hash-chained record of every security decision.
+//!
+//! Each record holds its index, the time, the stable event name (the same `event` field the
+//! log carries, see [`crate::events`]), the device if any, a detail text, the previous
+//! record's hash and its own hash:
+//!
+//! ```text
+//! hash = SHA-256( version (1) ‖ index (u64 BE) ‖ time_ms (u64 BE)
+//!                 ‖ len ‖ event ‖ len ‖ device ‖ len ‖ detail   (len = u32 BE)
+//!                 ‖ previous hash (32 bytes; zeros for the first record) )
+//! ```
+//!
+//! Records are stored in sled (`data_dir/audit`, tree `chain`, key = index u64 BE) as JSON,
+//! format version [`AUDIT_VERSION`]. [`verify`] recomputes the chain offline and names the
+//! first record that does not fit: a changed byte anywhere in a record, a removed or
+//! reordered record, or a rewritten tail that no longer links. Details never carry payloads
+//! or key material.
+//!
+//! Tested by the unit tests below (chain, tampering, deletion) and by the system tests that
+//! count the audit records of every refusal path and edit a record offline.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use ring::digest::{digest, SHA256};
+use serde::{Deserialize, Serialize};
+
+pub const AUDIT_VERSION: u8 = 1;
+const HASH_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("audit write failed: {0}")]
+    Write(#[from] sled::Error),
+    #[error("audit record {index} is not valid: {reason}")]
+    Broken { index: u64, reason: String },
+}
+
+/// One audit record as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub v: u8,
+    pub index: u64,
+    pub time_ms: u64,
+    pub event: String,
+    pub device: Option<String>,
+    pub detail: String,
+    /// Hex of the previous record's hash.
+    pub prev: String,
+    /// Hex of this record's hash.
+    pub hash: String,
+}
+
+fn chain_hash(
+    index: u64,
+    time_ms: u64,
+    event: &str,
+    device: Option<&str>,
+    detail: &str,
+    prev: &[u8],
+) -> [u8; HASH_LEN] {
+    let mut buf = Vec::with_capacity(64 + event.len() + detail.len());
+    buf.push(AUDIT_VERSION);
+    buf.extend_from_slice(&index.to_be_bytes());
+    buf.extend_from_slice(&time_ms.to_be_bytes());
+    for field in [event, device.unwrap_or(""), detail] {
+        buf.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
+        buf.extend_from_slice(field.as_bytes());
+    }
+    buf.extend_from_slice(prev);
+    let d = digest(&SHA256, &buf);
+    let mut out = [0u8; HASH_LEN];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    crate::pki::cert::hex(b)
+}
+
+#[derive(Debug)]
+struct Head {
+    next: u64,
+    prev: [u8; HASH_LEN],
+}
+
+/// The running gateway's audit log.
+#[derive(Debug)]
+pub struct AuditLog {
+    db: sled::Db,
+    chain: sled::Tree,
+    head: Mutex<Head>,
+}
+
+fn open_store(data_dir: &Path) -> Result<(sled::Db, sled::Tree), AuditError> {
+    let path = data_dir.join("audit");
+    let store = |source| AuditError::Store {
+        path: path.clone(),
+        source,
+    };
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(1 << 20)
+        .flush_every_ms(Some(200))
+        .open()
+        .map_err(store)?;
+    let chain = db.open_tree("chain").map_err(store)?;
+    Ok((db, chain))
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<Entry, AuditError> {
+    let index = key
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| AuditError::Broken {
+            index: u64::MAX,
+            reason: "key is not a record index".into(),
+        })?;
+    serde_json::from_slice(value).map_err(|e| AuditError::Broken {
+        index,
+        reason: format!("not a readable record: {e}"),
+    })
+}
+
+impl AuditLog {
+    /// Opens the log and continues its chain after the last record.
+    pub fn open(data_dir: &Path) -> Result<AuditLog, AuditError> {
+        let (db, chain) = open_store(data_dir)?;
+        let head = match chain.last()? {
+            None => Head {
+                next: 0,
+                prev: [0; HASH_LEN],
+            },
+            Some((k, v)) => {
+                let e = decode(&k, &v)?;
+                let prev = crate::pki::cert::unhex(&e.hash)
+                    .and_then(|h| <[u8; HASH_LEN]>::try_from(h).ok())
+                    .ok_or(AuditError::Broken {
+                        index: e.index,
+                        reason: "hash is not 32 bytes of hex".into(),
+                    })?;
+                Head {
+                    next: e.index + 1,
+                    prev,
+                }
+            }
+        };
+        Ok(AuditLog {
+            db,
+            chain,
+            head: Mutex::new(head),
+        })
+    }
+
+    /// Appends a record; returns its index.
+    pub fn record(
+        &self,
+        event: &str,
+        device: Option<&str>,
+        detail: &str,
+    ) -> Result<u64, AuditError> {
+        let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = head.next;
+        let time_ms = crate::spool::now_ms();
+        let hash = chain_hash(index, time_ms, event, device, detail, &head.prev);
+        let entry = Entry {
+            v: AUDIT_VERSION,
+            index,
+            time_ms,
+            event: event.to_owned(),
+            device: device.map(str::to_owned),
+            detail: detail.to_owned(),
+            prev: hex(&head.prev),
+            hash: hex(&hash),
+        };
+        let value = serde_json::to_vec(&entry).map_err(|e| AuditError::Broken {
+            index,
+            reason: e.to_string(),
+        })?;
+        self.chain.insert(index.to_be_bytes(), value)?;
+        head.next += 1;
+        head.prev = hash;
+        Ok(index)
+    }
+
+    pub fn flush(&self) -> Result<(), AuditError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Checks the whole chain in `data_dir` offline. Returns the number of records.
+pub fn verify(data_dir: &Path) -> Result<u64, AuditError> {
+    let (_db, chain) = open_store(data_dir)?;
+    let mut prev = [0u8; HASH_LEN];
+    let mut expected = 0u64;
+    for item in chain.iter() {
+        let (k, v) = item?;
+        let e = decode(&k, &v)?;
+        let broken = |reason: &str| AuditError::Broken {
+            index: expected,
+            reason: reason.to_owned(),
+        };
+        if e.index != expected || k.as_ref() != expected.to_be_bytes() {
+            return Err(broken("missing or out of order (the chain skips here)"));
+        }
+        if e.v != AUDIT_VERSION {
+            return Err(broken("unknown record version"));
+        }
+        if e.prev != hex(&prev) {
+            return Err(broken("does not link to the previous record"));
+        }
+        let hash = chain_hash(
+            e.index,
+            e.time_ms,
+            &e.event,
+            e.device.as_deref(),
+            &e.detail,
+            &prev,
+        );
+        if e.hash != hex(&hash) {
+            return Err(broken("contents do not match its hash (edited)"));
+        }
+        prev = hash;
+        expected += 1;
+    }
+    Ok(expected)
+}
+
+/// The last `n` records in `data_dir`, oldest first (offline).
+pub fn tail(data_dir: &Path, n: usize) -> Result<Vec<Entry>, AuditError> {
+    let (_db, chain) = open_store(data_dir)?;
+    let mut out = Vec::new();
+    for item in chain.iter().rev().take(n) {
+        let (k, v) = item?;
+        out.push(decode(&k, &v)?);
+    }
+    out.reverse();
+    Ok(out)
+}
+
+static GLOBAL: OnceLock<AuditLog> = OnceLock::new();
+
+/// Makes `log` the process's audit log, which [`crate::events`] writes to.
+pub fn install(log: AuditLog) -> &'static AuditLog {
+    GLOBAL.get_or_init(|| log)
+}
+
+/// Records an event in the process's audit log, if one is installed. A failure to audit is
+/// itself logged loudly: it must never pass silently.
+pub fn record(event: &str, device: Option<&str>, detail: &str) {
+    if let Some(log) = GLOBAL.get() {
+        if let Err(e) = log.record(event, device, detail) {
+            tracing::error!(event = "audit.write_failed", error = %e, "audit record could not be written");
+        }
+    }
+}
+
+/// Flushes the process's audit log (at shutdown).
+pub fn flush() {
+    if let Some(log) = GLOBAL.get() {
+        if let Err(e) = log.flush() {
+            tracing::error!(event = "audit.flush_failed", error = %e, "audit log flush failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(dir: &Path, n: u64) {
+        let log = AuditLog::open(dir).unwrap();
+        for i in 0..n {
+            log.record(
+                "edge.connect_refused",
+                Some("pump-1"),
+                &format!("reason {i}"),
+            )
+            .unwrap();
+        }
+        log.flush().unwrap();
+    }
+
+    #[test]
+    fn chain_verifies_and_continues_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        filled(dir.path(), 3);
+        filled(dir.path(), 2);
+        assert_eq!(verify(dir.path()).unwrap(), 5);
+        let t = tail(dir.path(), 2).unwrap();
+        assert_eq!(t.iter().map(|e| e.index).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(t[1].detail, "reason 1");
+    }
+
+    fn edit(dir: &Path, index: u64, f: impl FnOnce(&mut Vec<u8>)) {
+        let (db, chain) = open_store(dir).unwrap();
+        let mut v = chain.get(index.to_be_bytes()).unwrap().unwrap().to_vec();
+        f(&mut v);
+        chain.insert(index.to_be_bytes(), v).unwrap();
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn one_changed_byte_names_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        filled(dir.path(), 6);
+        edit(dir.path(), 3, |v| {
+            let at = v.windows(8).position(|w| w == b"reason 3").unwrap();
+            v[at + 7] = b'9';
+        });
+        match verify(dir.path()) {
+            Err(AuditError::Broken { index: 3, reason }) => assert!(reason.contains("edited")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_removed_record_breaks_the_chain_there() {
+        let dir = tempfile::tempdir().unwrap();
+        filled(dir.path(), 4);
+        {
+            let (db, chain) = open_store(dir.path()).unwrap();
+            chain.remove(2u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        assert!(matches!(
+            verify(dir.path()),
+            Err(AuditError::Broken { index: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_rehashed_record_no_longer_links() {
+        let dir = tempfile::tempdir().unwrap();
+        filled(dir.path(), 3);
+        // Rewrite record 1 consistently (new detail, new hash): record 2 no longer links.
+        edit(dir.path(), 1, |v| {
+            let mut e: Entry = serde_json::from_slice(v).unwrap();
+            e.detail = "nothing happened".into();
+            let prev = crate::pki::cert::unhex(&e.prev).unwrap();
+            e.hash = hex(&chain_hash(
+                e.index,
+                e.time_ms,
+                &e.event,
+                e.device.as_deref(),
+                &e.detail,
+                &prev,
+            ));
+            *v = serde_json::to_vec(&e).unwrap();
+        });
+        match verify(dir.path()) {
+            Err(AuditError::Broken { index: 2, reason }) => assert!(reason.contains("link")),
+            other => panic!("{other:?}"),
+        }
+    }
+}
