@@ -215,6 +215,17 @@ pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
     );
 }
 
+/// The first time in a connection that a device is held back by its rate.
+pub fn throttled(peer: SocketAddr, device: &DeviceId, wait: std::time::Duration) {
+    tracing::info!(
+        event = "edge.throttled",
+        %peer,
+        %device,
+        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        "device over its rate: reading slowed (nothing dropped)"
+    );
+}
+
 pub fn device_disconnected(peer: SocketAddr, device: &DeviceId, reason: &str) {
     tracing::info!(event = "edge.disconnected", %peer, %device, reason, "device disconnected");
 }

@@ -20,6 +20,7 @@ pub struct Grant {
     pub address: IpAddr,
     pub acl: Acl,
     pub max_payload: usize,
+    pub rate: crate::policy::RateLimits,
     alarm: Vec<TopicFilter>,
     vital: Vec<TopicFilter>,
 }
@@ -67,6 +68,7 @@ impl Registry {
             address: entry.address,
             acl: Acl::for_device(device, &class.publish, &class.subscribe),
             max_payload: usize::try_from(class.max_payload).unwrap_or(usize::MAX),
+            rate: class.rate,
             alarm: class.alarm.iter().map(|t| t.expand(device)).collect(),
             vital: class.vital.iter().map(|t| t.expand(device)).collect(),
         })

@@ -9,5 +9,6 @@
 mod audit;
 mod cli;
 mod edge;
+mod rate;
 mod support;
 mod uplink;

@@ -38,6 +38,8 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 pub const DEFAULT_SEGMENT_COUNT: usize = 4;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
 pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
+/// How much of its rate a device may send at once, as time at that rate.
+pub const DEFAULT_BURST: Duration = Duration::from_secs(1);
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 pub const DEFAULT_SPOOL_DEVICE_QUOTA: u64 = 32 << 20;
 /// sled's page cache; small, for a small board.
@@ -131,6 +133,7 @@ pub struct DeviceClass {
     pub alarm: Vec<FilterTemplate>,
     pub vital: Vec<FilterTemplate>,
     pub max_payload: u64,
+    pub rate: crate::policy::RateLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -486,7 +489,25 @@ impl Validator<'_> {
                     );
                 }
             }
+            let messages_per_sec = c
+                .messages_per_sec
+                .as_ref()
+                .map(|m| self.count(Some(m), 1, "messages_per_sec"));
+            let bytes_per_sec = c.bytes_per_sec.as_ref().map(|b| {
+                let n = self.size(Some(b), 1);
+                if n == 0 {
+                    self.error(b.span(), "bytes_per_sec must be at least 1 byte");
+                }
+                n
+            });
+            #[allow(clippy::cast_precision_loss)]
+            let rate = crate::policy::RateLimits {
+                messages_per_sec: messages_per_sec.map(|m| m as f64),
+                bytes_per_sec: bytes_per_sec.map(|b| b as f64),
+                burst: self.duration(c.burst.as_ref(), DEFAULT_BURST),
+            };
             let class = DeviceClass {
+                rate,
                 name: name.clone(),
                 publish,
                 subscribe,

@@ -20,7 +20,7 @@ use crate::device::DeviceId;
 use crate::events::{self, Refusal, Violation};
 use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
 use crate::pki::cert;
-use crate::policy::{acl, TopicFilter};
+use crate::policy::{acl, RateLimiter, TopicFilter};
 use crate::registry::Grant;
 use crate::spool::{now_ms, Durable, Record, Spool};
 
@@ -283,6 +283,8 @@ async fn relay(
     }
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Packet, Option<Durable>)>(PIPELINE_DEPTH);
+    let mut limiter = RateLimiter::new(&grant.rate, std::time::Instant::now());
+    let mut throttled: u64 = 0;
     let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
     let inbound = async {
         loop {
@@ -297,6 +299,13 @@ async fn relay(
                 Err(ReadError::Malformed(e)) => return Err(Violation::Protocol(e.to_string())),
             };
             inspect(&packet, grant)?;
+            // Over its rate, the device waits before its next packet is read (backpressure).
+            let wait = match &packet {
+                Packet::Publish(p) => {
+                    limiter.admit(p.payload.len() + p.topic.len(), std::time::Instant::now())
+                }
+                _ => Duration::ZERO,
+            };
             let durable = match &packet {
                 Packet::Publish(p) => match spool_publish(&shared.spool, device, grant, p) {
                     Ok(d) => Some(d),
@@ -313,6 +322,13 @@ async fn relay(
             }
             if last {
                 return Ok("device sent DISCONNECT".to_owned());
+            }
+            if !wait.is_zero() {
+                if throttled == 0 {
+                    events::throttled(peer, device, wait);
+                }
+                throttled += 1;
+                tokio::time::sleep(wait).await;
             }
         }
     };
@@ -364,7 +380,11 @@ async fn relay(
         },
     };
     let _ = timeout(CLOSE_TIMEOUT, dev_wr.shutdown()).await;
-    reason
+    if throttled > 0 {
+        format!("{reason} (held back by its rate {throttled} times)")
+    } else {
+        reason
+    }
 }
 
 /// Appends a device's PUBLISH to the spool.

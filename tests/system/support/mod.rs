@@ -58,6 +58,8 @@ pub struct Class {
     pub publish: Vec<&'static str>,
     pub subscribe: Vec<&'static str>,
     pub max_payload: &'static str,
+    /// More lines for the class (e.g. rate limits).
+    pub extra: &'static str,
 }
 
 /// A site: PKI, device certificates and a gateway configuration in a temporary directory.
@@ -99,12 +101,14 @@ impl Site {
                     publish: vec!["ward/{device}/#"],
                     subscribe: vec!["ward/{device}/cmd/#"],
                     max_payload: "1KiB",
+                    extra: "",
                 },
                 Class {
                     name: "nurse-display",
                     publish: vec!["ward/{device}/ack/#"],
                     subscribe: vec!["ward/+/alarm/#"],
                     max_payload: "1KiB",
+                    extra: "",
                 },
             ],
             devices: Vec::new(),
@@ -198,6 +202,8 @@ crl = "pki/crl.pem"
                 list(&c.subscribe),
                 c.max_payload
             ));
+            toml.push_str(c.extra);
+            toml.push('\n');
         }
         for (id, class, address) in &self.devices {
             toml.push_str(&format!(
