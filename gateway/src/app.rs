@@ -12,6 +12,7 @@ use crate::audit::{AuditError, AuditLog};
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
+use crate::quarantine::{Quarantine, QuarantineError};
 use crate::registry::{Registry, SharedRegistry};
 use crate::spool::{Spool, SpoolError};
 use crate::uplink::Uplink;
@@ -30,6 +31,8 @@ pub enum AppError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Quarantine(#[from] QuarantineError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
 }
@@ -61,11 +64,16 @@ impl Gateway {
         let registry = Registry::from_config(&config).shared();
         let spool = Spool::open(&config.gateway.data_dir, config.spool.clone())?;
         let broker = broker::start(&config.broker, config.max_payload()).await?;
+        let quarantine = std::sync::Arc::new(Quarantine::open(
+            &config.gateway.data_dir,
+            config.quarantine,
+        )?);
         let edge = Edge::bind(
             config.edge.clone(),
             registry.clone(),
             broker.addr,
             spool.clone(),
+            quarantine,
         )
         .await?;
         Ok(Gateway {

@@ -39,6 +39,9 @@ pub enum Refusal {
     WillNotAllowed {
         topic: String,
     },
+    Quarantined {
+        reason: String,
+    },
     TooManyConnections,
     BrokerUnavailable(String),
 }
@@ -57,6 +60,7 @@ impl Refusal {
             Refusal::Unregistered => "unregistered",
             Refusal::AddressMismatch { .. } => "address_mismatch",
             Refusal::WillNotAllowed { .. } => "will_not_allowed",
+            Refusal::Quarantined { .. } => "quarantined",
             Refusal::TooManyConnections => "too_many_connections",
             Refusal::BrokerUnavailable(_) => "broker_unavailable",
         }
@@ -93,6 +97,7 @@ impl fmt::Display for Refusal {
                     "last-will topic {topic:?} is outside the device's publish ACL"
                 )
             }
+            Refusal::Quarantined { reason } => write!(f, "device is quarantined ({reason})"),
             Refusal::TooManyConnections => f.write_str("edge connection limit reached"),
             Refusal::BrokerUnavailable(e) => write!(f, "embedded broker unavailable: {e}"),
         }

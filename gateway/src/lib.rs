@@ -15,6 +15,7 @@ pub mod events;
 pub mod mqtt;
 pub mod pki;
 pub mod policy;
+pub mod quarantine;
 pub mod registry;
 pub mod spool;
 pub mod uplink;

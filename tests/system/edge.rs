@@ -15,7 +15,7 @@ use crate::support::clients::{
 use crate::support::{require, Site, DEADLINE};
 
 /// The gateway still serves well-behaved devices: pump-2 raises an alarm, nurse-1 gets it.
-async fn assert_serving(site: &Site, port: u16) {
+pub async fn assert_serving(site: &Site, port: u16) {
     let mut nurse = Client::connect(site, "nurse-1", port).await;
     nurse.subscribe("ward/+/alarm/#").await;
     let mut pump = Client::connect(site, "pump-2", port).await;

@@ -9,6 +9,7 @@
 mod audit;
 mod cli;
 mod edge;
+mod quarantine;
 mod rate;
 mod support;
 mod uplink;

@@ -40,6 +40,8 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
 pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
 /// How much of its rate a device may send at once, as time at that rate.
 pub const DEFAULT_BURST: Duration = Duration::from_secs(1);
+pub const DEFAULT_ACL_VIOLATIONS: usize = 3;
+pub const DEFAULT_VIOLATION_WINDOW: Duration = Duration::from_secs(600);
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 pub const DEFAULT_SPOOL_DEVICE_QUOTA: u64 = 32 << 20;
 /// sled's page cache; small, for a small board.
@@ -71,6 +73,8 @@ pub struct Config {
     pub classes: BTreeMap<String, DeviceClass>,
     pub devices: BTreeMap<DeviceId, DeviceEntry>,
     pub spool: crate::spool::SpoolLimits,
+    /// When repeated ACL violations quarantine a device.
+    pub quarantine: crate::quarantine::Threshold,
     /// No `[uplink]`: a local-only gateway; records wait in the spool until they expire.
     pub uplink: Option<UplinkConfig>,
 }
@@ -565,6 +569,17 @@ impl Validator<'_> {
         }
 
         let spool = self.spool(&raw.spool);
+        let quarantine = crate::quarantine::Threshold {
+            violations: self.count(
+                raw.policy.acl_violations.as_ref(),
+                DEFAULT_ACL_VIOLATIONS,
+                "acl_violations",
+            ),
+            window: self.duration(
+                raw.policy.violation_window.as_ref(),
+                DEFAULT_VIOLATION_WINDOW,
+            ),
+        };
         let uplink = raw
             .uplink
             .as_ref()
@@ -573,6 +588,7 @@ impl Validator<'_> {
         if self.diagnostics.is_empty() {
             Some(Config {
                 spool,
+                quarantine,
                 uplink: uplink.flatten(),
                 source: path.to_owned(),
                 gateway: gateway?,

@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub spool: RawSpool,
+    #[serde(default)]
+    pub policy: RawPolicy,
     pub uplink: Option<S<RawUplink>>,
     #[serde(default)]
     pub device_class: Vec<S<RawDeviceClass>>,
@@ -131,4 +133,11 @@ pub struct RawUplink {
     pub keep_alive: Option<S<String>>,
     pub backoff_min: Option<S<String>>,
     pub backoff_max: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub acl_violations: Option<S<i64>>,
+    pub violation_window: Option<S<String>>,
 }

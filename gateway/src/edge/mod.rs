@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::EdgeConfig;
 use crate::device::DeviceId;
 use crate::events::{self, Refusal};
+use crate::quarantine::Quarantine;
 use crate::registry::SharedRegistry;
 use crate::spool::Spool;
 use tls::{TlsError, TlsMaterial};
@@ -57,6 +58,7 @@ struct EdgeShared {
     registry: SharedRegistry,
     broker: SocketAddr,
     spool: Spool,
+    quarantine: Arc<Quarantine>,
     live: Mutex<HashMap<u64, LiveConn>>,
     next_id: AtomicU64,
 }
@@ -71,6 +73,17 @@ impl EdgeShared {
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveConn>> {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes every live connection of `device`; returns how many.
+    fn close_device(&self, device: &DeviceId) -> usize {
+        let live = self.live();
+        let mut n = 0;
+        for conn in live.values().filter(|c| &c.device == device) {
+            conn.close.cancel();
+            n += 1;
+        }
+        n
     }
 
     /// Registers a live connection; it is removed when the guard drops.
@@ -129,6 +142,7 @@ impl Edge {
         registry: SharedRegistry,
         broker: SocketAddr,
         spool: Spool,
+        quarantine: Arc<Quarantine>,
     ) -> Result<Edge, EdgeError> {
         let tls = tls::load(&config)?;
         let listener =
@@ -146,6 +160,7 @@ impl Edge {
                 registry,
                 broker,
                 spool,
+                quarantine,
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),

@@ -177,6 +177,12 @@ fn admit(
         .unwrap_or_else(PoisonError::into_inner)
         .grant(device)
         .ok_or((Refusal::Unregistered, ConnectReturnCode::NotAuthorized))?;
+    if let Some(reason) = shared.quarantine.reason(device) {
+        return Err((
+            Refusal::Quarantined { reason },
+            ConnectReturnCode::NotAuthorized,
+        ));
+    }
     if canonical(peer.ip()) != canonical(grant.address) {
         return Err((
             Refusal::AddressMismatch {
@@ -370,6 +376,21 @@ async fn relay(
             }
             Err(v) => {
                 events::violation(peer, device, &v);
+                if matches!(v, Violation::PublishDenied { .. } | Violation::SubscribeDenied { .. }) {
+                    match shared.quarantine.note_violation(device, std::time::Instant::now()) {
+                        // Any other session of the device goes too.
+                        Ok(true) => {
+                            shared.close_device(device);
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(
+                            event = "quarantine.write_failed",
+                            %device,
+                            error = %e,
+                            "could not persist a quarantine"
+                        ),
+                    }
+                }
                 format!("violation: {}", v.code())
             }
         },
