@@ -5,7 +5,7 @@ use rumqttc::mqttbytes::v4::{Packet as RawPacket, Publish};
 use rumqttc::{AsyncClient, ConnectReturnCode, QoS};
 
 use crate::support::clients::{
-    self, device_tls, expect_connack_refusal, expect_tls_refusal, options, Client, Raw,
+    self, device_tls, expect_connack_refusal, expect_tls_refusal, options, Raw,
 };
 use crate::support::{wardgate, Site};
 
@@ -47,17 +47,8 @@ async fn every_refusal_leaves_exactly_one_audit_record_with_its_reason() {
     let tls = clients::tls_config(&site.ca(), &other.cert("pump-1"), &other.key("pump-1"));
     let (_c, el) = AsyncClient::new(options("pump-1", gw.port(), tls), 8);
     expect_tls_refusal(el).await;
-    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
-    pump.client
-        .publish(
-            "ward/pump-2/alarm/forged",
-            QoS::AtLeastOnce,
-            false,
-            b"x".to_vec(),
-        )
-        .await
-        .unwrap();
-    pump.closed().await;
+    // pump-1 forges an alarm in pump-2's name.
+    clients::forge_publish(&site, "pump-1", gw.port(), "ward/pump-2/alarm/forged").await;
     let mut raw = Raw::connect(&site, "pump-2", gw.edge).await;
     raw.send(&RawPacket::Publish(Publish::new(
         "ward/pump-2/#",

@@ -274,18 +274,8 @@ async fn acl_violating_publish_disconnects_and_is_not_delivered() {
     let mut gw = site.start().await;
     let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
     nurse.subscribe("ward/+/alarm/#").await;
-    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
     // pump-1 forges an alarm in pump-2's name.
-    pump.client
-        .publish(
-            "ward/pump-2/alarm/forged",
-            QoS::AtLeastOnce,
-            false,
-            b"x".to_vec(),
-        )
-        .await
-        .unwrap();
-    pump.closed().await;
+    clients::forge_publish(&site, "pump-1", gw.port(), "ward/pump-2/alarm/forged").await;
     gw.wait_log(
         "edge.acl_violation",
         &[

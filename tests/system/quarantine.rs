@@ -1,10 +1,10 @@
 //! Quarantine after repeated ACL violations: refused at the edge, audited, and kept across
 //! restarts.
 
-use rumqttc::{AsyncClient, ConnectReturnCode, QoS};
+use rumqttc::{AsyncClient, ConnectReturnCode};
 
 use crate::edge::assert_serving;
-use crate::support::clients::{device_tls, expect_connack_refusal, options, Client};
+use crate::support::clients::{device_tls, expect_connack_refusal, forge_publish, options};
 use crate::support::{wardgate, Gateway, Site};
 
 #[tokio::test]
@@ -14,17 +14,8 @@ async fn repeated_acl_violations_quarantine_the_device_across_restarts() {
     let config = site.write_config();
     let mut gw = Gateway::start(&config).await;
     for n in 1..=3 {
-        let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
-        pump.client
-            .publish(
-                "ward/pump-2/alarm/forged",
-                QoS::AtLeastOnce,
-                false,
-                b"x".to_vec(),
-            )
-            .await
-            .unwrap();
-        pump.closed().await;
+        // pump-1 forges an alarm in pump-2's name.
+        forge_publish(&site, "pump-1", gw.port(), "ward/pump-2/alarm/forged").await;
         gw.wait_count("edge.acl_violation", &["device=pump-1"], n)
             .await;
     }

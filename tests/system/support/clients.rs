@@ -174,6 +174,17 @@ impl Client {
     }
 }
 
+/// Connects `device` and publishes to `topic` outside its ACL; waits until the gateway has
+/// closed the connection.
+pub async fn forge_publish(site: &Site, device: &str, port: u16, topic: &str) {
+    let mut c = Client::connect(site, device, port).await;
+    c.client
+        .publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
+        .await
+        .unwrap();
+    c.closed().await;
+}
+
 /// Runs mosquitto_pub for `device` with its certificate; returns its output.
 pub fn mosquitto_pub(site: &Site, device: &str, port: u16, args: &[&str]) -> Output {
     require("mosquitto_pub", "mosquitto-clients");
