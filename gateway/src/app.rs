@@ -90,10 +90,6 @@ impl Gateway {
         self.edge.local_addr().unwrap_or(self.config.edge.listen)
     }
 
-    pub fn broker_addr(&self) -> SocketAddr {
-        self.broker.addr
-    }
-
     pub fn edge_handle(&self) -> EdgeHandle {
         self.edge.handle()
     }

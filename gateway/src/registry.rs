@@ -73,12 +73,4 @@ impl Registry {
             vital: class.vital.iter().map(|t| t.expand(device)).collect(),
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.devices.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.devices.is_empty()
-    }
 }

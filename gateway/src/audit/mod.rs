@@ -42,6 +42,20 @@ pub enum AuditError {
     Broken { index: u64, reason: String },
 }
 
+impl Entry {
+    /// The hash this record must carry if it follows a record hashed `prev`.
+    fn expected_hash(&self, prev: &[u8]) -> [u8; HASH_LEN] {
+        chain_hash(
+            self.index,
+            self.time_ms,
+            &self.event,
+            self.device.as_deref(),
+            &self.detail,
+            prev,
+        )
+    }
+}
+
 /// One audit record as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,14 +231,7 @@ pub fn verify(data_dir: &Path) -> Result<u64, AuditError> {
         if e.prev != hex(&prev) {
             return Err(broken("does not link to the previous record"));
         }
-        let hash = chain_hash(
-            e.index,
-            e.time_ms,
-            &e.event,
-            e.device.as_deref(),
-            &e.detail,
-            &prev,
-        );
+        let hash = e.expected_hash(&prev);
         if e.hash != hex(&hash) {
             return Err(broken("contents do not match its hash (edited)"));
         }
@@ -346,14 +353,7 @@ mod tests {
             let mut e: Entry = serde_json::from_slice(v).unwrap();
             e.detail = "nothing happened".into();
             let prev = crate::pki::cert::unhex(&e.prev).unwrap();
-            e.hash = hex(&chain_hash(
-                e.index,
-                e.time_ms,
-                &e.event,
-                e.device.as_deref(),
-                &e.detail,
-                &prev,
-            ));
+            e.hash = hex(&e.expected_hash(&prev));
             *v = serde_json::to_vec(&e).unwrap();
         });
         match verify(dir.path()) {

@@ -247,11 +247,6 @@ impl EdgeHandle {
         events::tls_reloaded(material.crl_count, closed);
         Ok(closed)
     }
-
-    /// Number of devices connected through the edge now.
-    pub fn live_connections(&self) -> usize {
-        self.shared.live().len()
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

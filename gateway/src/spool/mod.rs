@@ -678,10 +678,6 @@ impl Spool {
         self.inner.db.flush()?;
         Ok(())
     }
-
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
 }
 
 fn read_u64(v: &[u8]) -> u64 {
