@@ -9,6 +9,13 @@
 //!    from the first publish to the last message received upstream. The uplink's
 //!    `replay_rate` and `inflight` are raised for this run so that they do not cap it.
 //!
+//! 4. Isolation under a flood: one well-behaved device publishes `CALM_N` QoS 1 messages
+//!    (window `WINDOW`) to the gateway and is timed to its last PUBACK: alone; while
+//!    `FLOODERS` other devices of an unlimited class publish as fast as they can; and while
+//!    the same number flood under a class rate of `FLOOD_RATE` messages/s (the hard limit
+//!    is off for the run, so they are slowed, not quarantined). Reported as ratios to the
+//!    device alone.
+//!
 //! Run: `cargo bench -p wardgate --bench throughput` (mosquitto must be installed).
 //! Data lives under `target/bench-data`, one disk for all three measurements.
 
@@ -34,6 +41,9 @@ const NAIVE_N: usize = 500;
 const PAYLOAD: usize = 256;
 const DEVICES: usize = 4;
 const WINDOW: usize = 32;
+const CALM_N: usize = 5_000;
+const FLOODERS: usize = 3;
+const FLOOD_RATE: u32 = 200;
 
 fn limits() -> SpoolLimits {
     SpoolLimits {
@@ -204,6 +214,113 @@ async fn end_to_end(dir: &Path) -> f64 {
     rate
 }
 
+/// A device publishing QoS 1 as fast as its window allows until `stop`.
+async fn flood(opts: MqttOptions, id: String, stop: CancellationToken) {
+    let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2);
+    let mut outstanding = 0;
+    loop {
+        while outstanding < WINDOW {
+            if client
+                .try_publish(
+                    format!("ward/{id}/status"),
+                    QoS::AtLeastOnce,
+                    false,
+                    vec![b'f'; PAYLOAD],
+                )
+                .is_err()
+            {
+                break;
+            }
+            outstanding += 1;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            e = eventloop.poll() => match e {
+                Ok(Event::Incoming(Packet::PubAck(_))) => outstanding -= 1,
+                Ok(_) => {}
+                Err(e) => panic!("flooder {id} lost its connection: {e}"),
+            },
+        }
+    }
+}
+
+/// Messages per second of the calm device, with `flooders` running meanwhile.
+async fn calm_rate(dir: &Path, port: u16, flooders: &[String]) -> f64 {
+    let stop = CancellationToken::new();
+    let floods: Vec<_> = flooders
+        .iter()
+        .map(|id| {
+            tokio::spawn(flood(
+                device_options(dir, id, port),
+                id.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    if !flooders.is_empty() {
+        // Let the flood build up before the calm device starts.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let start = Instant::now();
+    device_load(device_options(dir, "calm-1", port), "calm-1".into(), CALM_N).await;
+    let rate = CALM_N as f64 / start.elapsed().as_secs_f64();
+    stop.cancel();
+    for f in floods {
+        f.await.unwrap();
+    }
+    rate
+}
+
+async fn isolation(dir: &Path) -> (f64, f64, f64) {
+    let pki_dir = PkiDir::new(dir.join("pki"));
+    pki::init(&pki_dir, "bench-site", "bench-gw", &[]).unwrap();
+    let unlimited: Vec<String> = (0..FLOODERS).map(|i| format!("flood-u{i}")).collect();
+    let limited: Vec<String> = (0..FLOODERS).map(|i| format!("flood-l{i}")).collect();
+    let mut toml = format!(
+        "[gateway]\nid = \"bench-gw\"\nsite = \"bench-site\"\ndata_dir = \"data\"\n\
+         [edge]\nlisten = \"127.0.0.1:0\"\nca = \"pki/ca.pem\"\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\n\
+         [admin]\nsocket = \"admin.sock\"\n\
+         [policy]\nthrottle_limit = \"0s\"\n\
+         [spool]\nmax_bytes = \"1GiB\"\ndevice_quota = \"1GiB\"\n\
+         [[device_class]]\nname = \"monitor\"\npublish = [\"ward/{{device}}/#\"]\n\
+         [[device_class]]\nname = \"limited\"\npublish = [\"ward/{{device}}/#\"]\nmessages_per_sec = {FLOOD_RATE}\n\
+         [[device]]\nid = \"calm-1\"\nclass = \"monitor\"\naddress = \"127.0.0.1\"\n"
+    );
+    for (ids, class) in [(&unlimited, "monitor"), (&limited, "limited")] {
+        for id in ids {
+            toml.push_str(&format!(
+                "[[device]]\nid = {id:?}\nclass = {class:?}\naddress = \"127.0.0.1\"\n"
+            ));
+        }
+    }
+    for id in unlimited
+        .iter()
+        .chain(&limited)
+        .map(String::as_str)
+        .chain(["calm-1"])
+    {
+        pki::issue(
+            &pki_dir,
+            &DeviceId::parse(id).unwrap(),
+            &dir.join("devices"),
+            1,
+        )
+        .unwrap();
+    }
+    let path = dir.join("wardgate.toml");
+    std::fs::write(&path, toml).unwrap();
+    let gateway = Gateway::build(Config::load(&path).unwrap()).await.unwrap();
+    let port = gateway.edge_addr().port();
+    let shutdown = CancellationToken::new();
+    let gw = tokio::spawn(gateway.run(shutdown.clone()));
+    let alone = calm_rate(dir, port, &[]).await;
+    let with_unlimited = calm_rate(dir, port, &unlimited).await;
+    let with_limited = calm_rate(dir, port, &limited).await;
+    shutdown.cancel();
+    let _ = gw.await;
+    (alone, with_unlimited, with_limited)
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
@@ -222,12 +339,17 @@ fn main() {
         let group = spool_group_commit(&base.join("spool-group")).await;
         let each = spool_flush_each(&base.join("spool-each")).await;
         let e2e = end_to_end(&base.join("e2e")).await;
+        let (alone, unlimited, limited) = isolation(&base.join("isolation")).await;
         println!("wardgate throughput ({PAYLOAD}-byte payloads, data under {})", base.display());
         println!("  spool append+flush, group commit ({N} records):   {group:>10.0} records/s");
         println!("  spool append+flush, one flush each ({NAIVE_N} records): {each:>10.0} records/s");
         println!("  device → gateway → mosquitto, QoS 1, {DEVICES} devices × window {WINDOW}: {e2e:>10.0} messages/s");
         println!("  ratio end-to-end / spool group commit: {:.3}", e2e / group);
         println!("  ratio group commit / one flush each:   {:.1}", group / each);
+        println!("  well-behaved device → gateway, QoS 1, window {WINDOW}, {CALM_N} messages:");
+        println!("    alone:                                       {alone:>10.0} messages/s");
+        println!("    with {FLOODERS} unlimited flooders:                  {unlimited:>10.0} messages/s  (ratio {:.3})", unlimited / alone);
+        println!("    with {FLOODERS} flooders limited to {FLOOD_RATE}/s:           {limited:>10.0} messages/s  (ratio {:.3})", limited / alone);
     });
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{AdminError, AdminSocket, AdminState};
 use crate::audit::{AuditError, AuditLog};
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
-use crate::quarantine::{Quarantine, QuarantineError};
-use crate::registry::{Registry, SharedRegistry};
+use crate::quarantine::{Quarantine, QuarantineError, StateError};
+use crate::registry::{Registry, RegistryError, SharedRegistry};
 use crate::spool::{Spool, SpoolError};
 use crate::uplink::Uplink;
 
@@ -35,6 +36,12 @@ pub enum AppError {
     Quarantine(#[from] QuarantineError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// A gateway whose listeners are bound and whose broker runs, ready to serve.
@@ -45,6 +52,9 @@ pub struct Gateway {
     edge: Edge,
     spool: Spool,
     registry: SharedRegistry,
+    quarantine: std::sync::Arc<Quarantine>,
+    admin: AdminSocket,
+    started: std::time::Instant,
 }
 
 /// How often records past their `max_age` are swept out of the spool.
@@ -60,28 +70,33 @@ impl Gateway {
                 path: config.gateway.data_dir.clone(),
                 source,
             })?;
+        let started = std::time::Instant::now();
         crate::audit::install(AuditLog::open(&config.gateway.data_dir)?);
-        let registry = Registry::from_config(&config).shared();
+        let state = crate::quarantine::open_state(&config.gateway.data_dir)?;
+        audit_config(&config, &state);
+        let registry = Registry::open(&config, &state)?.shared();
         let spool = Spool::open(&config.gateway.data_dir, config.spool.clone())?;
         let broker = broker::start(&config.broker, config.max_payload()).await?;
-        let quarantine = std::sync::Arc::new(Quarantine::open(
-            &config.gateway.data_dir,
-            config.quarantine,
-        )?);
+        let quarantine = std::sync::Arc::new(Quarantine::open(&state, config.quarantine)?);
         let edge = Edge::bind(
             config.edge.clone(),
             registry.clone(),
             broker.addr,
             spool.clone(),
-            quarantine,
+            quarantine.clone(),
+            config.throttle_limit,
         )
         .await?;
+        let admin = AdminSocket::bind(&config.admin.socket)?;
         Ok(Gateway {
             config,
             broker,
             edge,
             spool,
             registry,
+            quarantine,
+            admin,
+            started,
         })
     }
 
@@ -109,9 +124,34 @@ impl Gateway {
         // Everything a device needs is up: broker, TLS material, edge listener.
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         let tracker = TaskTracker::new();
+        let uplink_connected = self
+            .config
+            .uplink
+            .as_ref()
+            .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let admin_state = AdminState {
+            gateway: self.config.gateway.id.clone(),
+            site: self.config.gateway.site.clone(),
+            started: self.started,
+            edge_addr: self.edge_addr().to_string(),
+            registry: self.registry.clone(),
+            quarantine: self.quarantine.clone(),
+            edge: self.edge.handle(),
+            spool: self.spool.clone(),
+            uplink_connected: uplink_connected.clone(),
+        };
+        tracker.spawn(self.admin.run(admin_state, shutdown.clone()));
         match &self.config.uplink {
             Some(u) => {
+                if let Some(log) = crate::audit::global() {
+                    tracker.spawn(crate::audit::forward::run(
+                        log,
+                        self.spool.clone(),
+                        shutdown.clone(),
+                    ));
+                }
                 let uplink = Uplink {
+                    connected: uplink_connected.unwrap_or_default(),
                     config: u.clone(),
                     site: self.config.gateway.site.clone(),
                     gateway_id: self.config.gateway.id.clone(),
@@ -152,6 +192,41 @@ impl Gateway {
 fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(event = "gateway.notify_failed", error = %e, "sd_notify failed");
+    }
+}
+
+/// Audits the configuration in force at start, and says when it differs from the last run.
+fn audit_config(config: &Config, state: &sled::Db) {
+    const KEY: &[u8] = b"config_digest";
+    let previous = state
+        .get(KEY)
+        .ok()
+        .flatten()
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let detail = format!(
+        "file={} sha256={} devices={} classes={}",
+        config.source.display(),
+        config.digest,
+        config.devices.len(),
+        config.classes.len()
+    );
+    match previous {
+        Some(p) if p == config.digest => {
+            crate::audit::record("gateway.started", None, &detail);
+        }
+        Some(p) => {
+            crate::audit::record("config.changed", None, &format!("{detail} previous={p}"));
+            tracing::info!(
+                event = "config.changed",
+                previous = p,
+                sha256 = config.digest,
+                "configuration changed since the last start"
+            );
+        }
+        None => crate::audit::record("config.loaded", None, &detail),
+    }
+    if let Err(e) = state.insert(KEY, config.digest.as_bytes()) {
+        tracing::error!(event = "state.write_failed", error = %e, "cannot record the configuration digest");
     }
 }
 

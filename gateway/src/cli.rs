@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::proto::{DeviceView, Request, Status};
 use crate::app::Gateway;
 use crate::config::{Config, ConfigError};
 use crate::device::DeviceId;
@@ -61,6 +62,21 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The running gateway's state, through its admin socket.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the gateway's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read and change the running gateway's device registry and quarantine.
+    Device {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Run a self-contained demonstration on loopback: a throwaway PKI and configuration,
     /// the gateway, and simulated ward devices; prints what flows and what is refused.
     Demo {
@@ -73,22 +89,76 @@ enum Command {
     },
 }
 
+/// Where the admin socket is: `--socket`, else `[admin] socket` of `--config`, else the
+/// default.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// Configuration file whose `[admin] socket` to use.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// The admin socket itself.
+    #[arg(long, global = true, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Every registered or quarantined device, with its state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One device: registration, connections, quarantine and counters.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register a device (applies at once and survives restarts).
+    Add {
+        id: String,
+        #[arg(long)]
+        class: String,
+        #[arg(long)]
+        address: std::net::IpAddr,
+    },
+    /// Unregister a device and close its connections.
+    Remove { id: String },
+    /// Quarantine a device: close its connections and refuse it until released.
+    Quarantine {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release a device from quarantine.
+    Release { id: String },
+}
+
+/// The audit log is read from the running gateway (over its admin socket), or offline
+/// from a data directory with `--data-dir` (the gateway must be stopped: sled allows one
+/// process per store).
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check the whole chain; exit 0 if intact, 1 naming the first bad record.
     Verify {
+        /// Read this data directory offline instead of asking the gateway.
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Print the most recent records, oldest first.
     Tail {
+        /// Read this data directory offline instead of asking the gateway.
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
         #[arg(short = 'n', long, default_value_t = 20)]
         count: usize,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -187,6 +257,22 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Pki { command } => pki_command(command),
         Command::Audit { command } => audit_command(command),
+        Command::Status { admin, json } => admin_command(&admin, &Request::Status, json),
+        Command::Device { admin, command } => {
+            let (request, json) = match command {
+                DeviceCommand::List { json } => (Request::DeviceList, json),
+                DeviceCommand::Show { id, json } => (Request::DeviceShow { id }, json),
+                DeviceCommand::Add { id, class, address } => {
+                    (Request::DeviceAdd { id, class, address }, false)
+                }
+                DeviceCommand::Remove { id } => (Request::DeviceRemove { id }, false),
+                DeviceCommand::Quarantine { id, reason } => {
+                    (Request::DeviceQuarantine { id, reason }, false)
+                }
+                DeviceCommand::Release { id } => (Request::DeviceRelease { id }, false),
+            };
+            admin_command(&admin, &request, json)
+        }
         Command::Demo { dir, duration } => {
             runtime()?.block_on(crate::demo::run(dir, duration))?;
             Ok(ExitCode::SUCCESS)
@@ -290,36 +376,217 @@ fn pki_command(command: PkiCommand) -> anyhow::Result<ExitCode> {
 
 fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
-        AuditCommand::Verify { data_dir } => match crate::audit::verify(&data_dir) {
-            Ok(n) => {
-                println!("{}: {n} audit records, chain intact", data_dir.display());
-                Ok(ExitCode::SUCCESS)
+        AuditCommand::Verify { data_dir, admin } => {
+            let (source, verified) = match data_dir {
+                Some(dir) => (
+                    dir.display().to_string(),
+                    crate::audit::verify(&dir).map_err(|e| e.to_string()),
+                ),
+                None => {
+                    let socket = admin_socket(&admin)?;
+                    let r = crate::admin::client::call(&socket, &Request::AuditVerify)?;
+                    let verified = match (r.ok, r.data) {
+                        (true, Some(n)) => {
+                            serde_json::from_value::<u64>(n).map_err(|e| e.to_string())
+                        }
+                        _ => Err(r.error.unwrap_or_else(|| "failed".into())),
+                    };
+                    ("running gateway".to_owned(), verified)
+                }
+            };
+            match verified {
+                Ok(n) => {
+                    println!("{source}: {n} audit records, chain intact");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{source}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
             }
-            Err(e) => {
-                eprintln!("{}: {e}", data_dir.display());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        }
         AuditCommand::Tail {
             data_dir,
             count,
             json,
+            admin,
         } => {
-            for e in crate::audit::tail(&data_dir, count)? {
-                if json {
-                    println!("{}", serde_json::to_string(&e)?);
-                } else {
-                    println!(
-                        "{:>6} {} {:<26} {:<16} {}",
-                        e.index,
-                        e.time_ms,
-                        e.event,
-                        e.device.as_deref().unwrap_or("-"),
-                        e.detail
-                    );
+            let entries = match data_dir {
+                Some(dir) => crate::audit::tail(&dir, count)?,
+                None => {
+                    let socket = admin_socket(&admin)?;
+                    let r = crate::admin::client::call(&socket, &Request::AuditTail { count })?;
+                    if !r.ok {
+                        anyhow::bail!("{}", r.error.unwrap_or_else(|| "failed".into()));
+                    }
+                    serde_json::from_value(r.data.unwrap_or_default())?
                 }
-            }
+            };
+            print_audit(&entries, json)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn print_audit(entries: &[crate::audit::Entry], json: bool) -> anyhow::Result<()> {
+    for e in entries {
+        if json {
+            println!("{}", serde_json::to_string(e)?);
+        } else {
+            println!(
+                "{:>6} {} {:<26} {:<16} {}",
+                e.index,
+                e.time_ms,
+                e.event,
+                e.device.as_deref().unwrap_or("-"),
+                e.detail
+            );
+        }
+    }
+    Ok(())
+}
+
+fn admin_socket(args: &AdminArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    match &args.config {
+        None => Ok(PathBuf::from(crate::config::DEFAULT_ADMIN_SOCKET)),
+        Some(path) => match Config::load(path) {
+            Ok(c) => Ok(c.admin.socket),
+            Err(e) => anyhow::bail!("{e}"),
+        },
+    }
+}
+
+/// Sends `request` over the admin socket and prints the answer.
+fn admin_command(args: &AdminArgs, request: &Request, json: bool) -> anyhow::Result<ExitCode> {
+    let socket = admin_socket(args)?;
+    let response = crate::admin::client::call(&socket, request)?;
+    if !response.ok {
+        let error = response.error.unwrap_or_else(|| "failed".into());
+        eprintln!("wardgate: {error}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let data = response.data.unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match request {
+        Request::Status => print_status(&serde_json::from_value(data)?),
+        Request::DeviceList => print_device_list(&serde_json::from_value::<Vec<DeviceView>>(data)?),
+        Request::DeviceShow { .. } => print_device(&serde_json::from_value(data)?),
+        Request::DeviceAdd { id, .. } => println!("registered {id}"),
+        Request::DeviceRemove { id } => println!("removed {id}; its connections are closed"),
+        Request::DeviceQuarantine { id, .. } => {
+            println!("quarantined {id}; its connections are closed")
+        }
+        Request::DeviceRelease { id } => println!("released {id}"),
+        // `wardgate audit` prints these itself.
+        Request::AuditTail { .. } | Request::AuditVerify => println!("{data}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The table `wardgate device list` prints.
+pub fn print_device_list(views: &[DeviceView]) {
+    println!(
+        "{:<20} {:<18} {:<16} {:<7} {:<12} {:>9} {:>9} {:>8} {:>10}",
+        "DEVICE",
+        "CLASS",
+        "ADDRESS",
+        "SOURCE",
+        "STATE",
+        "ACCEPTED",
+        "THROTTLED",
+        "REFUSED",
+        "VIOLATIONS"
+    );
+    for v in views {
+        println!(
+            "{:<20} {:<18} {:<16} {:<7} {:<12} {:>9} {:>9} {:>8} {:>10}",
+            v.id,
+            v.class.as_deref().unwrap_or("-"),
+            v.address.map_or("-".into(), |a| a.to_string()),
+            v.source
+                .map_or("-".into(), |s| format!("{s:?}").to_lowercase()),
+            state(v),
+            v.counters.edge.accepted,
+            v.counters.edge.throttled,
+            v.counters.edge.refused,
+            v.counters.edge.acl_violations + v.counters.edge.protocol_violations,
+        );
+    }
+}
+
+fn state(v: &DeviceView) -> &'static str {
+    if v.quarantine.is_some() {
+        "quarantined"
+    } else if v.class.is_none() {
+        "unregistered"
+    } else if v.connections.is_empty() {
+        "offline"
+    } else {
+        "connected"
+    }
+}
+
+fn print_status(s: &Status) {
+    let up = humantime::format_duration(Duration::from_secs(s.uptime_s));
+    println!(
+        "gateway   {} (site {}), wardgate {}, up {up}",
+        s.gateway, s.site, s.version
+    );
+    println!("edge      {}", s.edge);
+    println!("uplink    {}", s.uplink);
+    println!(
+        "devices   {} registered, {} connected, {} quarantined",
+        s.devices.registered, s.devices.connected, s.devices.quarantined
+    );
+    println!(
+        "spool     {} records, {} bytes, {} corrupt set aside",
+        s.spool.records, s.spool.bytes, s.spool.corrupt
+    );
+}
+
+fn print_device(v: &DeviceView) {
+    let c = &v.counters;
+    let address = v.address.map_or("-".into(), |a| a.to_string());
+    let source = v
+        .source
+        .map_or("-".into(), |s| format!("{s:?}").to_lowercase());
+    let connections = if v.connections.is_empty() {
+        "-".to_owned()
+    } else {
+        v.connections.join(", ")
+    };
+    let mut rows = vec![
+        ("device", v.id.clone()),
+        ("state", state(v).to_owned()),
+        ("class", v.class.clone().unwrap_or_else(|| "-".into())),
+        ("address", address),
+        ("source", source),
+        ("connections", connections),
+    ];
+    if let Some(q) = &v.quarantine {
+        rows.push(("quarantined since", format!("{} (unix ms)", q.since_ms)));
+        rows.push(("quarantine reason", q.reason.clone()));
+    }
+    rows.push(("counters since start", String::new()));
+    for (name, n) in [
+        ("  accepted", c.edge.accepted),
+        ("  throttled", c.edge.throttled),
+        ("  refused", c.edge.refused),
+        ("  acl violations", c.edge.acl_violations),
+        ("  other violations", c.edge.protocol_violations),
+        ("  evicted", c.evicted),
+        ("  expired", c.expired),
+        ("  spool refused", c.spool_refused),
+    ] {
+        rows.push((name, n.to_string()));
+    }
+    for (name, value) in rows {
+        println!("{name:<22}{value}");
     }
 }

@@ -16,6 +16,9 @@ use serde::Serialize;
 /// to keep topics and log lines readable.
 pub const MAX_DEVICE_ID_LEN: usize = 64;
 
+/// The name of the gateway's own stream: see [`DeviceId::gateway`].
+pub const GATEWAY_STREAM: &str = "_gateway";
+
 /// A validated device id: 1 to [`MAX_DEVICE_ID_LEN`] characters of ASCII letters, digits,
 /// `-`, `_` and `.`, starting with a letter or digit.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -51,6 +54,21 @@ impl DeviceId {
             return Err(DeviceIdError::BadChar(c));
         }
         Ok(Self(s.to_owned()))
+    }
+
+    /// The gateway's own stream (its audit records, in the spool and upstream). Its name
+    /// starts with `_`, which no device id can, so it never collides with a device.
+    pub fn gateway() -> Self {
+        Self(GATEWAY_STREAM.to_owned())
+    }
+
+    /// A device id, or the gateway's own stream, as stored in a spool record.
+    pub fn parse_stored(s: &str) -> Result<Self, DeviceIdError> {
+        if s == GATEWAY_STREAM {
+            Ok(Self::gateway())
+        } else {
+            Self::parse(s)
+        }
     }
 
     pub fn as_str(&self) -> &str {

@@ -180,6 +180,9 @@ fn audit(event: &str, device: Option<&DeviceId>, detail: String) {
 }
 
 pub fn connection_refused(peer: SocketAddr, device: Option<&DeviceId>, reason: &Refusal) {
+    if let Some(d) = device {
+        crate::counters::bump(d, |c| c.refused += 1);
+    }
     audit(
         "edge.connect_refused",
         device,
@@ -205,6 +208,13 @@ pub fn device_connected(peer: SocketAddr, device: &DeviceId, class: &str) {
 }
 
 pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
+    crate::counters::bump(device, |c| {
+        if v.event() == "edge.acl_violation" {
+            c.acl_violations += 1;
+        } else {
+            c.protocol_violations += 1;
+        }
+    });
     audit(
         v.event(),
         Some(device),
@@ -231,6 +241,23 @@ pub fn throttled(peer: SocketAddr, device: &DeviceId, wait: std::time::Duration)
     );
 }
 
+/// A device held back by its rate without pause for the hard limit.
+pub fn rate_hard_limit(peer: SocketAddr, device: &DeviceId, limit: std::time::Duration) {
+    let limit = humantime::format_duration(limit);
+    audit(
+        "edge.rate_hard_limit",
+        Some(device),
+        format!("peer={peer} over its rate without pause for {limit}"),
+    );
+    tracing::warn!(
+        event = "edge.rate_hard_limit",
+        %peer,
+        %device,
+        limit = %limit,
+        "device stayed over its rate past the hard limit"
+    );
+}
+
 pub fn device_disconnected(peer: SocketAddr, device: &DeviceId, reason: &str) {
     tracing::info!(event = "edge.disconnected", %peer, %device, reason, "device disconnected");
 }
@@ -247,6 +274,17 @@ pub fn live_connection_revoked(peer: SocketAddr, device: &DeviceId, reason: &str
         %device,
         reason,
         "live connection closed: its certificate no longer verifies"
+    );
+}
+
+/// A reload brought a CRL that revokes `serial` (of `device`, if the PKI index names it).
+pub fn certificate_revoked(serial: &str, device: Option<&str>) {
+    crate::audit::record("device.revoked", device, &format!("serial={serial}"));
+    tracing::warn!(
+        event = "device.revoked",
+        serial,
+        device = device.unwrap_or("-"),
+        "certificate revoked by the new CRL"
     );
 }
 

@@ -3,11 +3,13 @@
 //! See `DESIGN.md` in the shared folder and the README for the architecture. One module
 //! per domain noun; `app` wires them, `cli` is the command line.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod counters;
 pub mod demo;
 pub mod device;
 pub mod edge;

@@ -5,8 +5,9 @@
 //! `quarantine`: device id → JSON `{since_ms, reason}`, flushed before it takes effect), so
 //! it survives restarts; a quarantined device is refused at CONNECT (CONNACK 5) and its
 //! spooled data is kept and forwarded. Every quarantine and release is audited
-//! (`device.quarantined`, `device.released`). Release comes with the admin socket (issue 4);
-//! [`Quarantine::release`] is what it will call.
+//! (`device.quarantined`, `device.released`). An engineer quarantines or releases a device
+//! by hand through the admin socket (`wardgate device quarantine|release`); the edge also
+//! quarantines a device that stays throttled past `[policy] throttle_limit`.
 //!
 //! Tested by the unit tests below and the system test of repeated ACL violations.
 
@@ -21,14 +22,26 @@ use crate::device::DeviceId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuarantineError {
-    #[error("quarantine store {path}: {source}")]
-    Store {
-        path: PathBuf,
-        #[source]
-        source: sled::Error,
-    },
-    #[error("quarantine write failed: {0}")]
-    Write(#[from] sled::Error),
+    #[error("quarantine store: {0}")]
+    Store(#[from] sled::Error),
+}
+
+/// Opens the gateway's state store (`data_dir/state`): quarantine and registry changes.
+pub fn open_state(data_dir: &Path) -> Result<sled::Db, StateError> {
+    let path = data_dir.join("state");
+    sled::Config::new()
+        .path(&path)
+        .cache_capacity(1 << 20)
+        .open()
+        .map_err(|source| StateError { path, source })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store {path}: {source}")]
+pub struct StateError {
+    path: PathBuf,
+    #[source]
+    source: sled::Error,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,21 +67,11 @@ pub struct Quarantine {
 }
 
 impl Quarantine {
-    pub fn open(data_dir: &Path, threshold: Threshold) -> Result<Quarantine, QuarantineError> {
-        let path = data_dir.join("state");
-        let store = |source| QuarantineError::Store {
-            path: path.clone(),
-            source,
-        };
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(1 << 20)
-            .open()
-            .map_err(store)?;
-        let tree = db.open_tree("quarantine").map_err(store)?;
+    pub fn open(db: &sled::Db, threshold: Threshold) -> Result<Quarantine, QuarantineError> {
+        let tree = db.open_tree("quarantine")?;
         let mut current = HashMap::new();
         for item in tree.iter() {
-            let (k, v) = item.map_err(store)?;
+            let (k, v) = item?;
             let device = std::str::from_utf8(&k)
                 .ok()
                 .and_then(|d| DeviceId::parse(d).ok());
@@ -86,7 +89,7 @@ impl Quarantine {
             }
         }
         Ok(Quarantine {
-            db,
+            db: db.clone(),
             tree,
             threshold,
             current: Mutex::new(current),
@@ -101,6 +104,25 @@ impl Quarantine {
             .unwrap_or_else(PoisonError::into_inner)
             .get(device)
             .map(|e| e.reason.clone())
+    }
+
+    /// Every quarantined device, by id.
+    pub fn list(&self) -> Vec<(DeviceId, Entry)> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<_> = current
+            .iter()
+            .map(|(d, e)| (d.clone(), e.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn entry(&self, device: &DeviceId) -> Option<Entry> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            .cloned()
     }
 
     /// Quarantines `device` (persisted before this returns). False if it already was.
@@ -180,7 +202,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = DeviceId::parse("pump-1").unwrap();
         {
-            let q = Quarantine::open(dir.path(), T).unwrap();
+            let q = Quarantine::open(&open_state(dir.path()).unwrap(), T).unwrap();
             let t0 = Instant::now();
             assert!(!q.note_violation(&d, t0).unwrap());
             // The first one falls out of the window.
@@ -189,12 +211,12 @@ mod tests {
             assert!(q.note_violation(&d, t0 + Duration::from_secs(63)).unwrap());
             assert!(q.reason(&d).unwrap().contains("3 ACL violations"));
         }
-        let q = Quarantine::open(dir.path(), T).unwrap();
+        let q = Quarantine::open(&open_state(dir.path()).unwrap(), T).unwrap();
         assert!(q.reason(&d).is_some(), "quarantine survives a restart");
         assert!(q.release(&d, "test").unwrap());
         assert!(!q.release(&d, "test").unwrap());
         drop(q);
-        assert!(Quarantine::open(dir.path(), T)
+        assert!(Quarantine::open(&open_state(dir.path()).unwrap(), T)
             .unwrap()
             .reason(&d)
             .is_none());

@@ -1,12 +1,21 @@
 //! The device registry: which devices exist, their class and address, and what each class
-//! may do. Built from the configuration; the edge reads it on every CONNECT.
+//! may do. The edge reads it on every CONNECT.
 //!
-//! Runtime changes (add, remove, quarantine) arrive with the admin socket in their own
-//! issue; the registry is shared behind a lock so that they can.
+//! The configuration's `[[device]]` entries are the baseline. Changes made through the
+//! admin socket (`wardgate device add|remove`) are an overlay persisted in sled
+//! (`data_dir/state`, tree `devices`: device id → JSON `{"added": {class, address}}` or
+//! `"removed"`), flushed before they take effect, and applied on top of the configuration
+//! at every start. So an admin change survives a restart, and an entry touched by the admin
+//! socket wins over the configuration for that id; `device list` shows where each entry
+//! comes from. Classes come only from the configuration.
+//!
+//! Tested by the unit tests below and the admin system tests.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DeviceClass, DeviceEntry};
 use crate::device::DeviceId;
@@ -38,20 +47,105 @@ impl Grant {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// Where a registry entry comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Config,
+    Admin,
+}
+
+/// A registered device as `device list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Registered {
+    pub id: DeviceId,
+    pub class: String,
+    pub address: IpAddr,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Overlay {
+    Added { class: String, address: IpAddr },
+    Removed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("device {0} is already registered")]
+    Exists(DeviceId),
+    #[error("device {0} is not registered")]
+    Unknown(DeviceId),
+    #[error("no device class {0:?} in the configuration")]
+    UnknownClass(String),
+    #[error("registry store: {0}")]
+    Store(#[from] sled::Error),
+}
+
+#[derive(Debug)]
 pub struct Registry {
     classes: BTreeMap<String, DeviceClass>,
-    devices: BTreeMap<DeviceId, DeviceEntry>,
+    devices: BTreeMap<DeviceId, (DeviceEntry, Source)>,
+    store: Option<(sled::Db, sled::Tree)>,
 }
 
 pub type SharedRegistry = Arc<RwLock<Registry>>;
 
 impl Registry {
+    /// The configuration's registry, without persistence (for tests and tools).
     pub fn from_config(config: &Config) -> Self {
         Self {
             classes: config.classes.clone(),
-            devices: config.devices.clone(),
+            devices: config
+                .devices
+                .iter()
+                .map(|(id, e)| (id.clone(), (e.clone(), Source::Config)))
+                .collect(),
+            store: None,
         }
+    }
+
+    /// The configuration's registry with the persisted admin changes applied.
+    pub fn open(config: &Config, db: &sled::Db) -> Result<Self, RegistryError> {
+        let tree = db.open_tree("devices")?;
+        let mut r = Self::from_config(config);
+        for item in tree.iter() {
+            let (k, v) = item?;
+            let id = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|d| DeviceId::parse(d).ok());
+            let overlay = serde_json::from_slice::<Overlay>(&v).ok();
+            match (id, overlay) {
+                (Some(id), Some(Overlay::Removed)) => {
+                    r.devices.remove(&id);
+                }
+                (Some(id), Some(Overlay::Added { class, address })) => {
+                    if !r.classes.contains_key(&class) {
+                        tracing::error!(
+                            event = "registry.unknown_class",
+                            device = %id,
+                            class,
+                            "device added through the admin socket names a class the \
+                             configuration no longer has: it is refused until fixed"
+                        );
+                    }
+                    let entry = DeviceEntry {
+                        id: id.clone(),
+                        class,
+                        address,
+                    };
+                    r.devices.insert(id, (entry, Source::Admin));
+                }
+                _ => tracing::error!(
+                    event = "registry.unreadable_entry",
+                    key = ?String::from_utf8_lossy(&k),
+                    "unreadable registry entry ignored"
+                ),
+            }
+        }
+        r.store = Some((db.clone(), tree));
+        Ok(r)
     }
 
     pub fn shared(self) -> SharedRegistry {
@@ -60,8 +154,8 @@ impl Registry {
 
     /// The grant of a registered device, or `None` for an unknown one.
     pub fn grant(&self, device: &DeviceId) -> Option<Grant> {
-        let entry = self.devices.get(device)?;
-        // Validation guarantees the class exists; a missing one grants nothing.
+        let (entry, _) = self.devices.get(device)?;
+        // A missing class (an admin entry whose class left the config) grants nothing.
         let class = self.classes.get(&entry.class)?;
         Some(Grant {
             class: class.name.clone(),
@@ -72,5 +166,117 @@ impl Registry {
             alarm: class.alarm.iter().map(|t| t.expand(device)).collect(),
             vital: class.vital.iter().map(|t| t.expand(device)).collect(),
         })
+    }
+
+    pub fn get(&self, device: &DeviceId) -> Option<Registered> {
+        self.devices.get(device).map(|(e, s)| Registered {
+            id: e.id.clone(),
+            class: e.class.clone(),
+            address: e.address,
+            source: *s,
+        })
+    }
+
+    pub fn list(&self) -> Vec<Registered> {
+        self.devices.keys().filter_map(|d| self.get(d)).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    fn persist(&self, device: &DeviceId, overlay: &Overlay) -> Result<(), RegistryError> {
+        if let Some((db, tree)) = &self.store {
+            let value = serde_json::to_vec(overlay).unwrap_or_default();
+            tree.insert(device.as_str(), value)?;
+            db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Registers a device (persisted before it takes effect).
+    pub fn add(
+        &mut self,
+        device: &DeviceId,
+        class: &str,
+        address: IpAddr,
+    ) -> Result<(), RegistryError> {
+        if self.devices.contains_key(device) {
+            return Err(RegistryError::Exists(device.clone()));
+        }
+        if !self.classes.contains_key(class) {
+            return Err(RegistryError::UnknownClass(class.to_owned()));
+        }
+        self.persist(
+            device,
+            &Overlay::Added {
+                class: class.to_owned(),
+                address,
+            },
+        )?;
+        let entry = DeviceEntry {
+            id: device.clone(),
+            class: class.to_owned(),
+            address,
+        };
+        self.devices.insert(device.clone(), (entry, Source::Admin));
+        Ok(())
+    }
+
+    /// Unregisters a device (persisted before it takes effect).
+    pub fn remove(&mut self, device: &DeviceId) -> Result<Registered, RegistryError> {
+        let registered = self
+            .get(device)
+            .ok_or_else(|| RegistryError::Unknown(device.clone()))?;
+        self.persist(device, &Overlay::Removed)?;
+        self.devices.remove(device);
+        Ok(registered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let text = crate::config::tests::MINIMAL;
+        Config::parse(text, std::path::Path::new("/etc/wardgate/x.toml")).unwrap()
+    }
+
+    #[test]
+    fn admin_changes_persist_over_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config();
+        let p1 = DeviceId::parse("pump-1").unwrap();
+        let p2 = DeviceId::parse("pump-2").unwrap();
+        let local: IpAddr = "127.0.0.2".parse().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let mut r = Registry::open(&c, &db).unwrap();
+            assert!(matches!(
+                r.add(&p1, "pump", local),
+                Err(RegistryError::Exists(_))
+            ));
+            assert!(matches!(
+                r.add(&p2, "nope", local),
+                Err(RegistryError::UnknownClass(_))
+            ));
+            r.add(&p2, "pump", local).unwrap();
+            assert_eq!(r.remove(&p1).unwrap().source, Source::Config);
+            assert!(matches!(r.remove(&p1), Err(RegistryError::Unknown(_))));
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let r = Registry::open(&c, &db).unwrap();
+        assert!(
+            r.grant(&p1).is_none(),
+            "a removed config device stays removed"
+        );
+        let got = r.get(&p2).unwrap();
+        assert_eq!((got.address, got.source), (local, Source::Admin));
+        assert!(r.grant(&p2).unwrap().acl.may_publish("ward/pump-2/x"));
     }
 }

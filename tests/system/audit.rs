@@ -9,23 +9,6 @@ use crate::support::clients::{
 };
 use crate::support::{wardgate, Site};
 
-fn audit_records(site: &Site) -> Vec<serde_json::Value> {
-    let data = site.path("data");
-    let (status, out, err) = wardgate(&[
-        "audit",
-        "tail",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "-n",
-        "100000",
-        "--json",
-    ]);
-    assert!(status.success(), "{err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn count(records: &[serde_json::Value], event: &str, detail: &str) -> usize {
     records
         .iter()
@@ -71,7 +54,7 @@ async fn every_refusal_leaves_exactly_one_audit_record_with_its_reason() {
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("chain intact"), "{out}");
 
-    let records = audit_records(&site);
+    let records = site.audit_records();
     for (event, detail) in [
         ("edge.connect_refused", "code=unregistered"),
         ("edge.connect_refused", "code=client_id_mismatch"),

@@ -232,6 +232,10 @@ async fn crl_reload_closes_the_live_connection_and_refuses_the_next() {
         .await;
     gw.wait_log("edge.connection_revoked", &["device=pump-1"])
         .await;
+    // The revocation itself is named, with the device the PKI index says it belongs to.
+    gw.wait_log("device.revoked", &["device=\"pump-1\"", "serial="])
+        .await;
+    assert_eq!(gw.events("device.revoked", &[]).len(), 1);
     pump.closed().await;
 
     expect_tls_refused(&mut gw, "pump-1", device_tls(&site, "pump-1"), "Revoked").await;

@@ -6,6 +6,7 @@
 // Test code fails by panicking; unwrap is how it says so.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod audit;
 mod cli;
 mod edge;

@@ -1,11 +1,11 @@
-//! Quarantine after repeated ACL violations: refused at the edge, audited, and kept across
-//! restarts.
+//! Quarantine after repeated ACL violations: refused at the edge, audited, kept across
+//! restarts until released through the admin socket.
 
 use rumqttc::{AsyncClient, ConnectReturnCode};
 
 use crate::edge::assert_serving;
-use crate::support::clients::{device_tls, expect_connack_refusal, forge_publish, options};
-use crate::support::{wardgate, Gateway, Site};
+use crate::support::clients::{device_tls, expect_connack_refusal, forge_publish, options, Client};
+use crate::support::{Gateway, Site};
 
 #[tokio::test]
 async fn repeated_acl_violations_quarantine_the_device_across_restarts() {
@@ -38,22 +38,31 @@ async fn repeated_acl_violations_quarantine_the_device_across_restarts() {
     expect_connack_refusal(el, ConnectReturnCode::NotAuthorized).await;
     gw.wait_log("edge.connect_refused", &["code=\"quarantined\""])
         .await;
+    let shown = site.device_json("pump-1");
+    assert!(
+        shown["quarantine"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 ACL violations"),
+        "{shown}"
+    );
+
+    // Released by an engineer: served again at once, and after another restart.
+    site.admin_ok(&["device", "release", "pump-1"]);
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.publish("ward/pump-1/vitals/rate", b"5").await;
+    drop(pump);
+    assert!(gw.stop().await.success());
+    let gw = Gateway::start(&config).await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.publish("ward/pump-1/vitals/rate", b"6").await;
+    assert_eq!(
+        site.device_json("pump-1")["quarantine"],
+        serde_json::Value::Null
+    );
+    drop(pump);
     assert!(gw.stop().await.success());
 
-    let data = site.path("data");
-    let (status, out, _) = wardgate(&[
-        "audit",
-        "tail",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "-n",
-        "1000",
-        "--json",
-    ]);
-    assert!(status.success());
-    let quarantines = out
-        .lines()
-        .filter(|l| l.contains("\"event\":\"device.quarantined\"") && l.contains("pump-1"))
-        .count();
-    assert_eq!(quarantines, 1, "{out}");
+    assert_eq!(site.audit_count("device.quarantined", "pump-1"), 1);
+    assert_eq!(site.audit_count("device.released", "pump-1"), 1);
 }

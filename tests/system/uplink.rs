@@ -384,11 +384,22 @@ async fn corrupt_record_is_reported_and_skipped_the_rest_forwarded() {
             .await;
     }
     assert!(gw.stop().await.success());
+    // Find the record of "m2" (the spool also holds the gateway's audit stream), offline.
+    let key = {
+        let config = wardgate::config::Config::load(&site.path("wardgate.toml")).unwrap();
+        let spool = wardgate::spool::Spool::open(&site.path("data"), config.spool).unwrap();
+        let batch = spool.next_batch(1000, &Default::default());
+        let (key, _) = batch
+            .into_iter()
+            .find(|(_, r)| &r.payload[..] == b"m2")
+            .unwrap();
+        key.to_bytes()
+    };
     {
-        // Damage the third record on disk, offline.
+        // Damage it on disk.
         let db = sled::open(site.path("data/spool")).unwrap();
         let records = db.open_tree("records").unwrap();
-        let (k, v) = records.iter().nth(2).unwrap().unwrap();
+        let (k, v) = (key, records.get(key).unwrap().unwrap());
         let mut v = v.to_vec();
         let i = v.len() / 2;
         v[i] ^= 0xff;
@@ -467,4 +478,53 @@ async fn records_older_than_their_class_max_age_expire_unsent() {
     // Nothing else arrives: the next message upstream is a fresh one, not an expired one.
     pump.publish("ward/pump-1/alarm/air", b"alarm-2").await;
     assert_eq!(&consumer.next().await.payload[..], b"alarm-2");
+}
+
+#[tokio::test]
+async fn audit_records_travel_upstream_through_the_spool_still_chained() {
+    let (site, upstream, _link) = ward_with_upstream(true, "").await;
+    site.issue("stranger-1");
+    let mut consumer = upstream
+        .consumer("hospital/st-mary/gw-test/_gateway/audit")
+        .await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.connected", &[]).await;
+    let (_c, el) = rumqttc::AsyncClient::new(
+        options("stranger-1", gw.port(), device_tls(&site, "stranger-1")),
+        8,
+    );
+    crate::support::clients::expect_connack_refusal(el, rumqttc::ConnectReturnCode::NotAuthorized)
+        .await;
+    let got = consumer
+        .until(|g| {
+            g.iter().any(|p| {
+                let e: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                e["event"] == "edge.connect_refused" && e["device"] == "stranger-1"
+            })
+        })
+        .await;
+    // In order, from the first record, each linking to the one before.
+    let records: Vec<serde_json::Value> = got
+        .iter()
+        .map(|p| serde_json::from_slice(&p.payload).unwrap())
+        .collect();
+    assert_eq!(records[0]["index"], 0);
+    assert_eq!(records[0]["event"], "config.loaded");
+    for pair in records.windows(2) {
+        assert_eq!(pair[1]["index"], pair[0]["index"].as_u64().unwrap() + 1);
+        assert_eq!(pair[1]["prev"], pair[0]["hash"]);
+    }
+    assert_eq!(property(&got[0], "wardgate-priority"), Some("vital"));
+    assert!(gw.stop().await.success());
+
+    // The same records as the gateway's own log, which still verifies.
+    let local = site.audit_records();
+    for r in &records {
+        let i = r["index"].as_u64().unwrap() as usize;
+        assert_eq!(&local[i], r);
+    }
+    let data = site.path("data");
+    let (status, _, err) =
+        crate::support::wardgate(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
+    assert!(status.success(), "{err}");
 }

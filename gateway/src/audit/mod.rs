@@ -19,6 +19,8 @@
 //! Tested by the unit tests below (chain, tampering, deletion) and by the system tests that
 //! count the audit records of every refusal path and edit a record offline.
 
+pub mod forward;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
@@ -110,8 +112,13 @@ struct Head {
 pub struct AuditLog {
     db: sled::Db,
     chain: sled::Tree,
+    /// Forwarding state: key [`FORWARDED`] = index of the next record to forward upstream.
+    meta: sled::Tree,
     head: Mutex<Head>,
+    appended: tokio::sync::Notify,
 }
+
+const FORWARDED: &[u8] = b"forwarded";
 
 fn open_store(data_dir: &Path) -> Result<(sled::Db, sled::Tree), AuditError> {
     let path = data_dir.join("audit");
@@ -166,10 +173,13 @@ impl AuditLog {
                 }
             }
         };
+        let meta = db.open_tree("meta")?;
         Ok(AuditLog {
             db,
             chain,
+            meta,
             head: Mutex::new(head),
+            appended: tokio::sync::Notify::new(),
         })
     }
 
@@ -201,7 +211,47 @@ impl AuditLog {
         self.chain.insert(index.to_be_bytes(), value)?;
         head.next += 1;
         head.prev = hash;
+        drop(head);
+        self.appended.notify_waiters();
         Ok(index)
+    }
+
+    /// Checks the whole chain as the running gateway holds it.
+    pub fn verify(&self) -> Result<u64, AuditError> {
+        // Appends wait while the chain is read, so the head cannot move under the check.
+        let _head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        verify_chain(&self.chain)
+    }
+
+    /// The last `n` records, oldest first.
+    pub fn tail(&self, n: usize) -> Result<Vec<Entry>, AuditError> {
+        tail_chain(&self.chain, n)
+    }
+
+    /// Resolves after the next record is appended (enable it before looking).
+    pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.appended.notified()
+    }
+
+    /// Up to `max` records not yet forwarded upstream, oldest first.
+    pub fn unforwarded(&self, max: usize) -> Result<Vec<Entry>, AuditError> {
+        let from = self
+            .meta
+            .get(FORWARDED)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let mut out = Vec::new();
+        for item in self.chain.range(from.to_be_bytes()..).take(max) {
+            let (k, v) = item?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Marks every record before `next` as forwarded.
+    pub fn set_forwarded(&self, next: u64) -> Result<(), AuditError> {
+        self.meta.insert(FORWARDED, &next.to_be_bytes())?;
+        Ok(())
     }
 
     pub fn flush(&self) -> Result<(), AuditError> {
@@ -213,6 +263,16 @@ impl AuditLog {
 /// Checks the whole chain in `data_dir` offline. Returns the number of records.
 pub fn verify(data_dir: &Path) -> Result<u64, AuditError> {
     let (_db, chain) = open_store(data_dir)?;
+    verify_chain(&chain)
+}
+
+/// The last `n` records in `data_dir`, oldest first (offline).
+pub fn tail(data_dir: &Path, n: usize) -> Result<Vec<Entry>, AuditError> {
+    let (_db, chain) = open_store(data_dir)?;
+    tail_chain(&chain, n)
+}
+
+fn verify_chain(chain: &sled::Tree) -> Result<u64, AuditError> {
     let mut prev = [0u8; HASH_LEN];
     let mut expected = 0u64;
     for item in chain.iter() {
@@ -241,9 +301,7 @@ pub fn verify(data_dir: &Path) -> Result<u64, AuditError> {
     Ok(expected)
 }
 
-/// The last `n` records in `data_dir`, oldest first (offline).
-pub fn tail(data_dir: &Path, n: usize) -> Result<Vec<Entry>, AuditError> {
-    let (_db, chain) = open_store(data_dir)?;
+fn tail_chain(chain: &sled::Tree, n: usize) -> Result<Vec<Entry>, AuditError> {
     let mut out = Vec::new();
     for item in chain.iter().rev().take(n) {
         let (k, v) = item?;
@@ -268,6 +326,11 @@ pub fn record(event: &str, device: Option<&str>, detail: &str) {
             tracing::error!(event = "audit.write_failed", error = %e, "audit record could not be written");
         }
     }
+}
+
+/// The process's audit log, if one is installed.
+pub fn global() -> Option<&'static AuditLog> {
+    GLOBAL.get()
 }
 
 /// Flushes the process's audit log (at shutdown).

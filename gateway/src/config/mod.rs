@@ -42,6 +42,8 @@ pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
 pub const DEFAULT_BURST: Duration = Duration::from_secs(1);
 pub const DEFAULT_ACL_VIOLATIONS: usize = 3;
 pub const DEFAULT_VIOLATION_WINDOW: Duration = Duration::from_secs(600);
+/// How long a device may stay over its rate without pause before it is quarantined.
+pub const DEFAULT_THROTTLE_LIMIT: Duration = Duration::from_secs(300);
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 pub const DEFAULT_SPOOL_DEVICE_QUOTA: u64 = 32 << 20;
 /// sled's page cache; small, for a small board.
@@ -66,6 +68,8 @@ pub const MQTT_MAX_PAYLOAD: u64 = 268_435_455 - 65_539;
 pub struct Config {
     /// The file this was read from.
     pub source: PathBuf,
+    /// SHA-256 (hex) of the configuration text, audited at start to show config changes.
+    pub digest: String,
     pub gateway: GatewayConfig,
     pub edge: EdgeConfig,
     pub broker: BrokerConfig,
@@ -75,6 +79,8 @@ pub struct Config {
     pub spool: crate::spool::SpoolLimits,
     /// When repeated ACL violations quarantine a device.
     pub quarantine: crate::quarantine::Threshold,
+    /// A device throttled without pause for this long is quarantined; `None` never.
+    pub throttle_limit: Option<Duration>,
     /// No `[uplink]`: a local-only gateway; records wait in the spool until they expire.
     pub uplink: Option<UplinkConfig>,
 }
@@ -231,7 +237,9 @@ impl Config {
         };
         let config = v.validate(raw, path);
         if v.diagnostics.is_empty() {
-            if let Some(config) = config {
+            if let Some(mut config) = config {
+                let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+                config.digest = crate::pki::cert::hex(d.as_ref());
                 return Ok(config);
             }
         }
@@ -580,6 +588,15 @@ impl Validator<'_> {
                 DEFAULT_VIOLATION_WINDOW,
             ),
         };
+        // "0s" turns the hard limit off; any other value must parse as a duration.
+        let throttle_limit = match &raw.policy.throttle_limit {
+            None => Some(DEFAULT_THROTTLE_LIMIT),
+            Some(s) => {
+                let r = units::parse_duration(s.get_ref()).map(|d| (!d.is_zero()).then_some(d));
+                self.check(s.span(), r)
+                    .unwrap_or(Some(DEFAULT_THROTTLE_LIMIT))
+            }
+        };
         let uplink = raw
             .uplink
             .as_ref()
@@ -589,8 +606,10 @@ impl Validator<'_> {
             Some(Config {
                 spool,
                 quarantine,
+                throttle_limit,
                 uplink: uplink.flatten(),
                 source: path.to_owned(),
+                digest: String::new(),
                 gateway: gateway?,
                 edge: edge?,
                 broker,
@@ -726,10 +745,11 @@ impl Validator<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// A small valid configuration, for tests here and in other modules.
+    pub(crate) const MINIMAL: &str = r#"
 [gateway]
 id = "gw-1"
 site = "st-mary"

@@ -140,4 +140,5 @@ pub struct RawUplink {
 pub struct RawPolicy {
     pub acl_violations: Option<S<i64>>,
     pub violation_window: Option<S<String>>,
+    pub throttle_limit: Option<S<String>>,
 }

@@ -32,6 +32,7 @@ use rumqttc::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::proto::{DeviceView, Request};
 use crate::app::Gateway;
 use crate::config::Config;
 use crate::device::DeviceId;
@@ -55,6 +56,7 @@ struct Tally {
     delivered: AtomicU64,
     refused: AtomicU64,
     forwarded: Arc<AtomicU64>,
+    audit: Arc<AtomicU64>,
 }
 
 /// How long the demo waits, after the devices stop, for the uplink to forward the rest.
@@ -86,7 +88,8 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
         Some(h) => {
             let (ready_tx, ready) = tokio::sync::oneshot::channel();
             let (stop, count) = (hospital_stop.clone(), tally.forwarded.clone());
-            let task = tokio::spawn(async move { h.consume(stop, count, ready_tx).await });
+            let audit = tally.audit.clone();
+            let task = tokio::spawn(async move { h.consume(stop, count, audit, ready_tx).await });
             // The hospital side listens before the ward starts talking.
             let _ = ready.await;
             Some(task)
@@ -163,12 +166,31 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
             hospital_stop.cancel();
             task.await??;
             format!(
-                ", {} reached the hospital broker",
-                tally.forwarded.load(Ordering::Relaxed)
+                ", {} reached the hospital broker (with {} audit records)",
+                tally.forwarded.load(Ordering::Relaxed),
+                tally.audit.load(Ordering::Relaxed)
             )
         }
         None => String::new(),
     };
+    // What an engineer sees with `wardgate device list` (the same admin socket).
+    println!(
+        "\n$ wardgate device list --config {}",
+        config_path.display()
+    );
+    let socket = dir.join("admin.sock");
+    let answer = tokio::task::spawn_blocking(move || {
+        crate::admin::client::call(&socket, &Request::DeviceList)
+    })
+    .await?;
+    match answer {
+        Ok(r) if r.ok => {
+            let views: Vec<DeviceView> = serde_json::from_value(r.data.unwrap_or_default())?;
+            crate::cli::print_device_list(&views);
+        }
+        Ok(r) => println!("admin socket: {}", r.error.unwrap_or_default()),
+        Err(e) => println!("admin socket: {e}"),
+    }
     shutdown.cancel();
     let _ = gw_task.await;
     println!(
@@ -207,6 +229,9 @@ ca = "pki/ca.pem"
 cert = "pki/server.pem"
 key = "pki/server.key"
 crl = "pki/crl.pem"
+
+[admin]
+socket = "admin.sock"
 
 [[device_class]]
 name = "infusion-pump"

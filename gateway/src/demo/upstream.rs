@@ -143,35 +143,42 @@ impl Hospital {
         )
     }
 
-    /// Subscribes to everything and prints it until `stop`, counting into `count`;
-    /// `subscribed` fires once the subscription is in place.
+    /// Subscribes to everything and prints it until `stop`, counting device messages into
+    /// `count` and the gateway's audit records into `audit`; `subscribed` fires once the
+    /// subscription is in place.
     pub async fn consume(
         &self,
         stop: CancellationToken,
         count: Arc<AtomicU64>,
+        audit: Arc<AtomicU64>,
         subscribed: tokio::sync::oneshot::Sender<()>,
     ) -> anyhow::Result<()> {
-        self.receive(stop, count, subscribed, true).await
+        self.receive(stop, count, Some(audit), subscribed, true)
+            .await
     }
 
-    /// [`Hospital::consume`] without printing (for the benchmark).
+    /// [`Hospital::consume`] without printing, counting device messages only (for the
+    /// benchmark).
     pub async fn consume_quietly(
         &self,
         stop: CancellationToken,
         count: Arc<AtomicU64>,
         subscribed: tokio::sync::oneshot::Sender<()>,
     ) -> anyhow::Result<()> {
-        self.receive(stop, count, subscribed, false).await
+        self.receive(stop, count, None, subscribed, false).await
     }
 
     async fn receive(
         &self,
         stop: CancellationToken,
         count: Arc<AtomicU64>,
+        audit: Option<Arc<AtomicU64>>,
         subscribed: tokio::sync::oneshot::Sender<()>,
         print: bool,
     ) -> anyhow::Result<()> {
         let mut subscribed = Some(subscribed);
+        // The hash of the last audit record received, to show that the next one links to it.
+        let mut last_hash: Option<String> = None;
         let (ca, cert, key) = self.client_files("hospital-consumer");
         let tls = cert::client_config(&ca, &cert, &key)?;
         let mut o = MqttOptions::new("hospital-consumer", "127.0.0.1", self.port);
@@ -190,6 +197,15 @@ impl Hospital {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.topic.ends_with(b"/_gateway/audit") {
+                        if let Some(a) = &audit {
+                            a.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if print {
+                            print_audit(&p.payload, &mut last_hash);
+                        }
+                        continue;
+                    }
                     count.fetch_add(1, Ordering::Relaxed);
                     if !print {
                         continue;
@@ -215,4 +231,26 @@ impl Hospital {
             }
         }
     }
+}
+
+/// One line for an audit record that reached the hospital, and whether it links to the
+/// previous one received.
+fn print_audit(payload: &[u8], last_hash: &mut Option<String>) {
+    let Ok(e) = serde_json::from_slice::<crate::audit::Entry>(payload) else {
+        println!("{:>14} ⇐ unreadable audit record", "hospital");
+        return;
+    };
+    let link = match last_hash.as_deref() {
+        Some(h) if h == e.prev => "links to the previous one",
+        Some(_) => "does not link to the previous one received",
+        None => "first one received",
+    };
+    println!(
+        "{:>14} ⇐ audit #{} {} {} ({link})",
+        "hospital",
+        e.index,
+        e.event,
+        e.device.as_deref().unwrap_or("-"),
+    );
+    *last_hash = Some(e.hash);
 }

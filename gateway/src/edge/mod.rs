@@ -59,6 +59,9 @@ struct EdgeShared {
     broker: SocketAddr,
     spool: Spool,
     quarantine: Arc<Quarantine>,
+    /// A device throttled without pause for this long is quarantined.
+    throttle_limit: Option<std::time::Duration>,
+    rates: crate::policy::DeviceRates,
     live: Mutex<HashMap<u64, LiveConn>>,
     next_id: AtomicU64,
 }
@@ -143,6 +146,7 @@ impl Edge {
         broker: SocketAddr,
         spool: Spool,
         quarantine: Arc<Quarantine>,
+        throttle_limit: Option<std::time::Duration>,
     ) -> Result<Edge, EdgeError> {
         let tls = tls::load(&config)?;
         let listener =
@@ -161,6 +165,8 @@ impl Edge {
                 broker,
                 spool,
                 quarantine,
+                throttle_limit,
+                rates: crate::policy::DeviceRates::default(),
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
@@ -213,6 +219,23 @@ impl Edge {
 }
 
 impl EdgeHandle {
+    /// Closes every live connection of `device`; returns how many.
+    pub fn close_device(&self, device: &DeviceId) -> usize {
+        self.shared.close_device(device)
+    }
+
+    /// The live device connections: device and peer address.
+    pub fn connected(&self) -> Vec<(DeviceId, SocketAddr)> {
+        let mut v: Vec<_> = self
+            .shared
+            .live()
+            .values()
+            .map(|c| (c.device.clone(), c.peer))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Reloads CA, CRL and server certificate from their files. On failure the previous
     /// material stays in force. Live connections whose certificate chain no longer
     /// verifies are closed. Returns how many were closed.
@@ -224,11 +247,24 @@ impl EdgeHandle {
                 return Err(e);
             }
         };
-        *self
+        let previous = std::mem::replace(
+            &mut *self
+                .shared
+                .tls
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+            material.clone(),
+        );
+        let pki_dir = self
             .shared
-            .tls
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = material.clone();
+            .config
+            .ca
+            .parent()
+            .unwrap_or(std::path::Path::new("."));
+        for serial in material.revoked.difference(&previous.revoked) {
+            let device = crate::pki::device_of_serial(pki_dir, serial);
+            events::certificate_revoked(serial, device.as_deref());
+        }
         let now = UnixTime::now();
         let mut closed = 0;
         for conn in self.shared.live().values() {

@@ -20,7 +20,7 @@ use crate::device::DeviceId;
 use crate::events::{self, Refusal, Violation};
 use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
 use crate::pki::cert;
-use crate::policy::{acl, RateLimiter, TopicFilter};
+use crate::policy::{acl, Admission, TopicFilter};
 use crate::registry::Grant;
 use crate::spool::{now_ms, Durable, Record, Spool};
 
@@ -289,10 +289,11 @@ async fn relay(
     }
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Packet, Option<Durable>)>(PIPELINE_DEPTH);
-    let mut limiter = RateLimiter::new(&grant.rate, std::time::Instant::now());
     let mut throttled: u64 = 0;
     let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
     let inbound = async {
+        // Owned by this future, so the forward half sees the channel close once it ends.
+        let tx = tx;
         loop {
             let packet = match mqtt::read_packet(&mut dev_rd, &mut buf, max_packet).await {
                 Ok(Some(p)) => p,
@@ -300,21 +301,29 @@ async fn relay(
                 Err(ReadError::Io(e)) => return Ok(format!("device read failed: {e}")),
                 Err(ReadError::Truncated) => return Ok("device closed mid-packet".to_owned()),
                 Err(ReadError::TooLarge { size, max }) => {
-                    return Err(Violation::OversizedPacket { size, max })
+                    return Err(Stop::Violation(Violation::OversizedPacket { size, max }))
                 }
-                Err(ReadError::Malformed(e)) => return Err(Violation::Protocol(e.to_string())),
+                Err(ReadError::Malformed(e)) => {
+                    return Err(Stop::Violation(Violation::Protocol(e.to_string())))
+                }
             };
-            inspect(&packet, grant)?;
+            inspect(&packet, grant).map_err(Stop::Violation)?;
             // Over its rate, the device waits before its next packet is read (backpressure).
-            let wait = match &packet {
-                Packet::Publish(p) => {
-                    limiter.admit(p.payload.len() + p.topic.len(), std::time::Instant::now())
-                }
-                _ => Duration::ZERO,
+            let admission = match &packet {
+                Packet::Publish(p) => Some(shared.rates.admit(
+                    device,
+                    &grant.rate,
+                    p.payload.len() + p.topic.len(),
+                    std::time::Instant::now(),
+                )),
+                _ => None,
             };
             let durable = match &packet {
                 Packet::Publish(p) => match spool_publish(&shared.spool, device, grant, p) {
-                    Ok(d) => Some(d),
+                    Ok(d) => {
+                        crate::counters::bump(device, |c| c.accepted += 1);
+                        Some(d)
+                    }
                     // QoS 0 has no acknowledgement to withhold; the refusal is counted and
                     // logged by the spool.
                     Err(_) if p.qos == QoS::AtMostOnce => continue,
@@ -329,11 +338,21 @@ async fn relay(
             if last {
                 return Ok("device sent DISCONNECT".to_owned());
             }
-            if !wait.is_zero() {
+            if let Some(Admission {
+                wait,
+                over_for: Some(over_for),
+            }) = admission
+            {
                 if throttled == 0 {
                     events::throttled(peer, device, wait);
                 }
                 throttled += 1;
+                crate::counters::bump(device, |c| c.throttled += 1);
+                if let Some(limit) = shared.throttle_limit {
+                    if over_for >= limit {
+                        return Err(Stop::HardLimit(limit));
+                    }
+                }
                 tokio::time::sleep(wait).await;
             }
         }
@@ -368,32 +387,12 @@ async fn relay(
     tokio::pin!(forward);
     let reason = tokio::select! {
         _ = close.cancelled() => "closed by the gateway".to_owned(),
-        r = inbound => match r {
-            // The device is done sending: let what it sent reach the broker first.
-            Ok(reason) => {
-                let _ = timeout(CLOSE_TIMEOUT, &mut forward).await;
-                reason
-            }
-            Err(v) => {
-                events::violation(peer, device, &v);
-                if matches!(v, Violation::PublishDenied { .. } | Violation::SubscribeDenied { .. }) {
-                    match shared.quarantine.note_violation(device, std::time::Instant::now()) {
-                        // Any other session of the device goes too.
-                        Ok(true) => {
-                            shared.close_device(device);
-                        }
-                        Ok(false) => {}
-                        Err(e) => tracing::error!(
-                            event = "quarantine.write_failed",
-                            %device,
-                            error = %e,
-                            "could not persist a quarantine"
-                        ),
-                    }
-                }
-                format!("violation: {}", v.code())
-            }
-        },
+        r = inbound => {
+            let reason = stopped(shared, device, peer, r);
+            // What the device sent before and was accepted reaches the broker first.
+            let _ = timeout(CLOSE_TIMEOUT, &mut forward).await;
+            reason
+        }
         reason = &mut forward => reason,
         r = outbound => match r {
             Ok(_) => "broker closed the session".to_owned(),
@@ -406,6 +405,73 @@ async fn relay(
     } else {
         reason
     }
+}
+
+/// Why the inbound half of a relay stopped a session.
+enum Stop {
+    Violation(Violation),
+    /// Held back by its rate at every publish for this long.
+    HardLimit(Duration),
+}
+
+/// Acts on why the device's side of a session ended; returns the reason to log.
+fn stopped(
+    shared: &EdgeShared,
+    device: &DeviceId,
+    peer: SocketAddr,
+    r: Result<String, Stop>,
+) -> String {
+    match r {
+        Ok(reason) => reason,
+        Err(Stop::HardLimit(limit)) => {
+            events::rate_hard_limit(peer, device, limit);
+            let reason = format!(
+                "over its rate without pause for {}",
+                humantime::format_duration(limit)
+            );
+            quarantine_device(shared, device, &reason);
+            "rate hard limit".to_owned()
+        }
+        Err(Stop::Violation(v)) => {
+            events::violation(peer, device, &v);
+            if matches!(
+                v,
+                Violation::PublishDenied { .. } | Violation::SubscribeDenied { .. }
+            ) {
+                match shared
+                    .quarantine
+                    .note_violation(device, std::time::Instant::now())
+                {
+                    // Any other session of the device goes too.
+                    Ok(true) => {
+                        shared.close_device(device);
+                    }
+                    Ok(false) => {}
+                    Err(e) => quarantine_failed(device, &e),
+                }
+            }
+            format!("violation: {}", v.code())
+        }
+    }
+}
+
+/// Quarantines `device` and closes every session it has.
+fn quarantine_device(shared: &EdgeShared, device: &DeviceId, reason: &str) {
+    match shared.quarantine.quarantine(device, reason) {
+        Ok(_) => {
+            shared.close_device(device);
+        }
+        Err(e) => quarantine_failed(device, &e),
+    }
+}
+
+fn quarantine_failed(device: &DeviceId, e: &crate::quarantine::QuarantineError) {
+    tracing::error!(
+        event = "quarantine.write_failed",
+        %device,
+        error = %e,
+        "could not persist a quarantine"
+    );
 }
 
 /// Appends a device's PUBLISH to the spool.

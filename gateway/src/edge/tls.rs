@@ -42,6 +42,8 @@ pub struct TlsMaterial {
     pub server_config: Arc<ServerConfig>,
     pub verifier: Arc<dyn ClientCertVerifier>,
     pub crl_count: usize,
+    /// Serial numbers (hex) every CRL in force revokes, to audit what a reload adds.
+    pub revoked: std::collections::BTreeSet<String>,
 }
 
 pub fn load(edge: &EdgeConfig) -> Result<TlsMaterial, TlsError> {
@@ -64,6 +66,7 @@ pub fn load(edge: &EdgeConfig) -> Result<TlsMaterial, TlsError> {
         None => Vec::new(),
     };
     let crl_count = crls.len();
+    let revoked = revoked_serials(&crls);
 
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
@@ -85,7 +88,25 @@ pub fn load(edge: &EdgeConfig) -> Result<TlsMaterial, TlsError> {
         server_config: Arc::new(config),
         verifier,
         crl_count,
+        revoked,
     })
+}
+
+fn revoked_serials(
+    crls: &[CertificateRevocationListDer<'_>],
+) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for der in crls {
+        if let Ok((_, crl)) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+        {
+            out.extend(
+                crl.iter_revoked_certificates()
+                    .map(|r| cert::hex(r.raw_serial())),
+            );
+        }
+    }
+    out
 }
 
 fn warn_if_stale(path: &std::path::Path, crls: &[CertificateRevocationListDer<'_>]) {

@@ -140,6 +140,17 @@ pub struct IssuedCert {
     pub revoked_at_unix: Option<i64>,
 }
 
+/// The device a certificate serial (hex) was issued to, from the index in `dir`, if the
+/// index is there and names it.
+pub fn device_of_serial(dir: &Path, serial: &str) -> Option<String> {
+    let index = Index::load(&PkiDir::new(dir).index()).ok()?;
+    index
+        .certs
+        .into_iter()
+        .find(|c| c.serial.eq_ignore_ascii_case(serial))
+        .map(|c| c.device)
+}
+
 impl Index {
     fn load(path: &Path) -> Result<Index, PkiError> {
         let text = std::fs::read_to_string(path).map_err(|e| {

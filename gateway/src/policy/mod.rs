@@ -1,10 +1,9 @@
-//! Per-device message policy: which topics a device may publish and subscribe.
-//!
-//! Pure functions only; the edge calls them for every PUBLISH and SUBSCRIBE. Quarantine
-//! joins this module in its own issue.
+//! Per-device message policy: which topics a device may publish and subscribe, and at what
+//! rate. The edge consults it for every PUBLISH and SUBSCRIBE; quarantine, which acts on
+//! what policy finds, is in [`crate::quarantine`].
 
 pub mod acl;
 pub mod rate;
 
 pub use acl::{Acl, FilterTemplate, TopicError, TopicFilter};
-pub use rate::{RateLimiter, RateLimits};
+pub use rate::{Admission, DeviceRates, RateLimiter, RateLimits};

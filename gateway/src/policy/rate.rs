@@ -6,10 +6,18 @@
 //! slowed by backpressure (its socket is not read; TCP pushes back) and nothing it sent is
 //! dropped, and a message larger than the whole bucket still gets through, just late.
 //!
+//! [`DeviceRates`] keeps each device's buckets across its connections and measures how long
+//! it has been over its rate without a pause: the edge quarantines a device past
+//! `[policy] throttle_limit`.
+//!
 //! Pure: the caller passes the time. Tested by the unit tests below and, end to end, by the
-//! system test of a flooding device.
+//! system tests of a flooding device.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use crate::device::DeviceId;
 
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -53,7 +61,7 @@ pub struct RateLimits {
     pub burst: Duration,
 }
 
-/// One connection's buckets.
+/// One device's buckets.
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
     messages: Option<TokenBucket>,
@@ -87,9 +95,94 @@ impl RateLimiter {
     }
 }
 
+/// What the rate policy says about one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// How long the device must wait before its next packet is read.
+    pub wait: Duration,
+    /// How long the device has been held back at every message, without a pause.
+    pub over_for: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct DeviceRate {
+    limits: RateLimits,
+    limiter: RateLimiter,
+    over_since: Option<Instant>,
+}
+
+/// The rate state of every device, kept across its connections: reconnecting neither
+/// refills its buckets nor restarts the hard-limit clock, and two sessions of one device
+/// share one rate.
+#[derive(Debug, Default)]
+pub struct DeviceRates(Mutex<HashMap<DeviceId, DeviceRate>>);
+
+impl DeviceRates {
+    /// Admits one message of `size` bytes from `device` under `limits`.
+    pub fn admit(
+        &self,
+        device: &DeviceId,
+        limits: &RateLimits,
+        size: usize,
+        now: Instant,
+    ) -> Admission {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = all.entry(device.clone()).or_insert_with(|| DeviceRate {
+            limits: *limits,
+            limiter: RateLimiter::new(limits, now),
+            over_since: None,
+        });
+        if state.limits != *limits {
+            // Its class changed (removed and added again): start from the new limits.
+            *state = DeviceRate {
+                limits: *limits,
+                limiter: RateLimiter::new(limits, now),
+                over_since: None,
+            };
+        }
+        let wait = state.limiter.admit(size, now);
+        if wait.is_zero() {
+            // Within its rate at least once: not a sustained flood.
+            state.over_since = None;
+            return Admission {
+                wait,
+                over_for: None,
+            };
+        }
+        let since = *state.over_since.get_or_insert(now);
+        Admission {
+            wait,
+            over_for: Some(now.saturating_duration_since(since)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hard_limit_clock_runs_across_reconnects_and_stops_on_a_pause() {
+        let d = DeviceId::parse("monitor-9").unwrap();
+        let limits = RateLimits {
+            messages_per_sec: Some(10.0),
+            bytes_per_sec: None,
+            burst: Duration::from_millis(100),
+        };
+        let rates = DeviceRates::default();
+        let t0 = Instant::now();
+        assert_eq!(rates.admit(&d, &limits, 1, t0).over_for, None);
+        let first = rates.admit(&d, &limits, 1, t0);
+        assert_eq!(first.over_for, Some(Duration::ZERO));
+        // Back to back at the rate it is allowed: still over, the clock keeps running,
+        // whichever connection the message comes on.
+        let t1 = t0 + first.wait;
+        let a = rates.admit(&d, &limits, 1, t1);
+        assert_eq!(a.over_for, Some(t1 - t0));
+        // A pause long enough to refill the bucket ends the episode.
+        let t2 = t1 + Duration::from_secs(5);
+        assert_eq!(rates.admit(&d, &limits, 1, t2).over_for, None);
+    }
 
     #[test]
     fn burst_then_steady_rate() {

@@ -224,7 +224,7 @@ fn decode(plain: &[u8]) -> Result<Record, RecordError> {
     let dlen = usize::from(b.get_u16());
     need(b, dlen + 2)?;
     let device = std::str::from_utf8(&b[..dlen]).map_err(|_| RecordError::Malformed("device"))?;
-    let device = DeviceId::parse(device).map_err(|_| RecordError::Malformed("device"))?;
+    let device = DeviceId::parse_stored(device).map_err(|_| RecordError::Malformed("device"))?;
     b.advance(dlen);
     let tlen = usize::from(b.get_u16());
     need(b, tlen)?;

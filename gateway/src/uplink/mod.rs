@@ -58,6 +58,8 @@ pub struct Uplink {
     pub registry: SharedRegistry,
     /// The embedded broker, for delivering commands to devices.
     pub broker: SocketAddr,
+    /// True while a session with the upstream broker is up (for `wardgate status`).
+    pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The upstream topic of a device topic.
@@ -131,6 +133,8 @@ impl Uplink {
                 continue;
             }
             backoff.reset();
+            self.connected
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let backlog = self.spool.stats().records;
             tracing::info!(
                 event = "uplink.connected",
@@ -157,6 +161,8 @@ impl Uplink {
             let reason = self
                 .session(&client, &mut events, &mut pace, &commands, &shutdown)
                 .await;
+            self.connected
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             match reason {
                 None => {
                     let _ = client.try_disconnect();

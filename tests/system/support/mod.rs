@@ -74,6 +74,20 @@ pub struct Site {
     pub extra: String,
 }
 
+impl Class {
+    /// A class that may publish under its own `ward/{device}/` and nothing else, with
+    /// `extra` settings (rates) appended.
+    pub fn publishing_own(name: &'static str, extra: &'static str) -> Class {
+        Class {
+            name,
+            publish: vec!["ward/{device}/#"],
+            subscribe: vec![],
+            max_payload: "1KiB",
+            extra,
+        }
+    }
+}
+
 impl Site {
     /// A site with the ward classes used across the tests and their devices registered:
     /// `pump-1`, `pump-2` (infusion pumps) and `nurse-1` (a nurse-call display).
@@ -184,6 +198,9 @@ cert = "pki/server.pem"
 key = "pki/server.key"
 crl = "pki/crl.pem"
 {}
+
+[admin]
+socket = "admin/admin.sock"
 "#,
             self.extra_edge
         );
@@ -214,6 +231,56 @@ crl = "pki/crl.pem"
         let path = self.path("wardgate.toml");
         std::fs::write(&path, toml).expect("write config");
         path
+    }
+
+    /// The admin socket of this site's gateway.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.path("admin/admin.sock")
+    }
+
+    /// Runs `wardgate ARGS --socket <this site's admin socket>`.
+    pub fn admin(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let socket = self.admin_socket();
+        let mut all = args.to_vec();
+        all.extend(["--socket", socket.to_str().unwrap()]);
+        wardgate(&all)
+    }
+
+    /// Like [`Site::admin`], and the command must succeed.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let (status, out, err) = self.admin(args);
+        assert!(status.success(), "wardgate {args:?} failed: {err}");
+        out
+    }
+
+    /// `device show ID --json`, parsed.
+    pub fn device_json(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.admin_ok(&["device", "show", id, "--json"])).unwrap()
+    }
+
+    /// Every audit record of this site's (stopped) gateway, read offline, oldest first.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let data = self.path("data");
+        let out = wardgate_ok(&[
+            "audit",
+            "tail",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "-n",
+            "1000000",
+            "--json",
+        ]);
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// How many audit records `event` name `device`.
+    pub fn audit_count(&self, event: &str, device: &str) -> usize {
+        self.audit_records()
+            .iter()
+            .filter(|r| r["event"] == event && r["device"] == device)
+            .count()
     }
 
     /// Starts the gateway on this site's configuration and waits until it is ready.

@@ -50,8 +50,10 @@ impl Upstream {
         )
     }
 
-    /// Connects the consumer, subscribed to `filter`, and returns what it receives.
+    /// Connects the consumer, subscribed to `filter`, and returns what it receives. The
+    /// gateway's own audit stream (`…/_gateway/audit`) is left out unless `filter` names it.
     pub async fn consumer(&self, filter: &str) -> Consumer {
+        let audit = filter.contains("_gateway");
         let (ca, cert, key) = self.hospital.client_files("hospital-consumer");
         let tls = wardgate::pki::cert::client_config(&ca, &cert, &key).unwrap();
         let mut o = MqttOptions::new("hospital-consumer", "127.0.0.1", self.port);
@@ -66,7 +68,10 @@ impl Upstream {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send(p);
+                        let is_audit = p.topic.windows(10).any(|w| w == b"/_gateway/");
+                        if audit || !is_audit {
+                            let _ = tx.send(p);
+                        }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = subscribed_tx.send(true);

@@ -1,0 +1,133 @@
+//! The admin protocol: one JSON request per line, one JSON response per line.
+//!
+//! ```text
+//! → {"cmd":"device_show","id":"pump-1"}
+//! ← {"ok":true,"data":{…}}            or   {"ok":false,"error":"device pump-9 is not registered"}
+//! ```
+//!
+//! The same types serialise the server's answers and print them in the CLI, so `--json`
+//! output is exactly what the socket said.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::counters::EdgeCounters;
+use crate::registry::Source;
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 16 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    DeviceList,
+    DeviceShow {
+        id: String,
+    },
+    DeviceAdd {
+        id: String,
+        class: String,
+        address: IpAddr,
+    },
+    DeviceRemove {
+        id: String,
+    },
+    DeviceQuarantine {
+        id: String,
+        reason: String,
+    },
+    DeviceRelease {
+        id: String,
+    },
+    /// The last `count` audit records, oldest first.
+    AuditTail {
+        count: usize,
+    },
+    /// Checks the audit chain; answers the number of records, or names the first bad one.
+    AuditVerify,
+}
+
+impl Request {
+    /// True for requests that change state (audited with the caller's identity).
+    pub fn changes(&self) -> bool {
+        !matches!(
+            self,
+            Request::Status
+                | Request::DeviceList
+                | Request::DeviceShow { .. }
+                | Request::AuditTail { .. }
+                | Request::AuditVerify
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub gateway: String,
+    pub site: String,
+    pub version: String,
+    pub uptime_s: u64,
+    pub edge: String,
+    /// "connected", "disconnected" or "none" (no `[uplink]`).
+    pub uplink: String,
+    pub devices: DeviceTotals,
+    pub spool: SpoolStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceTotals {
+    pub registered: usize,
+    pub connected: usize,
+    pub quarantined: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpoolStatus {
+    pub records: usize,
+    pub bytes: u64,
+    pub corrupt: u64,
+}
+
+/// One device as `device list` and `device show` report it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub id: String,
+    /// `None` for a quarantined device that is no longer registered.
+    pub class: Option<String>,
+    pub address: Option<IpAddr>,
+    pub source: Option<Source>,
+    /// Peer addresses of its live connections.
+    pub connections: Vec<String>,
+    pub quarantine: Option<QuarantineView>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuarantineView {
+    pub since_ms: u64,
+    pub reason: String,
+}
+
+/// Since the gateway started: the edge's counters and the spool's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Counters {
+    #[serde(flatten)]
+    pub edge: EdgeCounters,
+    /// Records of this device evicted from the spool to make room.
+    pub evicted: u64,
+    /// Records dropped after their priority class's `max_age`.
+    pub expired: u64,
+    /// Publishes the spool had no room for (not acknowledged).
+    pub spool_refused: u64,
+}

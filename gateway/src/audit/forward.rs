@@ -1,0 +1,94 @@
+//! Forwarding audit records upstream: through the spool, like telemetry.
+//!
+//! Each record becomes a spool record of the gateway's own stream ([`DeviceId::gateway`],
+//! upstream topic `{prefix}/{site}/{gateway}/_gateway/audit`, priority vital, QoS 1) whose
+//! payload is the record's JSON, hash and index included, so the upstream can check the
+//! chain and see gaps. The position is persisted in the audit store (`meta/forwarded`)
+//! once the spool records are durable: after a crash, records are forwarded again, never
+//! skipped (the upstream drops duplicates by index).
+//!
+//! One exception keeps forwarding from feeding itself: spool events caused by the gateway's
+//! own stream (its records evicted, or other records evicted or refused to make room for
+//! it) stay in the local log only; the upstream sees the gap in indexes, and `wardgate
+//! audit tail` shows what filled it.
+
+use tokio_util::sync::CancellationToken;
+
+use super::{AuditLog, Entry};
+use crate::device::{DeviceId, GATEWAY_STREAM};
+use crate::spool::{Priority, Record, Spool};
+
+/// The stream's topic; the uplink maps it to `…/_gateway/audit`.
+pub const AUDIT_TOPIC: &str = "audit";
+const BATCH: usize = 256;
+/// Pause after a failure before trying again.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// True for records that forwarding itself caused.
+fn self_inflicted(e: &Entry) -> bool {
+    e.event.starts_with("spool.")
+        && (e.device.as_deref() == Some(GATEWAY_STREAM)
+            || e.detail.contains(&format!("for_device={GATEWAY_STREAM}")))
+}
+
+/// Forwards records until `shutdown`.
+pub async fn run(log: &'static AuditLog, spool: Spool, shutdown: CancellationToken) {
+    loop {
+        let appended = log.appended();
+        tokio::pin!(appended);
+        appended.as_mut().enable();
+        match forward_batch(log, &spool).await {
+            Ok(0) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = appended => {}
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(event = "audit.forward_failed", error = %e, "audit records not forwarded; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Appends the next batch to the spool; returns how many records it covered.
+async fn forward_batch(log: &AuditLog, spool: &Spool) -> Result<usize, String> {
+    let batch = log.unforwarded(BATCH).map_err(|e| e.to_string())?;
+    let Some(last) = batch.last().map(|e| e.index) else {
+        return Ok(0);
+    };
+    let mut durable = None;
+    for e in &batch {
+        if self_inflicted(e) {
+            continue;
+        }
+        let record = Record {
+            device: DeviceId::gateway(),
+            topic: AUDIT_TOPIC.to_owned(),
+            payload: serde_json::to_vec(e).unwrap_or_default().into(),
+            qos: 1,
+            received_at_ms: e.time_ms,
+        };
+        match spool.append(&record, Priority::Vital) {
+            Ok(d) => durable = Some(d),
+            // The spool has said why (and audited it); the record stays in the local log.
+            Err(err) => tracing::warn!(
+                event = "audit.not_forwarded",
+                index = e.index,
+                error = %err,
+                "audit record not forwarded: no room in the spool"
+            ),
+        }
+    }
+    // Group commit: the last record durable means every earlier one is.
+    if let Some(d) = durable {
+        d.wait().await.map_err(|e| e.to_string())?;
+    }
+    log.set_forwarded(last + 1).map_err(|e| e.to_string())?;
+    Ok(batch.len())
+}

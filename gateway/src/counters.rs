@@ -1,0 +1,44 @@
+//! Per-device counters since the gateway started: what `wardgate device show` prints.
+//!
+//! The edge and [`crate::events`] bump them as decisions are taken; the spool keeps its own
+//! (stored, evicted, expired, refused) and the admin socket shows both side by side.
+//! Counters live in memory: they describe this run. The audit log is the durable record.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceId;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeCounters {
+    /// PUBLISH packets accepted into the spool.
+    pub accepted: u64,
+    /// Times the device was held back by its rate (a wait before its next packet).
+    pub throttled: u64,
+    /// Connections refused after the certificate named this device.
+    pub refused: u64,
+    /// Publishes or subscriptions outside its ACL (each closed the connection).
+    pub acl_violations: u64,
+    /// Other policy violations: oversized, malformed, wildcard or invalid topics.
+    pub protocol_violations: u64,
+}
+
+static COUNTERS: LazyLock<Mutex<HashMap<DeviceId, EdgeCounters>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Applies `f` to the counters of `device`.
+pub fn bump(device: &DeviceId, f: impl FnOnce(&mut EdgeCounters)) {
+    let mut all = COUNTERS.lock().unwrap_or_else(PoisonError::into_inner);
+    f(all.entry(device.clone()).or_default());
+}
+
+pub fn get(device: &DeviceId) -> EdgeCounters {
+    COUNTERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(device)
+        .copied()
+        .unwrap_or_default()
+}
