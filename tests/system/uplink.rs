@@ -528,3 +528,36 @@ async fn audit_records_travel_upstream_through_the_spool_still_chained() {
         crate::support::wardgate(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
     assert!(status.success(), "{err}");
 }
+
+#[tokio::test]
+async fn a_quarantined_devices_spooled_data_is_still_forwarded() {
+    let (site, upstream, link) = ward_with_upstream(false, "").await;
+    let mut consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.connect_failed", &[]).await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    for i in 0..5 {
+        pump.publish(
+            &format!("ward/pump-1/vitals/v{i}"),
+            i.to_string().as_bytes(),
+        )
+        .await;
+    }
+    site.admin_ok(&[
+        "device",
+        "quarantine",
+        "pump-1",
+        "--reason",
+        "suspected tampering",
+    ]);
+    pump.closed().await;
+    // The hospital link comes back after the quarantine: what was accepted still goes.
+    link.set_up(true);
+    let got = consumer.until(|g| g.len() >= 5).await;
+    let payloads: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, [&b"0"[..], b"1", b"2", b"3", b"4"]);
+    assert!(site.device_json("pump-1")["quarantine"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("suspected tampering"));
+}

@@ -227,7 +227,14 @@ async fn serve(stream: UnixStream, state: Arc<AdminState>, group: Option<u32>) {
             failure("request too long".into())
         } else {
             match serde_json::from_str::<Request>(&line) {
-                Ok(request) => handle(&state, &request, &who),
+                // Requests read stores (sled) and may walk the whole audit chain: off the
+                // async workers.
+                Ok(request) => {
+                    let (state, who) = (state.clone(), who.clone());
+                    tokio::task::spawn_blocking(move || handle(&state, &request, &who))
+                        .await
+                        .unwrap_or_else(|e| failure(format!("request failed: {e}")))
+                }
                 Err(e) => failure(format!("bad request: {e}")),
             }
         };

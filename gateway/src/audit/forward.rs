@@ -7,10 +7,11 @@
 //! once the spool records are durable: after a crash, records are forwarded again, never
 //! skipped (the upstream drops duplicates by index).
 //!
-//! One exception keeps forwarding from feeding itself: spool events caused by the gateway's
-//! own stream (its records evicted, or other records evicted or refused to make room for
-//! it) stay in the local log only; the upstream sees the gap in indexes, and `wardgate
-//! audit tail` shows what filled it.
+//! The stream never displaces device data: when the spool is full, room for an audit record
+//! is made only by evicting older audit records ([`Spool::append_own`]), and the stream has
+//! the per-device quota like any device. Spool events about the stream itself (its records
+//! evicted or refused) stay in the local log only, so that forwarding cannot feed itself;
+//! the upstream sees the gap in indexes, and `wardgate audit tail` shows what filled it.
 
 use tokio_util::sync::CancellationToken;
 
@@ -74,7 +75,7 @@ async fn forward_batch(log: &AuditLog, spool: &Spool) -> Result<usize, String> {
             qos: 1,
             received_at_ms: e.time_ms,
         };
-        match spool.append(&record, Priority::Vital) {
+        match spool.append_own(&record, Priority::Vital) {
             Ok(d) => durable = Some(d),
             // The spool has said why (and audited it); the record stays in the local log.
             Err(err) => tracing::warn!(

@@ -218,9 +218,14 @@ impl AuditLog {
 
     /// Checks the whole chain as the running gateway holds it.
     pub fn verify(&self) -> Result<u64, AuditError> {
-        // Appends wait while the chain is read, so the head cannot move under the check.
-        let _head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
-        verify_chain(&self.chain)
+        // Up to the head as it is now; records appended meanwhile are left for next time,
+        // and appends do not wait for the check.
+        let end = self
+            .head
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next;
+        verify_chain(&self.chain, Some(end))
     }
 
     /// The last `n` records, oldest first.
@@ -263,7 +268,7 @@ impl AuditLog {
 /// Checks the whole chain in `data_dir` offline. Returns the number of records.
 pub fn verify(data_dir: &Path) -> Result<u64, AuditError> {
     let (_db, chain) = open_store(data_dir)?;
-    verify_chain(&chain)
+    verify_chain(&chain, None)
 }
 
 /// The last `n` records in `data_dir`, oldest first (offline).
@@ -272,10 +277,15 @@ pub fn tail(data_dir: &Path, n: usize) -> Result<Vec<Entry>, AuditError> {
     tail_chain(&chain, n)
 }
 
-fn verify_chain(chain: &sled::Tree) -> Result<u64, AuditError> {
+/// Checks the chain from its first record, up to (not including) index `end` if given.
+fn verify_chain(chain: &sled::Tree, end: Option<u64>) -> Result<u64, AuditError> {
     let mut prev = [0u8; HASH_LEN];
     let mut expected = 0u64;
-    for item in chain.iter() {
+    let records = match end {
+        Some(end) => chain.range(..end.to_be_bytes()),
+        None => chain.range::<&[u8], _>(..),
+    };
+    for item in records {
         let (k, v) = item?;
         let e = decode(&k, &v)?;
         let broken = |reason: &str| AuditError::Broken {

@@ -173,6 +173,7 @@ impl State {
         priority: Priority,
         size: u64,
         limits: &SpoolLimits,
+        room: Room,
     ) -> Result<Vec<Key>, &'static str> {
         if size > limits.device_quota || size > limits.max_bytes {
             return Err("the record is larger than the spool or the device quota");
@@ -208,19 +209,25 @@ impl State {
             }
         }
         if self.total_bytes - freed_total + size > limits.max_bytes {
-            let routine = self.index.range(Key::first_of(Priority::Routine)..);
-            let vital = self
-                .index
-                .range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
-            for (k, e) in routine.chain(vital) {
+            let candidates: Vec<Key> = match room {
+                Room::Any => {
+                    let routine = self.index.range(Key::first_of(Priority::Routine)..);
+                    let vital = self
+                        .index
+                        .range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
+                    routine.chain(vital).map(|(k, _)| *k).collect()
+                }
+                Room::OwnOnly => share.map(|s| order(&s.keys)).unwrap_or_default(),
+            };
+            for k in candidates {
                 if self.total_bytes - freed_total + size <= limits.max_bytes {
                     break;
                 }
-                if !evictable(k) || chosen.contains(k) {
+                if !evictable(&k) || chosen.contains(&k) {
                     continue;
                 }
-                freed_total += e.size;
-                victims.push(*k);
+                freed_total += self.index.get(&k).map_or(0, |e| e.size);
+                victims.push(k);
             }
             if self.total_bytes - freed_total + size > limits.max_bytes {
                 return Err("the spool is full of records as urgent as this one");
@@ -228,6 +235,15 @@ impl State {
         }
         Ok(victims)
     }
+}
+
+/// Where room for a new record may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Any evictable record (lower or equal priority, never an alarm).
+    Any,
+    /// Only the same device's evictable records.
+    OwnOnly,
 }
 
 type FlushWaiter = oneshot::Sender<Result<(), String>>;
@@ -447,6 +463,21 @@ impl Spool {
     /// Stores `record`. Returns a [`Durable`] that resolves once it is on disk, or a
     /// refusal when no room can be made for it.
     pub fn append(&self, record: &Record, priority: Priority) -> Result<Durable, SpoolError> {
+        self.append_in(record, priority, Room::Any)
+    }
+
+    /// Like [`Spool::append`], but room is made only by evicting the same device's records:
+    /// for the gateway's own stream, which must never displace device data.
+    pub fn append_own(&self, record: &Record, priority: Priority) -> Result<Durable, SpoolError> {
+        self.append_in(record, priority, Room::OwnOnly)
+    }
+
+    fn append_in(
+        &self,
+        record: &Record,
+        priority: Priority,
+        room: Room,
+    ) -> Result<Durable, SpoolError> {
         let inner = &self.inner;
         let mut st = self.state();
         let seq = st.next_seq;
@@ -459,7 +490,7 @@ impl Spool {
         let key = Key { priority, seq };
         let value = inner.sealer.seal(key, record)?;
         let size = (value.len() + KEY_LEN) as u64;
-        let victims = match st.plan(&record.device, priority, size, &inner.limits) {
+        let victims = match st.plan(&record.device, priority, size, &inner.limits, room) {
             Ok(v) => v,
             Err(reason) => {
                 st.counters(&record.device).refused += 1;

@@ -263,3 +263,32 @@ async fn group_commit_serves_many_waiters() {
     }
     assert_eq!(s.stats().records, 500);
 }
+
+#[tokio::test]
+async fn the_gateways_own_stream_makes_room_only_from_its_own_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = unit(dir.path());
+    // An audit record is 2 bytes longer than a unit ("_gateway" against "pump-1").
+    let s = Spool::open(&dir.path().join("s"), limits(3 * u + 2, 100 * u)).unwrap();
+    let own = |n| Record {
+        device: DeviceId::gateway(),
+        ..rec("pump-1", n)
+    };
+    s.append_own(&own(1), Priority::Vital).unwrap();
+    s.append(&rec("pump-1", 2), Priority::Routine).unwrap();
+    s.append(&rec("pump-2", 3), Priority::Routine).unwrap();
+    // Full: the next audit record evicts the older audit record, not device data.
+    s.append_own(&own(4), Priority::Vital).unwrap();
+    let got: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, ["00000004", "00000002", "00000003"]);
+    // With no audit record left to evict, it is refused rather than displacing a device's.
+    let only_devices = Spool::open(&dir.path().join("t"), limits(2 * u, 100 * u)).unwrap();
+    only_devices
+        .append(&rec("pump-1", 5), Priority::Routine)
+        .unwrap();
+    only_devices
+        .append(&rec("pump-2", 6), Priority::Routine)
+        .unwrap();
+    assert!(only_devices.append_own(&own(7), Priority::Vital).is_err());
+    assert_eq!(only_devices.stats().records, 2);
+}
