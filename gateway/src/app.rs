@@ -88,6 +88,15 @@ impl Gateway {
         )
         .await?;
         let admin = AdminSocket::bind(&config.admin.socket)?;
+        if config.firewall.is_some() {
+            // Said loudly rather than implied: the section is read and rendered
+            // (`wardgate firewall render`), but this build does not load it into the kernel.
+            tracing::warn!(
+                event = "firewall.not_applied",
+                "[firewall] is configured but this build does not apply it yet; \
+                 load the early-boot ruleset or `wardgate firewall render` output with nft"
+            );
+        }
         Ok(Gateway {
             config,
             broker,

@@ -77,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// The nftables ruleset wardgate derives from the registry.
+    Firewall {
+        #[command(subcommand)]
+        command: FirewallCommand,
+    },
     /// Run a self-contained demonstration on loopback: a throwaway PKI and configuration,
     /// the gateway, and simulated ward devices; prints what flows and what is refused.
     Demo {
@@ -132,6 +137,16 @@ enum DeviceCommand {
     },
     /// Release a device from quarantine.
     Release { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum FirewallCommand {
+    /// Print the ruleset `[firewall]` and the configuration's devices give, in `nft -f`
+    /// syntax, without touching the kernel.
+    Render {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 /// The audit log is read from the running gateway (over its admin socket), or offline
@@ -257,6 +272,35 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Pki { command } => pki_command(command),
         Command::Audit { command } => audit_command(command),
+        Command::Firewall {
+            command: FirewallCommand::Render { config },
+        } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return Ok(config_failure(&e)),
+            };
+            let Some(fw) = &config.firewall else {
+                anyhow::bail!("{}: no [firewall] section", config.source.display());
+            };
+            let inputs = crate::firewall::Inputs {
+                config: fw,
+                edge_port: config.edge.listen.port(),
+                broker_port: config.broker.listen.port(),
+                gateway_uid: 0,
+                devices: config
+                    .devices
+                    .values()
+                    .map(|d| (d.address, false))
+                    .collect(),
+            };
+            println!(
+                "# wardgate firewall render --config {}\n# From the configuration's devices; \
+                 the running gateway adds admin-socket changes and quarantine.",
+                config.source.display()
+            );
+            print!("{}", crate::firewall::render(&inputs));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { admin, json } => admin_command(&admin, &Request::Status, json),
         Command::Device { admin, command } => {
             let (request, json) = match command {

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod device;
 pub mod edge;
 pub mod events;
+pub mod firewall;
 pub mod mqtt;
 pub mod pki;
 pub mod policy;

@@ -10,6 +10,7 @@ mod admin;
 mod audit;
 mod cli;
 mod edge;
+mod firewall;
 mod quarantine;
 mod rate;
 mod support;

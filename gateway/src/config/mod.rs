@@ -42,6 +42,12 @@ pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
 pub const DEFAULT_BURST: Duration = Duration::from_secs(1);
 pub const DEFAULT_ACL_VIOLATIONS: usize = 3;
 pub const DEFAULT_VIOLATION_WINDOW: Duration = Duration::from_secs(600);
+/// New edge connections per second from one address, and the burst, at the firewall.
+pub const DEFAULT_NEW_CONNECTIONS_PER_SEC: u32 = 5;
+pub const DEFAULT_NEW_CONNECTIONS_BURST: u32 = 20;
+/// Management ports (SSH) when `[firewall]` names none.
+pub const DEFAULT_MANAGEMENT_PORTS: [u16; 1] = [22];
+
 /// How long a device may stay over its rate without pause before it is quarantined.
 pub const DEFAULT_THROTTLE_LIMIT: Duration = Duration::from_secs(300);
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
@@ -83,6 +89,8 @@ pub struct Config {
     pub throttle_limit: Option<Duration>,
     /// No `[uplink]`: a local-only gateway; records wait in the spool until they expire.
     pub uplink: Option<UplinkConfig>,
+    /// No `[firewall]`: wardgate leaves nftables alone.
+    pub firewall: Option<crate::firewall::FirewallConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +322,15 @@ impl Validator<'_> {
                 self.check(s.span(), r).unwrap_or(default)
             }
         }
+    }
+
+    /// A TCP or UDP port, 1..=65535.
+    fn port(&mut self, p: &S<i64>) -> Option<u16> {
+        let r = u16::try_from(*p.get_ref())
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| "port must be between 1 and 65535".to_owned());
+        self.check(p.span(), r)
     }
 
     fn count(&mut self, s: Option<&S<i64>>, default: usize, what: &str) -> usize {
@@ -601,6 +618,24 @@ impl Validator<'_> {
             .uplink
             .as_ref()
             .and_then(|u| self.uplink(u, gateway.as_ref()));
+        let firewall = raw.firewall.as_ref().and_then(|f| {
+            let span = f.span();
+            let fixed = |a: Option<SocketAddr>| a.is_some_and(|a| a.port() != 0);
+            if !fixed(Some(broker.listen)) {
+                self.error(
+                    span.clone(),
+                    "the firewall names the embedded broker's port: give [broker] listen a \
+                     fixed port (e.g. \"127.0.0.1:1883\")",
+                );
+            }
+            if edge.as_ref().is_some_and(|e| e.listen.port() == 0) {
+                self.error(
+                    span.clone(),
+                    "the firewall names the edge port: give [edge] listen a fixed port",
+                );
+            }
+            self.firewall(f)
+        });
 
         if self.diagnostics.is_empty() {
             Some(Config {
@@ -608,6 +643,7 @@ impl Validator<'_> {
                 quarantine,
                 throttle_limit,
                 uplink: uplink.flatten(),
+                firewall,
                 source: path.to_owned(),
                 digest: String::new(),
                 gateway: gateway?,
@@ -653,6 +689,117 @@ impl Validator<'_> {
     }
 
     /// `Some(None)` when the section has errors (already reported).
+    fn firewall(&mut self, f: &S<raw::RawFirewall>) -> Option<crate::firewall::FirewallConfig> {
+        use crate::firewall::{Cidr, Forward, Proto};
+        let span = f.span();
+        let f = f.get_ref();
+        let mut ok = true;
+        let mut device_interfaces = Vec::new();
+        match &f.device_interfaces {
+            None => {
+                self.error(span.clone(), "missing field `device_interfaces`");
+                ok = false;
+            }
+            Some(list) if list.get_ref().is_empty() => {
+                self.error(list.span(), "name at least one device interface");
+                ok = false;
+            }
+            Some(list) => {
+                for i in list.get_ref() {
+                    let name = i.get_ref();
+                    let valid = !name.is_empty()
+                        && name.len() < 16
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                    if valid {
+                        device_interfaces.push(name.clone());
+                    } else {
+                        self.error(i.span(), format!("{name:?} is not an interface name"));
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let mut management_networks = Vec::new();
+        for n in &f.management_networks {
+            match n.get_ref().parse::<Cidr>() {
+                Ok(c) => management_networks.push(c),
+                Err(e) => {
+                    self.error(n.span(), e);
+                    ok = false;
+                }
+            }
+        }
+        let management_ports = match &f.management_ports {
+            None => Some(DEFAULT_MANAGEMENT_PORTS.to_vec()),
+            Some(ports) => ports.iter().map(|p| self.port(p)).collect(),
+        };
+        let mut forward = Vec::new();
+        for fw in &f.forward {
+            let fspan = fw.span();
+            let fw = fw.get_ref();
+            let name = self
+                .required(&fw.name, &fspan, "name")
+                .and_then(|n| self.name(n, "forward name"));
+            let network = self
+                .required(&fw.network, &fspan, "network")
+                .and_then(|n| self.check(n.span(), n.get_ref().parse::<Cidr>()));
+            let protocol = match &fw.protocol {
+                None => Some(Proto::Tcp),
+                Some(p) => {
+                    let r = match p.get_ref().as_str() {
+                        "tcp" => Ok(Proto::Tcp),
+                        "udp" => Ok(Proto::Udp),
+                        other => Err(format!("protocol {other:?}: write \"tcp\" or \"udp\"")),
+                    };
+                    self.check(p.span(), r)
+                }
+            };
+            let port = match &fw.port {
+                None => {
+                    self.error(fspan.clone(), "missing field `port`");
+                    None
+                }
+                Some(p) => self.port(p),
+            };
+            match (name, network, protocol, port) {
+                (Some(name), Some(network), Some(protocol), Some(port)) => forward.push(Forward {
+                    name,
+                    network,
+                    protocol,
+                    port,
+                }),
+                _ => ok = false,
+            }
+        }
+        let rate = |v: &mut Self, s: Option<&S<i64>>, default: u32, what: &str| {
+            let n = v.count(s, default as usize, what);
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        let new_connections_per_sec = rate(
+            self,
+            f.new_connections_per_sec.as_ref(),
+            DEFAULT_NEW_CONNECTIONS_PER_SEC,
+            "new_connections_per_sec",
+        );
+        let new_connections_burst = rate(
+            self,
+            f.new_connections_burst.as_ref(),
+            DEFAULT_NEW_CONNECTIONS_BURST,
+            "new_connections_burst",
+        );
+        let management_ports = management_ports?;
+        ok.then_some(crate::firewall::FirewallConfig {
+            device_interfaces,
+            management_networks,
+            management_ports,
+            new_connections_per_sec,
+            new_connections_burst,
+            forward,
+        })
+    }
+
     fn uplink(
         &mut self,
         u: &S<raw::RawUplink>,
@@ -668,13 +815,7 @@ impl Validator<'_> {
         let key = self.required(&u.key, &span, "key").map(|p| self.path(p));
         let port = match &u.port {
             None => Some(DEFAULT_UPLINK_PORT),
-            Some(p) => {
-                let r = u16::try_from(*p.get_ref())
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| "port must be between 1 and 65535".to_owned());
-                self.check(p.span(), r)
-            }
+            Some(p) => self.port(p),
         };
         let client_id = match &u.client_id {
             Some(c) => self.name(c, "uplink client id"),
@@ -948,5 +1089,34 @@ address = "10.0.0.8"
             s.contains("/etc/w.toml:20:11: device address \"ten\""),
             "{s}"
         );
+    }
+
+    #[test]
+    fn firewall_section_with_defaults_and_every_error_at_once() {
+        let ok = format!(
+            "{MINIMAL}\n[broker]\nlisten = \"127.0.0.1:1883\"\n[firewall]\n\
+             device_interfaces = [\"ward0\"]\nmanagement_networks = [\"10.70.0.0/24\"]\n\
+             [[firewall.forward]]\nname = \"pacs\"\nnetwork = \"10.1.2.3\"\nport = 104\n"
+        );
+        let c = Config::parse(&ok, Path::new("/etc/wardgate/wardgate.toml")).unwrap();
+        let f = c.firewall.unwrap();
+        assert_eq!(f.management_ports, DEFAULT_MANAGEMENT_PORTS);
+        assert_eq!(f.new_connections_per_sec, DEFAULT_NEW_CONNECTIONS_PER_SEC);
+        assert_eq!(f.forward[0].network.to_string(), "10.1.2.3");
+
+        let bad = format!(
+            "{MINIMAL}\n[firewall]\ndevice_interfaces = []\nmanagement_networks = [\"10.70.0.1/24\"]\n\
+             management_ports = [0]\n[[firewall.forward]]\nname = \"pacs\"\nnetwork = \"x\"\n\
+             protocol = \"icmp\"\n"
+        );
+        let msgs: Vec<String> = errors(&bad).into_iter().map(|d| d.message).collect();
+        let has = |needle: &str| msgs.iter().any(|m| m.contains(needle));
+        assert!(has("fixed port"), "{msgs:?}");
+        assert!(has("at least one device interface"), "{msgs:?}");
+        assert!(has("host bits"), "{msgs:?}");
+        assert!(has("port must be between"), "{msgs:?}");
+        assert!(has("not an IP address"), "{msgs:?}");
+        assert!(has("protocol \"icmp\""), "{msgs:?}");
+        assert!(has("missing field `port`"), "{msgs:?}");
     }
 }

@@ -30,6 +30,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub policy: RawPolicy,
     pub uplink: Option<S<RawUplink>>,
+    pub firewall: Option<S<RawFirewall>>,
     #[serde(default)]
     pub device_class: Vec<S<RawDeviceClass>>,
     #[serde(default)]
@@ -141,4 +142,26 @@ pub struct RawPolicy {
     pub acl_violations: Option<S<i64>>,
     pub violation_window: Option<S<String>>,
     pub throttle_limit: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFirewall {
+    pub device_interfaces: Option<S<Vec<S<String>>>>,
+    #[serde(default)]
+    pub management_networks: Vec<S<String>>,
+    pub management_ports: Option<Vec<S<i64>>>,
+    pub new_connections_per_sec: Option<S<i64>>,
+    pub new_connections_burst: Option<S<i64>>,
+    #[serde(default)]
+    pub forward: Vec<S<RawForward>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForward {
+    pub name: Option<S<String>>,
+    pub network: Option<S<String>>,
+    pub protocol: Option<S<String>>,
+    pub port: Option<S<i64>>,
 }
