@@ -7,6 +7,20 @@ apt_need() {
   for pair in "$@"; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
   done
+  apt_install "${missing[@]}"
+}
+
+# apt_need_pkg PACKAGE ... — installs the packages (libraries, headers) not installed.
+apt_need_pkg() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  apt_install "${missing[@]}"
+}
+
+apt_install() {
+  local missing=("$@")
   ((${#missing[@]})) || return 0
   if [ "$(id -u)" != 0 ]; then
     echo "missing: ${missing[*]}; install them with: sudo apt-get install ${missing[*]}" >&2
@@ -15,6 +29,12 @@ apt_need() {
   echo "installing ${missing[*]} ..." >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# The build's system libraries: nftnl links libnftnl and libmnl (found by pkg-config).
+build_need() {
+  apt_need pkg-config:pkg-config
+  apt_need_pkg libnftnl-dev libmnl-dev
 }
 
 # rust_need COMPONENT ... — adds rustup components that are missing.

@@ -13,6 +13,7 @@ use crate::audit::{AuditError, AuditLog};
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
+use crate::firewall::live::LiveFirewall;
 use crate::quarantine::{Quarantine, QuarantineError, StateError};
 use crate::registry::{Registry, RegistryError, SharedRegistry};
 use crate::spool::{Spool, SpoolError};
@@ -42,6 +43,8 @@ pub enum AppError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error("firewall: {0}")]
+    Firewall(#[from] crate::firewall::netlink::NetlinkError),
 }
 
 /// A gateway whose listeners are bound and whose broker runs, ready to serve.
@@ -55,6 +58,7 @@ pub struct Gateway {
     quarantine: std::sync::Arc<Quarantine>,
     admin: AdminSocket,
     started: std::time::Instant,
+    firewall: Option<std::sync::Arc<LiveFirewall>>,
 }
 
 /// How often records past their `max_age` are swept out of the spool.
@@ -78,6 +82,18 @@ impl Gateway {
         let spool = Spool::open(&config.gateway.data_dir, config.spool.clone())?;
         let broker = broker::start(&config.broker, config.max_payload()).await?;
         let quarantine = std::sync::Arc::new(Quarantine::open(&state, config.quarantine)?);
+        // The firewall is in place before the edge listens; if it cannot be, the gateway
+        // does not start (and the early-boot ruleset keeps devices out).
+        let firewall = match &config.firewall {
+            Some(fw) => Some(LiveFirewall::start(
+                fw.clone(),
+                config.edge.listen.port(),
+                broker.addr.port(),
+                registry.clone(),
+                quarantine.clone(),
+            )?),
+            None => None,
+        };
         let edge = Edge::bind(
             config.edge.clone(),
             registry.clone(),
@@ -88,15 +104,6 @@ impl Gateway {
         )
         .await?;
         let admin = AdminSocket::bind(&config.admin.socket)?;
-        if config.firewall.is_some() {
-            // Said loudly rather than implied: the section is read and rendered
-            // (`wardgate firewall render`), but this build does not load it into the kernel.
-            tracing::warn!(
-                event = "firewall.not_applied",
-                "[firewall] is configured but this build does not apply it yet; \
-                 load the early-boot ruleset or `wardgate firewall render` output with nft"
-            );
-        }
         Ok(Gateway {
             config,
             broker,
@@ -106,6 +113,7 @@ impl Gateway {
             quarantine,
             admin,
             started,
+            firewall,
         })
     }
 
@@ -148,6 +156,7 @@ impl Gateway {
             edge: self.edge.handle(),
             spool: self.spool.clone(),
             uplink_connected: uplink_connected.clone(),
+            firewall: self.firewall.clone(),
         };
         tracker.spawn(self.admin.run(admin_state, shutdown.clone()));
         match &self.config.uplink {

@@ -147,6 +147,14 @@ enum FirewallCommand {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Load that ruleset into the kernel now, in one atomic batch (root), and read it back.
+    /// `wardgate run` does this itself at start, with admin-socket changes and quarantine.
+    Apply {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Print the live table `inet wardgate` as the kernel holds it (runs `nft list`).
+    Show,
 }
 
 /// The audit log is read from the running gateway (over its admin socket), or offline
@@ -272,35 +280,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Pki { command } => pki_command(command),
         Command::Audit { command } => audit_command(command),
-        Command::Firewall {
-            command: FirewallCommand::Render { config },
-        } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => return Ok(config_failure(&e)),
-            };
-            let Some(fw) = &config.firewall else {
-                anyhow::bail!("{}: no [firewall] section", config.source.display());
-            };
-            let inputs = crate::firewall::Inputs {
-                config: fw,
-                edge_port: config.edge.listen.port(),
-                broker_port: config.broker.listen.port(),
-                gateway_uid: 0,
-                devices: config
-                    .devices
-                    .values()
-                    .map(|d| (d.address, false))
-                    .collect(),
-            };
-            println!(
-                "# wardgate firewall render --config {}\n# From the configuration's devices; \
-                 the running gateway adds admin-socket changes and quarantine.",
-                config.source.display()
-            );
-            print!("{}", crate::firewall::render(&inputs));
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Firewall { command } => firewall_command(command),
         Command::Status { admin, json } => admin_command(&admin, &Request::Status, json),
         Command::Device { admin, command } => {
             let (request, json) = match command {
@@ -488,6 +468,67 @@ fn print_audit(entries: &[crate::audit::Entry], json: bool) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+fn firewall_command(command: FirewallCommand) -> anyhow::Result<ExitCode> {
+    let from_config = |path: &Path| -> anyhow::Result<Option<crate::firewall::Ruleset>> {
+        let config = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                config_failure(&e);
+                return Ok(None);
+            }
+        };
+        let Some(fw) = &config.firewall else {
+            anyhow::bail!("{}: no [firewall] section", config.source.display());
+        };
+        let devices = config
+            .devices
+            .values()
+            .map(|d| (d.address, false))
+            .collect();
+        Ok(Some(crate::firewall::render(&crate::firewall::Inputs {
+            config: fw,
+            edge_port: config.edge.listen.port(),
+            broker_port: config.broker.listen.port(),
+            gateway_uid: crate::firewall::own_uid(),
+            devices,
+        })))
+    };
+    match command {
+        FirewallCommand::Render { config } => {
+            let Some(ruleset) = from_config(&config)? else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            };
+            println!(
+                "# wardgate firewall render --config {}\n# From the configuration's devices; \
+                 the running gateway adds admin-socket changes and quarantine.",
+                config.display()
+            );
+            print!("{ruleset}");
+        }
+        FirewallCommand::Apply { config } => {
+            let Some(ruleset) = from_config(&config)? else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            };
+            crate::firewall::netlink::apply(&ruleset)?;
+            if !crate::firewall::netlink::table_exists()? {
+                anyhow::bail!("the kernel accepted the batch but holds no table inet wardgate");
+            }
+            println!("table inet wardgate loaded");
+        }
+        FirewallCommand::Show => {
+            let out = std::process::Command::new("nft")
+                .args(["list", "table", "inet", crate::firewall::TABLE])
+                .output()
+                .context("cannot run nft (apt-get install nftables)")?;
+            if !out.status.success() {
+                anyhow::bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn admin_socket(args: &AdminArgs) -> anyhow::Result<PathBuf> {

@@ -57,13 +57,24 @@ pub struct Threshold {
     pub window: Duration,
 }
 
-#[derive(Debug)]
 pub struct Quarantine {
     db: sled::Db,
     tree: sled::Tree,
     threshold: Threshold,
     current: Mutex<HashMap<DeviceId, Entry>>,
     recent: Mutex<HashMap<DeviceId, VecDeque<Instant>>>,
+    /// Called after every quarantine and release (the firewall's sets follow).
+    on_change: std::sync::OnceLock<ChangeHook>,
+}
+
+type ChangeHook = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for Quarantine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quarantine")
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Quarantine {
@@ -94,6 +105,7 @@ impl Quarantine {
             threshold,
             current: Mutex::new(current),
             recent: Mutex::new(HashMap::new()),
+            on_change: std::sync::OnceLock::new(),
         })
     }
 
@@ -104,6 +116,18 @@ impl Quarantine {
             .unwrap_or_else(PoisonError::into_inner)
             .get(device)
             .map(|e| e.reason.clone())
+    }
+
+    /// Registers `hook`, called after every quarantine and release (once; later calls are
+    /// ignored).
+    pub fn on_change(&self, hook: ChangeHook) {
+        let _ = self.on_change.set(hook);
+    }
+
+    fn changed(&self) {
+        if let Some(hook) = self.on_change.get() {
+            hook();
+        }
     }
 
     /// Every quarantined device, by id.
@@ -139,8 +163,10 @@ impl Quarantine {
         self.tree.insert(device.as_str(), value)?;
         self.db.flush()?;
         current.insert(device.clone(), entry);
+        drop(current);
         crate::audit::record("device.quarantined", Some(device.as_str()), reason);
         tracing::warn!(event = "device.quarantined", %device, reason, "device quarantined");
+        self.changed();
         Ok(true)
     }
 
@@ -156,8 +182,10 @@ impl Quarantine {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(device);
+        drop(current);
         crate::audit::record("device.released", Some(device.as_str()), by);
         tracing::warn!(event = "device.released", %device, by, "device released from quarantine");
+        self.changed();
         Ok(true)
     }
 

@@ -66,6 +66,8 @@ pub struct AdminState {
     pub spool: Spool,
     /// `None` without an `[uplink]`.
     pub uplink_connected: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// `None` without a `[firewall]`.
+    pub firewall: Option<Arc<crate::firewall::live::LiveFirewall>>,
 }
 
 /// A bound admin socket.
@@ -319,6 +321,9 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
                 .unwrap_or_else(PoisonError::into_inner)
                 .add(&d, class, *address)
                 .map_err(|e| e.to_string())?;
+            if let Some(fw) = &state.firewall {
+                fw.refresh();
+            }
             let detail = format!("class={class} address={address} by {who}");
             crate::audit::record("device.added", Some(d.as_str()), &detail);
             tracing::info!(event = "device.added", device = %d, class, %address, "device registered");
@@ -333,6 +338,9 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
                 .remove(&d)
                 .map_err(|e| e.to_string())?;
             let closed = state.edge.close_device(&d);
+            if let Some(fw) = &state.firewall {
+                fw.refresh();
+            }
             let detail = format!(
                 "class={} address={} closed={closed} by {who}",
                 removed.class, removed.address

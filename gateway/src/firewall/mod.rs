@@ -4,8 +4,9 @@
 //! to a [`Ruleset`]: one table of our own, `inet wardgate`, with sets of registered and
 //! quarantined device addresses and the chains below. The same model is written as `nft`
 //! syntax ([`Ruleset`]'s `Display`, for `wardgate firewall render` and the snapshot tests)
-//! and, by the apply layer, as one atomic nf_tables batch. Nothing outside our table is
-//! ever touched.
+//! and, by [`netlink`], as one atomic nf_tables batch through nftnl; [`live`] keeps the
+//! kernel's sets in step with the registry while the gateway runs. Nothing outside our
+//! table is ever touched.
 //!
 //! Policy, deny by default for device traffic:
 //! - `input`: packets from a device interface go to `from_devices`: a quarantined address
@@ -26,10 +27,12 @@
 //! quarantined: a monitor sharing an address with a quarantined pump keeps its network,
 //! and the edge alone refuses the pump. (Patient safety over tidiness; see the README.)
 //!
-//! Tested by the snapshot tests below and the system tests that check the rendered
-//! ruleset against the kernel in a network namespace.
+//! Tested by the snapshot tests below and the system tests in `tests/system/firewall.rs`
+//! (network namespaces, real packets).
 
 pub mod cidr;
+pub mod live;
+pub mod netlink;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -134,11 +137,25 @@ pub enum SetType {
 pub struct Set {
     pub name: String,
     pub kind: SetType,
-    /// Holds networks (prefixes), not only addresses.
-    pub interval: bool,
     /// Filled by the data path (the flood meter), with entries that expire.
     pub dynamic_timeout_s: Option<u32>,
-    pub elements: Vec<String>,
+    pub elements: Vec<Element>,
+}
+
+/// A set element.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Element {
+    Addr(IpAddr),
+    Ifname(String),
+}
+
+impl fmt::Display for Element {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Element::Addr(a) => write!(f, "{a}"),
+            Element::Ifname(i) => write!(f, "{i:?}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,12 +175,12 @@ pub enum Stmt {
     IifnameNot(String),
     Oifname(String),
     CtState(Vec<CtState>),
-    /// `ip saddr @set` (or `!= @set` when negated).
+    /// `ip saddr @set`.
     SaddrInSet {
         family: Family,
         set: String,
-        negate: bool,
     },
+    Saddr(Cidr),
     Daddr(Cidr),
     Dport {
         proto: Proto,
@@ -217,8 +234,7 @@ pub const DEVICE_IFACES: &str = "device_ifaces";
 /// How long an idle source stays in the flood meter.
 const METER_TIMEOUT_S: u32 = 60;
 
-/// The set names for registered devices, quarantined ones, management networks and the
-/// flood meter, per family.
+/// The set names for registered devices, quarantined ones and the flood meter, per family.
 pub fn set_name(what: &str, family: Family) -> String {
     format!("{what}_{}", family.suffix())
 }
@@ -248,22 +264,21 @@ pub fn render(inputs: &Inputs<'_>) -> Ruleset {
         }
     }
     let quarantined: BTreeSet<IpAddr> = cut.difference(&keep).copied().collect();
-    let of = |set: &BTreeSet<IpAddr>, f: Family| -> Vec<String> {
+    let of = |set: &BTreeSet<IpAddr>, f: Family| -> Vec<Element> {
         set.iter()
             .filter(|ip| Family::of(**ip) == f)
-            .map(ToString::to_string)
+            .map(|ip| Element::Addr(*ip))
             .collect()
     };
 
     let mut sets = vec![Set {
         name: DEVICE_IFACES.into(),
         kind: SetType::Ifname,
-        interval: false,
         dynamic_timeout_s: None,
         elements: c
             .device_interfaces
             .iter()
-            .map(|i| format!("{i:?}"))
+            .map(|i| Element::Ifname(i.clone()))
             .collect(),
     }];
     for f in families {
@@ -271,26 +286,14 @@ pub fn render(inputs: &Inputs<'_>) -> Ruleset {
             Family::V4 => SetType::Ipv4,
             Family::V6 => SetType::Ipv6,
         };
-        let plain = |what: &str, elements: Vec<String>| Set {
+        let plain = |what: &str, elements: Vec<Element>| Set {
             name: set_name(what, f),
             kind,
-            interval: false,
             dynamic_timeout_s: None,
             elements,
         };
         sets.push(plain("devices", of(&registered, f)));
         sets.push(plain("quarantine", of(&quarantined, f)));
-        sets.push(Set {
-            interval: true,
-            ..plain(
-                "management",
-                c.management_networks
-                    .iter()
-                    .filter(|n| Family::of(n.addr()) == f)
-                    .map(ToString::to_string)
-                    .collect(),
-            )
-        });
         sets.push(Set {
             dynamic_timeout_s: Some(METER_TIMEOUT_S),
             ..plain("flood", Vec::new())
@@ -309,7 +312,6 @@ pub fn render(inputs: &Inputs<'_>) -> Ruleset {
     let saddr = |f: Family, what: &str| Stmt::SaddrInSet {
         family: f,
         set: set_name(what, f),
-        negate: false,
     };
 
     let mut input = vec![
@@ -332,9 +334,9 @@ pub fn render(inputs: &Inputs<'_>) -> Ruleset {
             proto: Proto::Tcp,
             port: *port,
         };
-        for f in families {
+        for net in &c.management_networks {
             input.push(rule(
-                vec![port.clone(), saddr(f, "management"), Stmt::Accept],
+                vec![Stmt::Saddr(*net), port.clone(), Stmt::Accept],
                 "management from the management networks",
             ));
         }
@@ -488,6 +490,12 @@ pub fn render(inputs: &Inputs<'_>) -> Ruleset {
     }
 }
 
+/// The user this process runs as (the owner of `/proc/self`).
+pub fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+}
+
 /// IPv4-mapped IPv6 addresses are IPv4 at the firewall.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -516,14 +524,8 @@ impl fmt::Display for Stmt {
                     .collect();
                 write!(f, "ct state {}", names.join(","))
             }
-            Stmt::SaddrInSet {
-                family,
-                set,
-                negate,
-            } => {
-                let op = if *negate { "!= " } else { "" };
-                write!(f, "{} saddr {op}@{set}", family.addr())
-            }
+            Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", family.addr()),
+            Stmt::Saddr(n) => write!(f, "{} saddr {n}", Family::of(n.addr()).addr()),
             Stmt::Daddr(n) => write!(f, "{} daddr {n}", Family::of(n.addr()).addr()),
             Stmt::Dport { proto, port } => write!(f, "{proto} dport {port}"),
             Stmt::Icmpv6Type(t) => write!(f, "icmpv6 type {t}"),
@@ -558,16 +560,14 @@ impl fmt::Display for Ruleset {
             };
             writeln!(f, "\tset {} {{", s.name)?;
             writeln!(f, "\t\ttype {kind}")?;
-            if s.interval {
-                writeln!(f, "\t\tflags interval")?;
-            }
             if let Some(t) = s.dynamic_timeout_s {
                 writeln!(f, "\t\tsize 65535")?;
                 writeln!(f, "\t\tflags dynamic,timeout")?;
                 writeln!(f, "\t\ttimeout {t}s")?;
             }
             if !s.elements.is_empty() {
-                writeln!(f, "\t\telements = {{ {} }}", s.elements.join(", "))?;
+                let elements: Vec<String> = s.elements.iter().map(ToString::to_string).collect();
+                writeln!(f, "\t\telements = {{ {} }}", elements.join(", "))?;
             }
             writeln!(f, "\t}}\n")?;
         }

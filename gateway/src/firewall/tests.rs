@@ -88,13 +88,15 @@ fn a_ward_with_quarantine_management_and_a_forward() {
         ],
     ));
     snapshot("ward", &r);
-    let elements = |name: &str| {
+    let elements = |name: &str| -> Vec<String> {
         r.sets
             .iter()
             .find(|s| s.name == name)
             .unwrap()
             .elements
-            .clone()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     };
     assert_eq!(
         elements("devices_v4"),
@@ -102,4 +104,43 @@ fn a_ward_with_quarantine_management_and_a_forward() {
     );
     assert_eq!(elements("quarantine_v4"), ["10.70.1.22"]);
     assert_eq!(elements("devices_v6"), ["fd70::1:50"]);
+}
+
+#[test]
+fn registry_changes_become_set_element_changes_and_more_replaces_the_table() {
+    let c = config();
+    let before = render(&inputs(
+        &c,
+        vec![("10.70.1.21", false), ("10.70.1.22", false)],
+    ));
+    let after = render(&inputs(
+        &c,
+        vec![("10.70.1.21", true), ("10.70.1.23", false)],
+    ));
+    let changes = netlink::set_changes(&before, &after).unwrap();
+    let addr = |s: &str| Element::Addr(s.parse().unwrap());
+    assert_eq!(
+        changes,
+        [
+            netlink::SetChange {
+                set: "devices_v4".into(),
+                add: vec![addr("10.70.1.23")],
+                remove: vec![addr("10.70.1.21"), addr("10.70.1.22")],
+            },
+            netlink::SetChange {
+                set: "quarantine_v4".into(),
+                add: vec![addr("10.70.1.21")],
+                remove: vec![],
+            },
+        ]
+    );
+    assert_eq!(netlink::set_changes(&after, &after), Some(vec![]));
+    let mut other = c.clone();
+    other.management_ports = vec![2222];
+    let reshaped = render(&inputs(&other, vec![]));
+    assert_eq!(
+        netlink::set_changes(&before, &reshaped),
+        None,
+        "chains differ"
+    );
 }

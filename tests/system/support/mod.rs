@@ -97,16 +97,26 @@ impl Site {
 
     /// The same ward at a site of another name (and so with another CA).
     pub fn ward_of(site_name: &str) -> Site {
+        Site::ward_with_sans(site_name, &[])
+    }
+
+    /// The ward, with the server certificate also valid for `sans` (addresses the devices
+    /// use to reach the gateway, e.g. in a network namespace).
+    pub fn ward_with_sans(site_name: &str, sans: &[&str]) -> Site {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
-        wardgate_ok(&[
+        let mut args = vec![
             "pki",
             "init",
             "--dir",
             pki.to_str().unwrap(),
             "--site",
             site_name,
-        ]);
+        ];
+        for san in sans {
+            args.extend(["--san", san]);
+        }
+        wardgate_ok(&args);
         let mut site = Site {
             dir,
             classes: vec![
@@ -304,9 +314,22 @@ impl Gateway {
     }
 
     pub async fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Gateway {
-        let mut child = tokio::process::Command::new(WARDGATE)
+        let mut cmd = tokio::process::Command::new(WARDGATE);
+        cmd.envs(env.iter().copied());
+        Gateway::spawn(cmd, config).await
+    }
+
+    /// Starts the gateway inside the network namespace `netns` (`ip netns exec`, which
+    /// execs it: the child's pid is the gateway's).
+    pub async fn start_in_netns(config: &Path, netns: &str) -> Gateway {
+        let mut cmd = tokio::process::Command::new("ip");
+        cmd.args(["netns", "exec", netns, WARDGATE]);
+        Gateway::spawn(cmd, config).await
+    }
+
+    async fn spawn(mut cmd: tokio::process::Command, config: &Path) -> Gateway {
+        let mut child = cmd
             .args(["run", "--config", config.to_str().unwrap()])
-            .envs(env.iter().copied())
             .kill_on_drop(true)
             .env("RUST_LOG", "info,rumqttd=off,rustls=error")
             .stdin(Stdio::null())
