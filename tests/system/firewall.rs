@@ -360,10 +360,13 @@ async fn real_packets_meet_the_policy_and_the_rules_outlive_the_daemon() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let refused_before = rule_packets(&ward.gw, "from_devices", "anything else");
     assert!(
         !ward.dev2.connects("10.99.2.1:8883"),
         "unregistered address reached the edge"
     );
+    // Dropped by the firewall (not lost on the way): its SYNs are counted there.
+    assert!(rule_packets(&ward.gw, "from_devices", "anything else") > refused_before);
     // Segmentation: no device-to-device, no device-to-outside.
     assert!(
         !ward.dev1.connects("10.99.2.2:9000"),
