@@ -37,6 +37,21 @@ build_need() {
   apt_need_pkg libnftnl-dev libmnl-dev
 }
 
+# pymodbus, the independent Modbus simulator of the tests, in target/pyvenv (a virtualenv,
+# so the system's Python is left alone).
+pymodbus_need() {
+  local venv=target/pyvenv want=3.8.6
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import pymodbus, sys; sys.exit(pymodbus.__version__ != '$want')" 2>/dev/null; then
+    return 0
+  fi
+  apt_need python3:python3
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    apt_need_pkg python3-venv
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install -q "pymodbus==$want"
+}
+
 # rust_need COMPONENT ... — adds rustup components that are missing.
 rust_need() {
   local c

@@ -159,6 +159,16 @@ impl Gateway {
             firewall: self.firewall.clone(),
         };
         tracker.spawn(self.admin.run(admin_state, shutdown.clone()));
+        let modbus = if self.config.modbus.devices.is_empty() {
+            crate::modbus::ModbusHandle::default()
+        } else {
+            let sink = crate::modbus::Sink {
+                spool: self.spool.clone(),
+                registry: self.registry.clone(),
+                local: crate::modbus::local_client(self.broker.addr, shutdown.clone()),
+            };
+            crate::modbus::start(&self.config.modbus, sink, shutdown.clone(), &tracker)
+        };
         match &self.config.uplink {
             Some(u) => {
                 if let Some(log) = crate::audit::global() {
@@ -170,6 +180,7 @@ impl Gateway {
                 }
                 let uplink = Uplink {
                     connected: uplink_connected.unwrap_or_default(),
+                    modbus,
                     config: u.clone(),
                     site: self.config.gateway.site.clone(),
                     gateway_id: self.config.gateway.id.clone(),

@@ -148,3 +148,31 @@ async fn probe(addr: SocketAddr) -> Result<(), String> {
         None => Err("closed before CONNACK".into()),
     }
 }
+
+/// A session of the gateway's own on the embedded broker (to deliver commands, publish
+/// polled values), kept and re-made by a task until `shutdown`. `client_id` must start
+/// with `_`, which no device id can.
+pub fn local_session(
+    broker: SocketAddr,
+    client_id: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> rumqttc::AsyncClient {
+    let mut o = rumqttc::MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 256);
+    let id = client_id.to_owned();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = eventloop.poll() => if let Err(e) = r {
+                    tracing::warn!(event = "broker.local_link_failed", client = id, error = %e, "local broker link lost; retrying");
+                    // rumqttc reconnects on the next poll; pause so a dead broker is not spun on.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+            }
+        }
+    });
+    client
+}

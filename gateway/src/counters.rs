@@ -23,6 +23,16 @@ pub struct EdgeCounters {
     pub acl_violations: u64,
     /// Other policy violations: oversized, malformed, wildcard or invalid topics.
     pub protocol_violations: u64,
+    /// Modbus: completed polls, and requests that timed out, got an exception code, or
+    /// failed otherwise (connection, CRC, framing).
+    #[serde(default)]
+    pub modbus_polls: u64,
+    #[serde(default)]
+    pub modbus_timeouts: u64,
+    #[serde(default)]
+    pub modbus_exceptions: u64,
+    #[serde(default)]
+    pub modbus_errors: u64,
 }
 
 static COUNTERS: LazyLock<Mutex<HashMap<DeviceId, EdgeCounters>>> =

@@ -11,6 +11,7 @@ mod audit;
 mod cli;
 mod edge;
 mod firewall;
+mod modbus;
 mod quarantine;
 mod rate;
 mod support;

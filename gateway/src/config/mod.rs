@@ -91,6 +91,8 @@ pub struct Config {
     pub uplink: Option<UplinkConfig>,
     /// No `[firewall]`: wardgate leaves nftables alone.
     pub firewall: Option<crate::firewall::FirewallConfig>,
+    /// Legacy equipment polled over Modbus (empty without `[modbus]`).
+    pub modbus: crate::modbus::ModbusConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -618,6 +620,10 @@ impl Validator<'_> {
             .uplink
             .as_ref()
             .and_then(|u| self.uplink(u, gateway.as_ref()));
+        let modbus = match &raw.modbus {
+            Some(m) => self.modbus(m, &devices),
+            None => crate::modbus::ModbusConfig::default(),
+        };
         let firewall = raw.firewall.as_ref().and_then(|f| {
             let span = f.span();
             let fixed = |a: Option<SocketAddr>| a.is_some_and(|a| a.port() != 0);
@@ -644,6 +650,7 @@ impl Validator<'_> {
                 throttle_limit,
                 uplink: uplink.flatten(),
                 firewall,
+                modbus,
                 source: path.to_owned(),
                 digest: String::new(),
                 gateway: gateway?,
@@ -689,6 +696,278 @@ impl Validator<'_> {
     }
 
     /// `Some(None)` when the section has errors (already reported).
+    fn int_in(&mut self, s: &S<i64>, min: i64, max: i64, what: &str) -> Option<i64> {
+        let n = *s.get_ref();
+        let r = if (min..=max).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("{what} must be between {min} and {max}"))
+        };
+        self.check(s.span(), r)
+    }
+
+    fn parsed<T: std::str::FromStr<Err = String>>(&mut self, s: &S<String>) -> Option<T> {
+        let r = s.get_ref().parse::<T>();
+        self.check(s.span(), r)
+    }
+
+    fn modbus(
+        &mut self,
+        m: &S<raw::RawModbus>,
+        devices: &BTreeMap<DeviceId, DeviceEntry>,
+    ) -> crate::modbus::ModbusConfig {
+        use crate::modbus::{Bus, BusKind, ModbusDevice, Parity, Register};
+        let m = m.get_ref();
+        let mut buses: Vec<Bus> = Vec::new();
+        for b in &m.bus {
+            let span = b.span();
+            let b = b.get_ref();
+            let name = self
+                .required(&b.name, &span, "name")
+                .and_then(|n| self.name(n, "bus name"));
+            let timeout = self.duration(b.timeout.as_ref(), crate::modbus::DEFAULT_TIMEOUT);
+            let kind = match (&b.tcp, &b.serial) {
+                (Some(t), None) => {
+                    let addr = t.get_ref();
+                    let ok = addr.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)
+                    });
+                    if ok {
+                        Some(BusKind::Tcp(addr.clone()))
+                    } else {
+                        self.error(t.span(), format!("tcp {addr:?}: write \"HOST:PORT\""));
+                        None
+                    }
+                }
+                (None, Some(path)) => {
+                    let baud = b
+                        .baud
+                        .as_ref()
+                        .map_or(Some(i64::from(crate::modbus::DEFAULT_BAUD)), |x| {
+                            self.int_in(x, 300, 4_000_000, "baud")
+                        });
+                    let parity = match &b.parity {
+                        None => Some(Parity::None),
+                        Some(p) => {
+                            let r = match p.get_ref().as_str() {
+                                "none" => Ok(Parity::None),
+                                "even" => Ok(Parity::Even),
+                                "odd" => Ok(Parity::Odd),
+                                other => Err(format!("parity {other:?}: write none, even or odd")),
+                            };
+                            self.check(p.span(), r)
+                        }
+                    };
+                    let stop_bits = b
+                        .stop_bits
+                        .as_ref()
+                        .map_or(Some(1), |x| self.int_in(x, 1, 2, "stop_bits"));
+                    let data_bits = b
+                        .data_bits
+                        .as_ref()
+                        .map_or(Some(8), |x| self.int_in(x, 7, 8, "data_bits"));
+                    match (baud, parity, stop_bits, data_bits) {
+                        (Some(baud), Some(parity), Some(stop_bits), Some(data_bits)) => {
+                            Some(BusKind::Rtu {
+                                path: self.path(path),
+                                baud: u32::try_from(baud).unwrap_or(crate::modbus::DEFAULT_BAUD),
+                                parity,
+                                stop_bits: u8::try_from(stop_bits).unwrap_or(1),
+                                data_bits: u8::try_from(data_bits).unwrap_or(8),
+                            })
+                        }
+                        _ => None,
+                    }
+                }
+                _ => {
+                    self.error(span.clone(), "a bus has exactly one of `tcp` or `serial`");
+                    None
+                }
+            };
+            if let (Some(name), Some(kind)) = (name, kind) {
+                if buses.iter().any(|x| x.name == name) {
+                    self.error(span, format!("bus {name} is defined twice"));
+                } else {
+                    buses.push(Bus {
+                        name,
+                        kind,
+                        timeout,
+                    });
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for d in &m.device {
+            let span = d.span();
+            let d = d.get_ref();
+            let id = self.required(&d.id, &span, "id").and_then(|i| {
+                let r = DeviceId::parse(i.get_ref())
+                    .map_err(|e| e.to_string())
+                    .and_then(|id| {
+                        if devices.contains_key(&id) {
+                            Ok(id)
+                        } else {
+                            Err(format!(
+                                "modbus device {id} is not a registered [[device]] (its class decides its topics)"
+                            ))
+                        }
+                    });
+                self.check(i.span(), r)
+            });
+            let bus = self.required(&d.bus, &span, "bus").and_then(|b| {
+                let found = buses.iter().find(|x| &x.name == b.get_ref());
+                match found {
+                    Some(x) => Some(x.clone()),
+                    None => {
+                        self.error(b.span(), format!("unknown bus {:?}", b.get_ref()));
+                        None
+                    }
+                }
+            });
+            let rtu = matches!(bus.as_ref().map(|b| &b.kind), Some(BusKind::Rtu { .. }));
+            let unit = match &d.unit {
+                None => {
+                    self.error(span.clone(), "missing field `unit`");
+                    None
+                }
+                Some(u) if rtu => self.int_in(u, 1, 247, "unit (on a serial bus)"),
+                Some(u) => self.int_in(u, 0, 255, "unit"),
+            };
+            let interval = self.duration(d.interval.as_ref(), crate::modbus::DEFAULT_INTERVAL);
+            let heartbeat = self.duration(d.heartbeat.as_ref(), crate::modbus::DEFAULT_HEARTBEAT);
+            let mut registers: Vec<Register> = Vec::new();
+            for r in &d.register {
+                let rspan = r.span();
+                let r = r.get_ref();
+                let name = self
+                    .required(&r.name, &rspan, "name")
+                    .and_then(|n| self.name(n, "register name"));
+                let function = self
+                    .required(&r.function, &rspan, "function")
+                    .and_then(|f| self.parsed::<crate::modbus::Function>(f));
+                let address = match &r.address {
+                    None => {
+                        self.error(rspan.clone(), "missing field `address`");
+                        None
+                    }
+                    Some(a) => self.int_in(a, 0, 65535, "address"),
+                };
+                let value_type = match (&r.value_type, function) {
+                    (None, Some(f)) if f.is_bits() => Some(crate::modbus::ValueType::Bool),
+                    (None, _) => Some(crate::modbus::ValueType::U16),
+                    (Some(t), _) => self.parsed::<crate::modbus::ValueType>(t),
+                };
+                let word_order = match &r.word_order {
+                    None => Some(crate::modbus::WordOrder::Big),
+                    Some(w) => self.parsed::<crate::modbus::WordOrder>(w),
+                };
+                let (Some(name), Some(function), Some(address), Some(value_type), Some(word_order)) =
+                    (name, function, address, value_type, word_order)
+                else {
+                    continue;
+                };
+                let is_bool = value_type == crate::modbus::ValueType::Bool;
+                if function.is_bits() != is_bool {
+                    self.error(
+                        rspan.clone(),
+                        format!("register {name}: coils and discrete inputs are bool, registers are numbers"),
+                    );
+                    continue;
+                }
+                let write = match (&r.write_min, &r.write_max) {
+                    (None, None) => None,
+                    (Some(lo), Some(hi)) => {
+                        if !matches!(
+                            function,
+                            crate::modbus::Function::Holding | crate::modbus::Function::Coil
+                        ) {
+                            self.error(lo.span(), format!("register {name}: only holding registers and coils can be written"));
+                        }
+                        if lo.get_ref() > hi.get_ref() {
+                            self.error(
+                                hi.span(),
+                                format!("register {name}: write_max is below write_min"),
+                            );
+                        }
+                        Some((*lo.get_ref(), *hi.get_ref()))
+                    }
+                    _ => {
+                        self.error(rspan.clone(), format!("register {name}: a writable register needs both write_min and write_max"));
+                        None
+                    }
+                };
+                let scale = r.scale.as_ref().map_or(1.0, |x| *x.get_ref());
+                if scale == 0.0 {
+                    if let Some(x) = &r.scale {
+                        self.error(x.span(), "scale must not be zero");
+                    }
+                }
+                let reg = Register {
+                    address: u16::try_from(address).unwrap_or(0),
+                    name: name.clone(),
+                    function,
+                    value_type,
+                    word_order,
+                    scale,
+                    offset: r.offset.as_ref().map_or(0.0, |x| *x.get_ref()),
+                    unit: r.unit.as_ref().map(|u| u.get_ref().clone()),
+                    deadband: r.deadband.as_ref().map_or(0.0, |x| x.get_ref().abs()),
+                    write,
+                };
+                if reg.span().end > 65536 {
+                    self.error(
+                        rspan.clone(),
+                        format!("register {name} runs past address 65535"),
+                    );
+                    continue;
+                }
+                if registers.iter().any(|x| x.name == name) {
+                    self.error(rspan.clone(), format!("register {name} is defined twice"));
+                    continue;
+                }
+                if let Some(other) = registers.iter().find(|x| {
+                    x.function == function
+                        && x.span().start < reg.span().end
+                        && reg.span().start < x.span().end
+                }) {
+                    self.error(
+                        rspan.clone(),
+                        format!(
+                            "register {name} overlaps register {} in the same table",
+                            other.name
+                        ),
+                    );
+                    continue;
+                }
+                registers.push(reg);
+            }
+            if d.register.is_empty() {
+                self.error(
+                    span.clone(),
+                    "a modbus device needs at least one [[modbus.device.register]]",
+                );
+            }
+            if let (Some(id), Some(bus), Some(unit)) = (id, bus, unit) {
+                if out.iter().any(|x: &ModbusDevice| x.id == id) {
+                    self.error(span, format!("modbus device {id} is defined twice"));
+                    continue;
+                }
+                out.push(ModbusDevice {
+                    id,
+                    bus: bus.name,
+                    unit: u8::try_from(unit).unwrap_or(1),
+                    interval,
+                    heartbeat,
+                    registers,
+                });
+            }
+        }
+        crate::modbus::ModbusConfig {
+            buses,
+            devices: out,
+        }
+    }
+
     fn firewall(&mut self, f: &S<raw::RawFirewall>) -> Option<crate::firewall::FirewallConfig> {
         use crate::firewall::{Cidr, Forward, Proto};
         let span = f.span();
@@ -1118,5 +1397,54 @@ address = "10.0.0.8"
         assert!(has("not an IP address"), "{msgs:?}");
         assert!(has("protocol \"icmp\""), "{msgs:?}");
         assert!(has("missing field `port`"), "{msgs:?}");
+    }
+
+    #[test]
+    fn modbus_maps_are_checked_and_every_error_has_its_line() {
+        let ok = format!(
+            "{MINIMAL}\n[[modbus.bus]]\nname = \"plant\"\ntcp = \"10.70.3.10:502\"\n\
+             [[modbus.bus]]\nname = \"rs485\"\nserial = \"/dev/ttyUSB0\"\nparity = \"even\"\n\
+             [[modbus.device]]\nid = \"pump-1\"\nbus = \"plant\"\nunit = 1\n\
+             [[modbus.device.register]]\nname = \"temp\"\nfunction = \"holding\"\naddress = 0\n\
+             type = \"f32\"\nword_order = \"little\"\nscale = 0.1\nwrite_min = 2.0\nwrite_max = 8.0\n\
+             [[modbus.device.register]]\nname = \"door\"\nfunction = \"coil\"\naddress = 0\n"
+        );
+        let c = Config::parse(&ok, Path::new("/etc/wardgate/wardgate.toml")).unwrap();
+        let d = &c.modbus.devices[0];
+        assert_eq!(d.registers[0].value_type, crate::modbus::ValueType::F32);
+        assert_eq!(d.registers[0].write, Some((2.0, 8.0)));
+        assert_eq!(d.registers[1].value_type, crate::modbus::ValueType::Bool);
+        assert_eq!(d.interval, crate::modbus::DEFAULT_INTERVAL);
+
+        let bad = format!(
+            "{MINIMAL}\n[[modbus.bus]]\nname = \"plant\"\ntcp = \"nowhere\"\n\
+             [[modbus.device]]\nid = \"ghost\"\nbus = \"attic\"\nunit = 1\n\
+             [[modbus.device.register]]\nname = \"x\"\nfunction = \"holding\"\naddress = 0\n\
+             [[modbus.device]]\nid = \"pump-1\"\nbus = \"plant\"\nunit = 300\n\
+             [[modbus.device.register]]\nname = \"a\"\nfunction = \"holding\"\naddress = 10\ntype = \"f64\"\n\
+             [[modbus.device.register]]\nname = \"b\"\nfunction = \"holding\"\naddress = 12\n\
+             [[modbus.device.register]]\nname = \"c\"\nfunction = \"input\"\naddress = 65535\ntype = \"u32\"\n\
+             [[modbus.device.register]]\nname = \"d\"\nfunction = \"coil\"\naddress = 0\ntype = \"u16\"\n\
+             [[modbus.device.register]]\nname = \"e\"\nfunction = \"input\"\naddress = 0\ntype = \"u128\"\n\
+             [[modbus.device.register]]\nname = \"f\"\nfunction = \"input\"\naddress = 5\nwrite_min = 1.0\nwrite_max = 2.0\n"
+        );
+        let diags = errors(&bad);
+        let has = |needle: &str| diags.iter().find(|d| d.message.contains(needle));
+        for needle in [
+            "write \"HOST:PORT\"",
+            "not a registered [[device]]",
+            "unknown bus \"attic\"",
+            "unit must be between 0 and 255",
+            "register b overlaps register a",
+            "register c runs past address 65535",
+            "coils and discrete inputs are bool",
+            "type \"u128\"",
+            "only holding registers and coils can be written",
+        ] {
+            assert!(has(needle).is_some(), "{needle}: {diags:?}");
+        }
+        // Each error points at its own line.
+        let line = |needle: &str| has(needle).map(|d| d.line).unwrap();
+        assert!(line("unknown bus") < line("register b overlaps"));
     }
 }

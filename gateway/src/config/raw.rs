@@ -31,6 +31,7 @@ pub struct RawConfig {
     pub policy: RawPolicy,
     pub uplink: Option<S<RawUplink>>,
     pub firewall: Option<S<RawFirewall>>,
+    pub modbus: Option<S<RawModbus>>,
     #[serde(default)]
     pub device_class: Vec<S<RawDeviceClass>>,
     #[serde(default)]
@@ -164,4 +165,55 @@ pub struct RawForward {
     pub network: Option<S<String>>,
     pub protocol: Option<S<String>>,
     pub port: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModbus {
+    #[serde(default)]
+    pub bus: Vec<S<RawBus>>,
+    #[serde(default)]
+    pub device: Vec<S<RawModbusDevice>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBus {
+    pub name: Option<S<String>>,
+    pub tcp: Option<S<String>>,
+    pub serial: Option<S<String>>,
+    pub baud: Option<S<i64>>,
+    pub parity: Option<S<String>>,
+    pub stop_bits: Option<S<i64>>,
+    pub data_bits: Option<S<i64>>,
+    pub timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModbusDevice {
+    pub id: Option<S<String>>,
+    pub bus: Option<S<String>>,
+    pub unit: Option<S<i64>>,
+    pub interval: Option<S<String>>,
+    pub heartbeat: Option<S<String>>,
+    #[serde(default)]
+    pub register: Vec<S<RawRegister>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegister {
+    pub name: Option<S<String>>,
+    pub function: Option<S<String>>,
+    pub address: Option<S<i64>>,
+    #[serde(rename = "type")]
+    pub value_type: Option<S<String>>,
+    pub word_order: Option<S<String>>,
+    pub scale: Option<S<f64>>,
+    pub offset: Option<S<f64>>,
+    pub unit: Option<S<String>>,
+    pub deadband: Option<S<f64>>,
+    pub write_min: Option<S<f64>>,
+    pub write_max: Option<S<f64>>,
 }

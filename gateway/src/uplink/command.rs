@@ -2,10 +2,9 @@
 
 use std::net::SocketAddr;
 use std::sync::PoisonError;
-use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use tokio_util::sync::CancellationToken;
 
 use super::Uplink;
@@ -24,28 +23,22 @@ pub struct LocalDelivery {
 impl LocalDelivery {
     /// Connects to the embedded broker; the connection is kept (and re-made) by a task.
     pub fn start(broker: SocketAddr, shutdown: CancellationToken) -> LocalDelivery {
-        let mut o = MqttOptions::new(LOCAL_CLIENT_ID, broker.ip().to_string(), broker.port());
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(o, 64);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = eventloop.poll() => if let Err(e) = r {
-                        tracing::warn!(event = "uplink.local_link_failed", error = %e, "local broker link lost; retrying");
-                        // rumqttc reconnects on the next poll; pause so a dead broker is not spun on.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    },
-                }
-            }
-        });
-        LocalDelivery { client }
+        LocalDelivery {
+            client: crate::broker::local_session(broker, LOCAL_CLIENT_ID, shutdown),
+        }
     }
 
     /// Delivers an upstream command to its device, if policy allows.
     pub fn deliver(&self, uplink: &Uplink, topic: &Bytes, payload: Bytes) {
         let topic = String::from_utf8_lossy(topic);
+        if let Some((device, register)) = modbus_write(uplink, &topic) {
+            // A register write on a Modbus device: checked against its map and audited there.
+            let handle = uplink.modbus.clone();
+            tokio::spawn(async move {
+                handle.write(&device, &register, &payload, "upstream").await;
+            });
+            return;
+        }
         match route(uplink, &topic) {
             Ok((device, local)) => {
                 match self
@@ -88,6 +81,22 @@ impl LocalDelivery {
             }
         }
     }
+}
+
+/// The Modbus device and register an upstream command names: `…/{device}/cmd/modbus/{name}`
+/// for a device the poller knows.
+fn modbus_write(uplink: &Uplink, topic: &str) -> Option<(DeviceId, String)> {
+    let base = format!(
+        "{}/{}/{}/",
+        uplink.config.topic_prefix, uplink.site, uplink.gateway_id
+    );
+    let (device, rest) = topic.strip_prefix(&base)?.split_once('/')?;
+    let register = rest.strip_prefix("cmd/modbus/")?;
+    let device = DeviceId::parse(device).ok()?;
+    uplink
+        .modbus
+        .has(&device)
+        .then(|| (device, register.to_owned()))
 }
 
 /// The device and local topic of an upstream command topic, or why it is refused.

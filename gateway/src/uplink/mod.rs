@@ -60,6 +60,8 @@ pub struct Uplink {
     pub broker: SocketAddr,
     /// True while a session with the upstream broker is up (for `wardgate status`).
     pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Modbus devices, whose commands are register writes.
+    pub modbus: crate::modbus::ModbusHandle,
 }
 
 /// The upstream topic of a device topic.
@@ -249,6 +251,12 @@ impl Uplink {
                                 "upstream refused a record; it stays in the spool"
                             );
                         }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        tracing::info!(
+                            event = "uplink.commands_subscribed",
+                            "subscribed to commands from upstream"
+                        );
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         commands.deliver(self, &p.topic, p.payload.clone());

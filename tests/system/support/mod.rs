@@ -4,6 +4,7 @@
 //! refuse to send. Every port comes from the OS; every wait has a deadline.
 
 pub mod clients;
+pub mod modbus_sim;
 pub mod upstream;
 
 use std::net::SocketAddr;
