@@ -1,0 +1,353 @@
+//! `wardgate-release`: the fleet manager's side. Keys, a TUF repository (root, targets,
+//! snapshot, timestamp) and bundles in it, built with the `tough` crate.
+//!
+//! Layout of a repository directory:
+//!
+//! ```text
+//! REPO/metadata/   1.root.json (and N.root.json after rotations), root.json (latest),
+//!                  N.targets.json, N.snapshot.json, timestamp.json   (consistent snapshots)
+//! REPO/targets/    SHA256.NAME for every bundle file
+//! ```
+//!
+//! A bundle is two targets: the image (`{version}/{file}`) whose `custom` metadata holds
+//! `version`, `hardware` (the boards it fits) and `sbom` (the SBOM target's name), and the
+//! SBOM itself (`{version}/sbom.{ext}`). Keys are Ed25519 PKCS#8 files, mode 0600.
+//!
+//! Tested by `agent/tests/release.rs`, which builds repositories with this tool and loads
+//! them with tough's client, as the agent will.
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use aws_lc_rs::rand::SystemRandom;
+use tough::editor::signed::SignedRole;
+use tough::editor::RepositoryEditor;
+use tough::key_source::{KeySource, LocalKeySource};
+use tough::schema::decoded::{Decoded, Hex};
+use tough::schema::{KeyHolder, RoleKeys, RoleType, Root, Target};
+use tough::{RepositoryLoader, TargetName};
+
+/// The TUF specification version written into metadata.
+pub const SPEC_VERSION: &str = "1.0.0";
+
+/// Writes a new Ed25519 private key (PKCS#8) to `out`, mode 0600; refuses to overwrite.
+/// Returns its TUF key id.
+pub async fn keygen(out: &Path) -> anyhow::Result<String> {
+    let rng = SystemRandom::new();
+    let pkcs8 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| anyhow::anyhow!("cannot generate a key"))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .with_context(|| format!("{} (refusing to overwrite a key)", out.display()))?;
+        f.write_all(pkcs8.as_ref())?;
+        f.sync_all()?;
+    }
+    key_id(out).await
+}
+
+fn source(path: &Path) -> Box<dyn KeySource> {
+    Box::new(LocalKeySource {
+        path: path.to_owned(),
+    })
+}
+
+/// The TUF key id (hex) of the private key at `path`.
+pub async fn key_id(path: &Path) -> anyhow::Result<String> {
+    let signer = source(path)
+        .as_sign()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let id = signer
+        .tuf_key()
+        .key_id()
+        .with_context(|| format!("{}: no key id", path.display()))?;
+    Ok(id.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The keys of one role and how many must sign.
+#[derive(Debug, Clone)]
+pub struct RoleSpec {
+    pub keys: Vec<PathBuf>,
+    pub threshold: u64,
+}
+
+fn metadata_dir(repo: &Path) -> PathBuf {
+    repo.join("metadata")
+}
+
+fn targets_dir(repo: &Path) -> PathBuf {
+    repo.join("targets")
+}
+
+fn expiry(days: u64) -> anyhow::Result<jiff::Timestamp> {
+    let secs = i64::try_from(days.saturating_mul(86_400)).unwrap_or(i64::MAX);
+    jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .context("expiry out of range")
+}
+
+/// Creates a repository: a root (version 1) naming the keys and thresholds of every role,
+/// signed by the root keys, and empty targets, snapshot and timestamp.
+pub async fn init(
+    repo: &Path,
+    roles: &HashMap<RoleType, RoleSpec>,
+    root_days: u64,
+    other_days: u64,
+) -> anyhow::Result<()> {
+    let meta = metadata_dir(repo);
+    if meta.join("root.json").exists() {
+        bail!("{} already holds a repository", repo.display());
+    }
+    std::fs::create_dir_all(&meta)?;
+    std::fs::create_dir_all(targets_dir(repo))?;
+    let mut root = Root {
+        spec_version: SPEC_VERSION.to_owned(),
+        consistent_snapshot: true,
+        version: NonZeroU64::MIN,
+        expires: expiry(root_days)?,
+        keys: HashMap::new(),
+        roles: HashMap::new(),
+        _extra: HashMap::new(),
+    };
+    for role in [
+        RoleType::Root,
+        RoleType::Targets,
+        RoleType::Snapshot,
+        RoleType::Timestamp,
+    ] {
+        let spec = roles
+            .get(&role)
+            .with_context(|| format!("no keys for the {role} role"))?;
+        if spec.threshold == 0 || spec.threshold > spec.keys.len() as u64 {
+            bail!(
+                "{role}: threshold {} with {} keys",
+                spec.threshold,
+                spec.keys.len()
+            );
+        }
+        let mut keyids = Vec::new();
+        for k in &spec.keys {
+            let signer = source(k)
+                .as_sign()
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))?;
+            let key = signer.tuf_key();
+            let id: Decoded<Hex> = key.key_id().context("key id")?;
+            root.keys.insert(id.clone(), key);
+            keyids.push(id);
+        }
+        root.roles.insert(
+            role,
+            RoleKeys {
+                keyids,
+                threshold: NonZeroU64::new(spec.threshold).context("threshold")?,
+                _extra: HashMap::new(),
+            },
+        );
+    }
+    let root_sources: Vec<Box<dyn KeySource>> = roles[&RoleType::Root]
+        .keys
+        .iter()
+        .map(|k| source(k))
+        .collect();
+    let signed = SignedRole::new(
+        root.clone(),
+        &KeyHolder::Root(root),
+        &root_sources,
+        &SystemRandom::new(),
+    )
+    .await?;
+    let threshold = roles[&RoleType::Root].threshold;
+    if (signed.signed().signatures.len() as u64) < threshold {
+        bail!("root signed by fewer keys than its threshold");
+    }
+    signed.write(&meta, true).await?;
+    std::fs::copy(meta.join("1.root.json"), meta.join("root.json"))?;
+
+    let mut editor = RepositoryEditor::new(meta.join("root.json")).await?;
+    stamp(&mut editor, 1, other_days)?;
+    let all: Vec<PathBuf> = roles
+        .iter()
+        .filter(|(r, _)| **r != RoleType::Root)
+        .flat_map(|(_, s)| s.keys.clone())
+        .collect();
+    sign_and_write(editor, repo, &all).await.map(|_| ())
+}
+
+/// Sets versions and expiries of targets, snapshot and timestamp.
+fn stamp(editor: &mut RepositoryEditor, version: u64, days: u64) -> anyhow::Result<()> {
+    let v = NonZeroU64::new(version).context("version")?;
+    let e = expiry(days)?;
+    editor
+        .targets_version(v)?
+        .targets_expires(e)?
+        .snapshot_version(v)
+        .snapshot_expires(e)
+        .timestamp_version(v)
+        .timestamp_expires(e);
+    Ok(())
+}
+
+/// Signs every role the editor holds with `keys` and writes the metadata.
+async fn sign_and_write(
+    editor: RepositoryEditor,
+    repo: &Path,
+    keys: &[PathBuf],
+) -> anyhow::Result<tough::editor::signed::SignedRepository> {
+    let sources: Vec<Box<dyn KeySource>> = keys.iter().map(|k| source(k)).collect();
+    let signed = editor
+        .sign(&sources)
+        .await
+        .context("signing failed: every role needs keys of its own up to its threshold")?;
+    signed.write(metadata_dir(repo)).await?;
+    Ok(signed)
+}
+
+/// Loads the repository in `repo` the way a client does, trusting `root` (default: the
+/// repository's first root, as an appliance image ships it).
+pub async fn load(repo: &Path, root: Option<&Path>) -> anyhow::Result<tough::Repository> {
+    let meta = metadata_dir(repo);
+    let root_path = root.map_or_else(|| meta.join("1.root.json"), Path::to_path_buf);
+    let root_bytes = std::fs::read(&root_path)
+        .with_context(|| format!("trusted root {}", root_path.display()))?;
+    let dir_url = |p: &Path| -> anyhow::Result<url::Url> {
+        let abs = std::fs::canonicalize(p)?;
+        url::Url::from_directory_path(&abs)
+            .map_err(|()| anyhow::anyhow!("{} is not a directory path", abs.display()))
+    };
+    let repository =
+        RepositoryLoader::new(&root_bytes, dir_url(&meta)?, dir_url(&targets_dir(repo))?)
+            .load()
+            .await?;
+    Ok(repository)
+}
+
+/// A bundle to add.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub image: PathBuf,
+    pub version: String,
+    pub hardware: Vec<String>,
+    pub sbom: PathBuf,
+}
+
+/// Adds a bundle and re-signs targets, snapshot and timestamp (one version up).
+pub async fn add(repo: &Path, bundle: &Bundle, keys: &[PathBuf], days: u64) -> anyhow::Result<()> {
+    let current = load(repo, None).await?;
+    let next = current.targets().signed.version.get() + 1;
+    if current
+        .targets()
+        .signed
+        .targets
+        .values()
+        .any(|t| t.custom.get("version").and_then(|v| v.as_str()) == Some(&bundle.version))
+    {
+        bail!("version {} is already in the repository", bundle.version);
+    }
+    let file_name = |p: &Path| -> anyhow::Result<String> {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .with_context(|| format!("{} has no file name", p.display()))
+    };
+    let image_name = TargetName::new(format!("{}/{}", bundle.version, file_name(&bundle.image)?))?;
+    let sbom_name = TargetName::new(format!(
+        "{}/sbom-{}",
+        bundle.version,
+        file_name(&bundle.sbom)?
+    ))?;
+    let mut image = Target::from_path(&bundle.image).await?;
+    image
+        .custom
+        .insert("version".into(), bundle.version.clone().into());
+    image
+        .custom
+        .insert("hardware".into(), serde_json::json!(bundle.hardware));
+    image
+        .custom
+        .insert("sbom".into(), sbom_name.raw().to_owned().into());
+    let sbom = Target::from_path(&bundle.sbom).await?;
+
+    let root = metadata_dir(repo).join("root.json");
+    let mut editor = RepositoryEditor::from_repo(&root, current).await?;
+    editor
+        .add_target(image_name.clone(), image)?
+        .add_target(sbom_name.clone(), sbom)?;
+    stamp(&mut editor, next, days)?;
+    let signed = sign_and_write(editor, repo, keys).await?;
+    // Target files under their hash-prefixed names (consistent snapshots).
+    for (name, path) in [(&image_name, &bundle.image), (&sbom_name, &bundle.sbom)] {
+        signed
+            .copy_target(
+                path,
+                &targets_dir(repo),
+                tough::editor::signed::PathExists::Skip,
+                Some(name),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Listing {
+    pub targets_version: u64,
+    pub expires: String,
+    /// (name, version, hardware) of every image.
+    pub images: Vec<(String, String, Vec<String>)>,
+}
+
+/// Loads the repository as a client would, checks every target's length and hash, and
+/// lists the images.
+pub async fn verify(repo: &Path, root: Option<&Path>) -> anyhow::Result<Listing> {
+    let r = load(repo, root).await?;
+    let mut images = Vec::new();
+    for (name, t) in &r.targets().signed.targets {
+        // Reading a target checks its length and hash against the signed metadata.
+        let stream = r
+            .read_target(name)
+            .await?
+            .with_context(|| format!("target {} is missing", name.raw()))?;
+        drain(stream)
+            .await
+            .with_context(|| format!("target {}", name.raw()))?;
+        if let Some(v) = t.custom.get("version").and_then(|v| v.as_str()) {
+            let hardware = t
+                .custom
+                .get("hardware")
+                .and_then(|h| serde_json::from_value(h.clone()).ok())
+                .unwrap_or_default();
+            images.push((name.raw().to_owned(), v.to_owned(), hardware));
+        }
+    }
+    images.sort();
+    Ok(Listing {
+        targets_version: r.targets().signed.version.get(),
+        expires: r.targets().signed.expires.to_string(),
+        images,
+    })
+}
+
+async fn drain(
+    mut stream: impl futures_core::Stream<Item = tough::error::Result<bytes::Bytes>> + Unpin,
+) -> anyhow::Result<u64> {
+    use futures_util::StreamExt;
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        n += chunk?.len() as u64;
+    }
+    Ok(n)
+}
+
+/// How long metadata stays valid by default.
+pub const DEFAULT_ROOT_DAYS: u64 = 365;
+pub const DEFAULT_DAYS: u64 = 7;

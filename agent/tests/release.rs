@@ -1,0 +1,226 @@
+//! `wardgate-release` end to end: repositories built by the tool in a temporary directory
+//! and loaded with tough's client (what the agent will do); tampering, a wrong key, too few
+//! signatures, expiry and a foreign root are each refused with a clear error.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const RELEASE: &str = env!("CARGO_BIN_EXE_wardgate-release");
+
+/// Arguments as owned strings, from literals and paths alike.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { [$($a.to_string()),*] };
+}
+
+fn release<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let out = Command::new(RELEASE).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let (ok, out) = release(args);
+    assert!(ok, "wardgate-release {args:?}: {out}");
+    out
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Keys for every role (two for targets), and a repository whose targets role needs
+    /// `targets_threshold` of them.
+    fn new(targets_threshold: u64) -> Fleet {
+        let f = Fleet {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for k in [
+            "root",
+            "targets",
+            "targets2",
+            "snapshot",
+            "timestamp",
+            "stranger",
+        ] {
+            let id = ok(&args!["keygen", f.s(&format!("{k}.key"))]);
+            assert_eq!(id.trim().len(), 64, "a hex key id: {id}");
+        }
+        let t = targets_threshold.to_string();
+        ok(&args![
+            "init",
+            "--repo",
+            f.s("repo"),
+            "--root-key",
+            f.s("root.key"),
+            "--targets-key",
+            f.s("targets.key"),
+            "--targets-key",
+            f.s("targets2.key"),
+            "--targets-threshold",
+            &t,
+            "--snapshot-key",
+            f.s("snapshot.key"),
+            "--timestamp-key",
+            f.s("timestamp.key"),
+        ]);
+        f
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn s(&self, rel: &str) -> String {
+        self.p(rel).to_str().unwrap().to_owned()
+    }
+
+    /// Writes an image and an SBOM for `version` and adds them signed by `keys`.
+    fn add(&self, version: &str, keys: &[&str], extra: &[&str]) -> (bool, String) {
+        let image = self.p(&format!("wardgate-{version}.img"));
+        std::fs::write(&image, format!("image {version}").repeat(1000)).unwrap();
+        let sbom = self.p(&format!("sbom-{version}.json"));
+        std::fs::write(
+            &sbom,
+            format!("{{\"spdxVersion\":\"SPDX-2.3\",\"name\":\"{version}\"}}"),
+        )
+        .unwrap();
+        let mut args = args![
+            "add",
+            "--repo",
+            self.s("repo"),
+            "--image",
+            image.display(),
+            "--version",
+            version,
+            "--hardware",
+            "rpi4",
+            "--hardware",
+            "qemu-virt",
+            "--sbom",
+            sbom.display(),
+        ]
+        .to_vec();
+        for k in keys {
+            args.extend(args!["--key", self.s(&format!("{k}.key"))]);
+        }
+        args.extend(extra.iter().map(ToString::to_string));
+        release(&args)
+    }
+
+    fn verify(&self) -> (bool, String) {
+        release(&args!["verify", "--repo", self.s("repo"), "--json"])
+    }
+}
+
+const SIGNERS: [&str; 3] = ["targets", "snapshot", "timestamp"];
+
+#[test]
+fn bundles_are_listed_with_version_and_hardware_after_a_client_side_load() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    let (good, out) = f.verify();
+    assert!(good, "{out}");
+    let listing: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listing["targets_version"], 3);
+    let images = listing["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[1][1], "1.1.0");
+    assert_eq!(images[1][2], serde_json::json!(["rpi4", "qemu-virt"]));
+    let (again, err) = f.add("1.1.0", &SIGNERS, &[]);
+    assert!(!again && err.contains("already in the repository"), "{err}");
+}
+
+#[test]
+fn a_flipped_bit_in_an_image_is_refused() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    let image = find(&f.p("repo/targets"), "wardgate-1.0.0.img");
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&image, bytes).unwrap();
+    let (good, out) = f.verify();
+    assert!(!good, "{out}");
+    assert!(out.to_lowercase().contains("hash"), "{out}");
+}
+
+#[test]
+fn targets_signed_by_a_key_the_root_does_not_name_are_refused_and_nothing_changes() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    let (added, out) = f.add("2.0.0", &["stranger", "snapshot", "timestamp"], &[]);
+    assert!(!added, "{out}");
+    assert!(out.contains("signing failed"), "{out}");
+    let (good, listing) = f.verify();
+    assert!(good && !listing.contains("2.0.0"), "{listing}");
+}
+
+#[test]
+fn signatures_below_the_threshold_are_refused() {
+    let f = Fleet::new(2);
+    let (added, out) = f.add("1.0.0", &SIGNERS, &[]);
+    assert!(!added, "one of two targets keys must not do: {out}");
+    let (added, out) = f.add(
+        "1.0.0",
+        &["targets", "targets2", "snapshot", "timestamp"],
+        &[],
+    );
+    assert!(added, "{out}");
+    assert!(f.verify().0);
+}
+
+#[test]
+fn expired_metadata_is_refused() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &["--days", "0"]).0);
+    let (good, out) = f.verify();
+    assert!(!good, "{out}");
+    assert!(out.to_lowercase().contains("expired"), "{out}");
+}
+
+#[test]
+fn a_repository_is_refused_under_another_fleets_root() {
+    let (f, other) = (Fleet::new(1), Fleet::new(1));
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    let foreign = other.s("repo/metadata/1.root.json");
+    let (good, out) = release(&args!["verify", "--repo", f.s("repo"), "--root", foreign]);
+    assert!(!good, "{out}");
+    assert!(out.to_lowercase().contains("signature"), "{out}");
+}
+
+#[test]
+fn keygen_refuses_to_overwrite_and_makes_private_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fleet::new(1);
+    let mode = std::fs::metadata(f.p("root.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (made, out) = release(&args!["keygen", f.s("root.key")]);
+    assert!(!made && out.contains("refusing to overwrite"), "{out}");
+}
+
+/// The file under `dir` (recursively) whose path ends with `suffix`.
+fn find(dir: &Path, suffix: &str) -> PathBuf {
+    fn walk(dir: &Path, suffix: &str) -> Option<PathBuf> {
+        for e in std::fs::read_dir(dir).ok()? {
+            let p = e.ok()?.path();
+            let found = if p.is_dir() {
+                walk(&p, suffix)
+            } else {
+                p.to_string_lossy().ends_with(suffix).then_some(p)
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+    walk(dir, suffix).unwrap_or_else(|| panic!("no {suffix} under {}", dir.display()))
+}
