@@ -214,6 +214,20 @@ async fn sign_and_write(
 /// Loads the repository in `repo` the way a client does, trusting `root` (default: the
 /// repository's first root, as an appliance image ships it).
 pub async fn load(repo: &Path, root: Option<&Path>) -> anyhow::Result<tough::Repository> {
+    load_with(repo, root, tough::ExpirationEnforcement::Safe).await
+}
+
+/// The repository for editing by its owner: every signature is checked, expiry is not
+/// (re-signing is how lapsed metadata is renewed).
+async fn load_own(repo: &Path) -> anyhow::Result<tough::Repository> {
+    load_with(repo, None, tough::ExpirationEnforcement::Unsafe).await
+}
+
+async fn load_with(
+    repo: &Path,
+    root: Option<&Path>,
+    expiry: tough::ExpirationEnforcement,
+) -> anyhow::Result<tough::Repository> {
     let meta = metadata_dir(repo);
     let root_path = root.map_or_else(|| meta.join("1.root.json"), Path::to_path_buf);
     let root_bytes = std::fs::read(&root_path)
@@ -225,6 +239,7 @@ pub async fn load(repo: &Path, root: Option<&Path>) -> anyhow::Result<tough::Rep
     };
     let repository =
         RepositoryLoader::new(&root_bytes, dir_url(&meta)?, dir_url(&targets_dir(repo))?)
+            .expiration_enforcement(expiry)
             .load()
             .await?;
     Ok(repository)
@@ -241,7 +256,7 @@ pub struct Bundle {
 
 /// Adds a bundle and re-signs targets, snapshot and timestamp (one version up).
 pub async fn add(repo: &Path, bundle: &Bundle, keys: &[PathBuf], days: u64) -> anyhow::Result<()> {
-    let current = load(repo, None).await?;
+    let current = load_own(repo).await?;
     let next = current.targets().signed.version.get() + 1;
     if current
         .targets()
@@ -295,6 +310,148 @@ pub async fn add(repo: &Path, bundle: &Bundle, keys: &[PathBuf], days: u64) -> a
             .await?;
     }
     Ok(())
+}
+
+/// Re-signs snapshot and timestamp with new versions and expiry, so that clients keep
+/// accepting the repository: run it before they expire. Needs only the snapshot and
+/// timestamp keys; the signed targets metadata is left exactly as it is.
+pub async fn refresh(repo: &Path, keys: &[PathBuf], days: u64) -> anyhow::Result<()> {
+    let current = load_own(repo).await?;
+    let meta = metadata_dir(repo);
+    let root: tough::schema::Signed<Root> =
+        serde_json::from_slice(&std::fs::read(meta.join("root.json"))?)?;
+    let holder = KeyHolder::Root(root.signed);
+    let sources: Vec<Box<dyn KeySource>> = keys.iter().map(|k| source(k)).collect();
+    let rng = SystemRandom::new();
+    let e = expiry(days)?;
+
+    let mut snapshot = current.snapshot().signed.clone();
+    snapshot.version = snapshot
+        .version
+        .checked_add(1)
+        .context("snapshot version")?;
+    snapshot.expires = e;
+    let snapshot = SignedRole::new(snapshot, &holder, &sources, &rng)
+        .await
+        .context("signing the snapshot needs its keys up to its threshold")?;
+
+    let mut timestamp = current.timestamp().signed.clone();
+    timestamp.version = timestamp
+        .version
+        .checked_add(1)
+        .context("timestamp version")?;
+    timestamp.expires = e;
+    timestamp.meta.insert(
+        "snapshot.json".to_owned(),
+        tough::schema::Metafile {
+            length: Some(*snapshot.length()),
+            hashes: Some(tough::schema::Hashes {
+                sha256: snapshot.sha256().to_vec().into(),
+                _extra: HashMap::new(),
+            }),
+            version: snapshot.signed().signed.version,
+            _extra: HashMap::new(),
+        },
+    );
+    let timestamp = SignedRole::new(timestamp, &holder, &sources, &rng)
+        .await
+        .context("signing the timestamp needs its keys up to its threshold")?;
+    // Snapshot first: a client reading the new timestamp must find its snapshot.
+    snapshot.write(&meta, true).await?;
+    timestamp.write(&meta, true).await?;
+    Ok(())
+}
+
+/// Replaces the root keys with `new_keys` (threshold `threshold`) in a new root version,
+/// signed by the current root keys up to the current threshold and by the new keys up to
+/// the new one; refused otherwise. Clients that trust an older root follow the chain.
+pub async fn rotate(
+    repo: &Path,
+    old_keys: &[PathBuf],
+    new_keys: &[PathBuf],
+    threshold: u64,
+    days: u64,
+) -> anyhow::Result<u64> {
+    let meta = metadata_dir(repo);
+    let current: tough::schema::Signed<Root> = serde_json::from_slice(
+        &std::fs::read(meta.join("root.json")).context("the repository's root.json")?,
+    )?;
+    let old = current.signed;
+    if threshold == 0 || threshold > new_keys.len() as u64 {
+        bail!("threshold {threshold} with {} new keys", new_keys.len());
+    }
+    let mut new = old.clone();
+    new.version = old.version.checked_add(1).context("root version")?;
+    new.expires = expiry(days)?;
+    let mut keyids = Vec::new();
+    for k in new_keys {
+        let key = source(k)
+            .as_sign()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))?
+            .tuf_key();
+        let id: Decoded<Hex> = key.key_id().context("key id")?;
+        new.keys.insert(id.clone(), key);
+        keyids.push(id);
+    }
+    new.roles.insert(
+        RoleType::Root,
+        RoleKeys {
+            keyids,
+            threshold: NonZeroU64::new(threshold).context("threshold")?,
+            _extra: HashMap::new(),
+        },
+    );
+    // Keys no role names any more leave the root.
+    let named: std::collections::HashSet<Decoded<Hex>> = new
+        .roles
+        .values()
+        .flat_map(|r| r.keyids.iter().cloned())
+        .collect();
+    new.keys.retain(|id, _| named.contains(id));
+
+    let rng = SystemRandom::new();
+    let sources =
+        |keys: &[PathBuf]| -> Vec<Box<dyn KeySource>> { keys.iter().map(|k| source(k)).collect() };
+    let by_new = SignedRole::new(
+        new.clone(),
+        &KeyHolder::Root(new.clone()),
+        &sources(new_keys),
+        &rng,
+    )
+    .await?;
+    let by_old = SignedRole::new(
+        new.clone(),
+        &KeyHolder::Root(old.clone()),
+        &sources(old_keys),
+        &rng,
+    )
+    .await
+    .context("the old keys given are not the current root keys: a rotation needs both")?;
+    let count = |sigs: &[tough::schema::Signature], role: &RoleKeys| {
+        sigs.iter()
+            .filter(|s| role.keyids.contains(&s.keyid))
+            .count() as u64
+    };
+    let old_role = &old.roles[&RoleType::Root];
+    if count(&by_old.signed().signatures, old_role) < old_role.threshold.get() {
+        bail!(
+            "the current root keys given sign below the current threshold ({}): a rotation needs both",
+            old_role.threshold
+        );
+    }
+    let new_role = &new.roles[&RoleType::Root];
+    if count(&by_new.signed().signatures, new_role) < new_role.threshold.get() {
+        bail!("the new root keys sign below the new threshold ({threshold})");
+    }
+    let signed = by_new.add_old_signatures(by_old.signed().signatures.clone())?;
+    let version = new.version.get();
+    signed.write(&meta, true).await?;
+    std::fs::copy(
+        meta.join(format!("{version}.root.json")),
+        meta.join("root.json"),
+    )?;
+    Ok(version)
 }
 
 /// What `verify` found.

@@ -224,3 +224,75 @@ fn find(dir: &Path, suffix: &str) -> PathBuf {
     }
     walk(dir, suffix).unwrap_or_else(|| panic!("no {suffix} under {}", dir.display()))
 }
+
+#[test]
+fn refresh_renews_snapshot_and_timestamp_with_their_keys_alone() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    let repo = f.s("repo");
+    let (snap, ts) = (f.s("snapshot.key"), f.s("timestamp.key"));
+    // Let snapshot and timestamp lapse: refused; refreshed: accepted again.
+    ok(&args![
+        "refresh", "--repo", &repo, "--key", &snap, "--key", &ts, "--days", "0"
+    ]);
+    let (good, out) = f.verify();
+    assert!(!good && out.to_lowercase().contains("expired"), "{out}");
+    ok(&args![
+        "refresh", "--repo", &repo, "--key", &snap, "--key", &ts
+    ]);
+    let (good, out) = f.verify();
+    assert!(good && out.contains("1.0.0"), "{out}");
+    // Without the timestamp key it cannot be done.
+    let (done, out) = release(&args!["refresh", "--repo", &repo, "--key", &snap]);
+    assert!(!done && out.contains("timestamp"), "{out}");
+}
+
+#[test]
+fn root_rotation_needs_both_thresholds_and_clients_follow_it() {
+    let f = Fleet::new(1);
+    ok(&args!["keygen", f.s("newroot.key")]);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    let repo = f.s("repo");
+    // Without the current root key: refused, nothing written.
+    let (rotated, out) = release(&args![
+        "rotate",
+        "--repo",
+        repo,
+        "--old-key",
+        f.s("stranger.key"),
+        "--new-key",
+        f.s("newroot.key")
+    ]);
+    assert!(!rotated && out.contains("a rotation needs both"), "{out}");
+    assert!(!f.p("repo/metadata/2.root.json").exists());
+    // With both: a client that trusts root 1 follows to root 2.
+    ok(&args![
+        "rotate",
+        "--repo",
+        repo,
+        "--old-key",
+        f.s("root.key"),
+        "--new-key",
+        f.s("newroot.key")
+    ]);
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    let (good, out) = f.verify();
+    assert!(good && out.contains("1.1.0"), "{out}");
+
+    // A root 2 carrying only the new key's signature (an attacker holding only that key)
+    // is refused by a client that trusts root 1.
+    let path = f.p("repo/metadata/2.root.json");
+    let mut root: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let keep = root["signed"]["roles"]["root"]["keyids"][0].clone();
+    root["signatures"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|s| s["keyid"] == keep);
+    std::fs::write(&path, serde_json::to_vec(&root).unwrap()).unwrap();
+    let (good, out) = f.verify();
+    assert!(
+        !good,
+        "a root without the old key's signature was accepted: {out}"
+    );
+}

@@ -63,6 +63,29 @@ enum Command {
         #[arg(long, default_value_t = release::DEFAULT_DAYS)]
         days: u64,
     },
+    /// Re-sign snapshot and timestamp before they expire (their keys alone).
+    Refresh {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = release::DEFAULT_DAYS)]
+        days: u64,
+    },
+    /// Replace the root keys: a new root version signed by the current root keys (up to the
+    /// current threshold) and by the new ones (up to the new threshold).
+    Rotate {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long = "old-key", required = true)]
+        old_keys: Vec<PathBuf>,
+        #[arg(long = "new-key", required = true)]
+        new_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        threshold: u64,
+        #[arg(long, default_value_t = release::DEFAULT_ROOT_DAYS)]
+        days: u64,
+    },
     /// Load the repository as a client would, check every target, list the images.
     Verify {
         #[arg(long)]
@@ -140,6 +163,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             release::add(&repo, &bundle, &keys, days).await?;
             println!("added {}", bundle.version);
+        }
+        Command::Refresh { repo, keys, days } => {
+            release::refresh(&repo, &keys, days).await?;
+            println!("snapshot and timestamp re-signed");
+        }
+        Command::Rotate {
+            repo,
+            old_keys,
+            new_keys,
+            threshold,
+            days,
+        } => {
+            let v = release::rotate(&repo, &old_keys, &new_keys, threshold, days).await?;
+            println!("root version {v} written");
         }
         Command::Verify { repo, root, json } => {
             let listing = release::verify(&repo, root.as_deref()).await?;
