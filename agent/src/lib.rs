@@ -5,3 +5,4 @@
 //! its issue.
 
 pub mod release;
+pub mod update;

@@ -4,120 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+#[macro_use]
+mod common;
 
-const RELEASE: &str = env!("CARGO_BIN_EXE_wardgate-release");
-
-/// Arguments as owned strings, from literals and paths alike.
-macro_rules! args {
-    ($($a:expr),* $(,)?) => { [$($a.to_string()),*] };
-}
-
-fn release<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
-    let out = Command::new(RELEASE).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let (ok, out) = release(args);
-    assert!(ok, "wardgate-release {args:?}: {out}");
-    out
-}
-
-struct Fleet {
-    dir: tempfile::TempDir,
-}
-
-impl Fleet {
-    /// Keys for every role (two for targets), and a repository whose targets role needs
-    /// `targets_threshold` of them.
-    fn new(targets_threshold: u64) -> Fleet {
-        let f = Fleet {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        for k in [
-            "root",
-            "targets",
-            "targets2",
-            "snapshot",
-            "timestamp",
-            "stranger",
-        ] {
-            let id = ok(&args!["keygen", f.s(&format!("{k}.key"))]);
-            assert_eq!(id.trim().len(), 64, "a hex key id: {id}");
-        }
-        let t = targets_threshold.to_string();
-        ok(&args![
-            "init",
-            "--repo",
-            f.s("repo"),
-            "--root-key",
-            f.s("root.key"),
-            "--targets-key",
-            f.s("targets.key"),
-            "--targets-key",
-            f.s("targets2.key"),
-            "--targets-threshold",
-            &t,
-            "--snapshot-key",
-            f.s("snapshot.key"),
-            "--timestamp-key",
-            f.s("timestamp.key"),
-        ]);
-        f
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn s(&self, rel: &str) -> String {
-        self.p(rel).to_str().unwrap().to_owned()
-    }
-
-    /// Writes an image and an SBOM for `version` and adds them signed by `keys`.
-    fn add(&self, version: &str, keys: &[&str], extra: &[&str]) -> (bool, String) {
-        let image = self.p(&format!("wardgate-{version}.img"));
-        std::fs::write(&image, format!("image {version}").repeat(1000)).unwrap();
-        let sbom = self.p(&format!("sbom-{version}.json"));
-        std::fs::write(
-            &sbom,
-            format!("{{\"spdxVersion\":\"SPDX-2.3\",\"name\":\"{version}\"}}"),
-        )
-        .unwrap();
-        let mut args = args![
-            "add",
-            "--repo",
-            self.s("repo"),
-            "--image",
-            image.display(),
-            "--version",
-            version,
-            "--hardware",
-            "rpi4",
-            "--hardware",
-            "qemu-virt",
-            "--sbom",
-            sbom.display(),
-        ]
-        .to_vec();
-        for k in keys {
-            args.extend(args!["--key", self.s(&format!("{k}.key"))]);
-        }
-        args.extend(extra.iter().map(ToString::to_string));
-        release(&args)
-    }
-
-    fn verify(&self) -> (bool, String) {
-        release(&args!["verify", "--repo", self.s("repo"), "--json"])
-    }
-}
-
-const SIGNERS: [&str; 3] = ["targets", "snapshot", "timestamp"];
+use common::{find, ok, release, Fleet, SIGNERS};
 
 #[test]
 fn bundles_are_listed_with_version_and_hardware_after_a_client_side_load() {
@@ -204,25 +94,6 @@ fn keygen_refuses_to_overwrite_and_makes_private_files() {
     assert_eq!(mode & 0o777, 0o600);
     let (made, out) = release(&args!["keygen", f.s("root.key")]);
     assert!(!made && out.contains("refusing to overwrite"), "{out}");
-}
-
-/// The file under `dir` (recursively) whose path ends with `suffix`.
-fn find(dir: &Path, suffix: &str) -> PathBuf {
-    fn walk(dir: &Path, suffix: &str) -> Option<PathBuf> {
-        for e in std::fs::read_dir(dir).ok()? {
-            let p = e.ok()?.path();
-            let found = if p.is_dir() {
-                walk(&p, suffix)
-            } else {
-                p.to_string_lossy().ends_with(suffix).then_some(p)
-            };
-            if found.is_some() {
-                return found;
-            }
-        }
-        None
-    }
-    walk(dir, suffix).unwrap_or_else(|| panic!("no {suffix} under {}", dir.display()))
 }
 
 #[test]

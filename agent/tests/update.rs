@@ -1,0 +1,93 @@
+//! The agent's choice of bundle, against repositories built by `wardgate-release`: the
+//! newest bundle for this hardware above the version floor; software rollback, other
+//! hardware and a replayed older snapshot and timestamp (mix-and-match) are refused with a
+//! clear error.
+
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use common::{Fleet, SIGNERS};
+use wardgate_agent::update::{self, Source, UpdateError, Version};
+
+fn source(f: &Fleet, datastore: &str) -> Source {
+    Source {
+        metadata_url: update::dir_url(&f.p("repo/metadata")).unwrap(),
+        targets_url: update::dir_url(&f.p("repo/targets")).unwrap(),
+        trusted_root: f.p("repo/metadata/1.root.json"),
+        datastore: f.p(datastore),
+    }
+}
+
+fn v(s: &str) -> Version {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_newest_bundle_for_this_hardware_above_the_floor_is_chosen() {
+    let f = Fleet::new(1);
+    for version in ["1.0.0", "1.2.0", "1.10.0"] {
+        assert!(f.add(version, &SIGNERS, &[]).0);
+    }
+    let repo = update::load(&source(&f, "store")).await.unwrap();
+    let c = update::newest(&repo, "rpi4", &v("1.0.0")).unwrap().unwrap();
+    assert_eq!(c.version, v("1.10.0"), "numeric, not lexical, order");
+    assert!(c.sbom.unwrap().contains("1.10.0"));
+    assert_eq!(update::newest(&repo, "rpi4", &v("1.10.0")).unwrap(), None);
+    assert_eq!(update::newest(&repo, "rpi5", &v("0")).unwrap(), None);
+}
+
+#[tokio::test]
+async fn rollback_to_a_version_at_or_below_the_floor_is_refused() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    let repo = update::load(&source(&f, "store")).await.unwrap();
+    let e = update::select(&repo, "1.0.0", "rpi4", &v("1.1.0")).unwrap_err();
+    assert!(matches!(e, UpdateError::BelowFloor { .. }), "{e}");
+    assert!(e.to_string().contains("rollback refused"), "{e}");
+    assert!(update::select(&repo, "1.1.0", "rpi4", &v("1.1.0")).is_err());
+    assert!(update::select(&repo, "1.1.0", "rpi4", &v("1.0.0")).is_ok());
+}
+
+#[tokio::test]
+async fn a_bundle_for_other_hardware_is_refused() {
+    let f = Fleet::new(1);
+    assert!(f.add("2.0.0", &SIGNERS, &[]).0);
+    let repo = update::load(&source(&f, "store")).await.unwrap();
+    let e = update::select(&repo, "2.0.0", "beaglebone", &v("1.0.0")).unwrap_err();
+    assert!(matches!(e, UpdateError::Incompatible { .. }), "{e}");
+    assert!(e.to_string().contains("not for this hardware"), "{e}");
+}
+
+#[tokio::test]
+async fn a_replayed_older_snapshot_and_timestamp_are_refused() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    // The appliance checks and trusts this state.
+    update::load(&source(&f, "store")).await.unwrap();
+    let meta = f.p("repo/metadata");
+    let old_timestamp = std::fs::read(meta.join("timestamp.json")).unwrap();
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    let repo = update::load(&source(&f, "store")).await.unwrap();
+    assert!(update::newest(&repo, "rpi4", &v("1.0.0"))
+        .unwrap()
+        .is_some());
+    // An attacker (or a stale mirror) serves the older timestamp, which names the older
+    // snapshot: the appliance has seen newer ones and refuses.
+    std::fs::write(meta.join("timestamp.json"), old_timestamp).unwrap();
+    let e = update::load(&source(&f, "store")).await.unwrap_err();
+    assert!(matches!(e, UpdateError::Metadata(_)), "{e}");
+    assert!(e.to_string().to_lowercase().contains("version"), "{e}");
+    // A fresh appliance without that memory would accept it: the datastore is the defence.
+    assert!(update::load(&source(&f, "fresh-store")).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_expired_timestamp_freezes_nothing_in() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &["--days", "0"]).0);
+    let e = update::load(&source(&f, "store")).await.unwrap_err();
+    assert!(e.to_string().to_lowercase().contains("expired"), "{e}");
+}
