@@ -103,6 +103,10 @@ pub enum UpdateError {
     NoSuchVersion(String),
     #[error("bundle {0} has no valid version in its metadata")]
     BadBundle(String),
+    #[error("download refused: {0}")]
+    Download(String),
+    #[error("slot: {0}")]
+    Slot(String),
 }
 
 /// Loads the repository through TUF (see the module docs).
@@ -203,6 +207,56 @@ pub fn select(
         });
     }
     Ok(c)
+}
+
+/// Streams the bundle's image into the (inactive) slot at `slot`, as tough reads it: a
+/// target longer than its signed length, or whose hash does not match, fails the copy. The
+/// slot is written in place — no temporary copy of the image — and synced; it is only ever
+/// made bootable after this returns `Ok` (by the boot backend, a later step).
+pub async fn write_to_slot(
+    repo: &tough::Repository,
+    candidate: &Candidate,
+    slot: &Path,
+) -> Result<u64, UpdateError> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let name = tough::TargetName::new(candidate.target.clone())
+        .map_err(|e| UpdateError::Metadata(e.to_string()))?;
+    let mut stream = repo
+        .read_target(&name)
+        .await
+        .map_err(|e| UpdateError::Download(e.to_string()))?
+        .ok_or_else(|| {
+            UpdateError::Download(format!("{} is not in the repository", candidate.target))
+        })?;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(slot)
+        .map_err(|e| UpdateError::Slot(format!("{}: {e}", slot.display())))?;
+    let mut written = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| UpdateError::Download(e.to_string()))?;
+        written += chunk.len() as u64;
+        if written > candidate.length {
+            return Err(UpdateError::Download(format!(
+                "more than the signed length of {} bytes",
+                candidate.length
+            )));
+        }
+        out.write_all(&chunk)
+            .map_err(|e| UpdateError::Slot(format!("{}: {e}", slot.display())))?;
+    }
+    if written != candidate.length {
+        return Err(UpdateError::Download(format!(
+            "{written} bytes, not the signed length of {}",
+            candidate.length
+        )));
+    }
+    out.sync_all()
+        .map_err(|e| UpdateError::Slot(format!("{}: {e}", slot.display())))?;
+    Ok(written)
 }
 
 /// A directory as a `file://` URL (for a repository on a USB stick or in tests).

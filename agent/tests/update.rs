@@ -91,3 +91,61 @@ async fn an_expired_timestamp_freezes_nothing_in() {
     let e = update::load(&source(&f, "store")).await.unwrap_err();
     assert!(e.to_string().to_lowercase().contains("expired"), "{e}");
 }
+
+/// A repository with bundle 1.1.0, loaded, and that bundle chosen for rpi4.
+async fn one_bundle() -> (Fleet, tough::Repository, update::Candidate) {
+    let f = Fleet::new(1);
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    let repo = update::load(&source(&f, "store")).await.unwrap();
+    let c = update::newest(&repo, "rpi4", &v("1.0.0")).unwrap().unwrap();
+    (f, repo, c)
+}
+
+/// The image target's file in the repository.
+fn image_file(f: &Fleet, version: &str) -> std::path::PathBuf {
+    common::find(&f.p("repo/targets"), &format!("wardgate-{version}.img"))
+}
+
+#[tokio::test]
+async fn the_image_streams_into_the_slot_exactly() {
+    let (f, repo, c) = one_bundle().await;
+    let slot = f.p("slot-b.img");
+    std::fs::write(&slot, vec![0u8; 64]).unwrap();
+    let n = update::write_to_slot(&repo, &c, &slot).await.unwrap();
+    assert_eq!(n, c.length);
+    let want = std::fs::read(image_file(&f, "1.1.0")).unwrap();
+    assert_eq!(&std::fs::read(&slot).unwrap()[..want.len()], &want[..]);
+}
+
+#[tokio::test]
+async fn a_target_with_a_flipped_bit_fails_the_copy() {
+    let (f, repo, c) = one_bundle().await;
+    let file = image_file(&f, "1.1.0");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[7] ^= 0x80;
+    std::fs::write(&file, bytes).unwrap();
+    let e = update::write_to_slot(&repo, &c, &f.p("slot-b.img"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, UpdateError::Download(_)), "{e}");
+    assert!(e.to_string().to_lowercase().contains("hash"), "{e}");
+}
+
+#[tokio::test]
+async fn endless_data_beyond_the_signed_length_is_cut_off() {
+    let (f, repo, c) = one_bundle().await;
+    let file = image_file(&f, "1.1.0");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend(std::iter::repeat_n(0xAA, 1 << 20));
+    std::fs::write(&file, bytes).unwrap();
+    let slot = f.p("slot-b.img");
+    let e = update::write_to_slot(&repo, &c, &slot).await.unwrap_err();
+    assert!(matches!(e, UpdateError::Download(_)), "{e}");
+    assert!(e.to_string().contains("Maximum size"), "{e}");
+    let len = std::fs::metadata(&slot).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        len <= c.length,
+        "wrote {len} bytes, more than the signed {}",
+        c.length
+    );
+}
