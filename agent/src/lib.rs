@@ -5,4 +5,5 @@
 //! its issue.
 
 pub mod release;
+pub mod slots;
 pub mod update;

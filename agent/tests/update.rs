@@ -149,3 +149,108 @@ async fn endless_data_beyond_the_signed_length_is_cut_off() {
         c.length
     );
 }
+
+use wardgate_agent::slots::{
+    power_on, Appliance, BootControl, BootState, Floor, Record, Slot, StateFile,
+};
+
+fn appliance(f: &Fleet) -> Appliance<StateFile> {
+    let boot = StateFile {
+        path: f.p("boot-state.txt"),
+    };
+    boot.write(BootState {
+        default: Slot::A,
+        trial: None,
+    })
+    .unwrap();
+    for s in ["slot-a.img", "slot-b.img"] {
+        std::fs::write(f.p(s), vec![0u8; 16]).unwrap();
+    }
+    Appliance {
+        slots: [f.p("slot-a.img"), f.p("slot-b.img")],
+        boot,
+        floor: Floor { path: f.p("floor") },
+        record: f.p("update.json"),
+    }
+}
+
+/// Power-cycles the simulated board: the boot loader's decision, written back.
+fn reboot(a: &Appliance<StateFile>) -> Slot {
+    let (slot, after) = power_on(a.boot.state().unwrap());
+    a.boot.write(after).unwrap();
+    slot
+}
+
+#[tokio::test]
+async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
+    let (f, repo, c) = one_bundle().await;
+    let mut a = appliance(&f);
+    assert_eq!(a.install(&repo, &c).await.unwrap(), Slot::B);
+    assert_eq!(
+        a.boot.state().unwrap().trial,
+        Some((Slot::B, 1)),
+        "try-boot flag set"
+    );
+    let want = std::fs::read(image_file(&f, "1.1.0")).unwrap();
+    assert_eq!(
+        &std::fs::read(f.p("slot-b.img")).unwrap()[..want.len()],
+        &want[..]
+    );
+
+    let booted = reboot(&a);
+    assert_eq!(booted, Slot::B);
+    let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
+    assert_eq!(
+        r,
+        Record::Committed {
+            version: "1.1.0".into(),
+            slot: Slot::B
+        }
+    );
+    assert_eq!(reboot(&a), Slot::B, "B is the default now");
+    assert_eq!(a.floor.get().unwrap(), v("1.1.0"));
+    // The same version again is a rollback now.
+    assert!(a
+        .install(&repo, &c)
+        .await
+        .unwrap_err()
+        .contains("rollback refused"));
+}
+
+#[tokio::test]
+async fn a_failed_health_check_rolls_back_and_says_why() {
+    let (f, repo, c) = one_bundle().await;
+    let mut a = appliance(&f);
+    a.install(&repo, &c).await.unwrap();
+    let booted = reboot(&a);
+    let r = a
+        .after_boot(booted, Err("nft table inet wardgate missing".into()))
+        .unwrap()
+        .unwrap();
+    match &r {
+        Record::RolledBack { reason, slot, .. } => {
+            assert_eq!(*slot, Slot::B);
+            assert!(reason.contains("inet wardgate"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(reboot(&a), Slot::A, "the old slot boots again");
+    assert_eq!(a.floor.get().unwrap(), v("0"), "the floor did not move");
+    assert_eq!(a.last(), Some(r));
+}
+
+#[tokio::test]
+async fn a_new_slot_that_never_comes_up_falls_back_and_is_recorded() {
+    let (f, repo, c) = one_bundle().await;
+    let mut a = appliance(&f);
+    a.install(&repo, &c).await.unwrap();
+    // The trial boot dies before the agent runs: its try is spent, the next boot is A.
+    assert_eq!(reboot(&a), Slot::B);
+    let booted = reboot(&a);
+    assert_eq!(booted, Slot::A);
+    let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
+    assert!(
+        matches!(&r, Record::RolledBack { reason, .. } if reason.contains("did not come up")),
+        "{r:?}"
+    );
+}

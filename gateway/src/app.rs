@@ -254,7 +254,10 @@ fn audit_config(config: &Config, state: &sled::Db) {
         }
         None => crate::audit::record("config.loaded", None, &detail),
     }
-    if let Err(e) = state.insert(KEY, config.digest.as_bytes()) {
+    if let Err(e) = state
+        .insert(KEY, config.digest.as_bytes())
+        .and_then(|_| state.flush().map(|_| ()))
+    {
         tracing::error!(event = "state.write_failed", error = %e, "cannot record the configuration digest");
     }
 }

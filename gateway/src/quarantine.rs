@@ -29,9 +29,12 @@ pub enum QuarantineError {
 /// Opens the gateway's state store (`data_dir/state`): quarantine and registry changes.
 pub fn open_state(data_dir: &Path) -> Result<sled::Db, StateError> {
     let path = data_dir.join("state");
+    // No background flusher: every change here is flushed before it takes effect, and
+    // without that thread the store is released as soon as it is dropped.
     sled::Config::new()
         .path(&path)
         .cache_capacity(1 << 20)
+        .flush_every_ms(None)
         .open()
         .map_err(|source| StateError { path, source })
 }

@@ -254,8 +254,10 @@ mod tests {
         let p1 = DeviceId::parse("pump-1").unwrap();
         let p2 = DeviceId::parse("pump-2").unwrap();
         let local: IpAddr = "127.0.0.2".parse().unwrap();
+        // One store for both "runs" (sled holds its file lock until background work ends;
+        // reopening the path at once can race it). What the second run reads is the tree.
+        let db = crate::quarantine::open_state(dir.path()).unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
             let mut r = Registry::open(&c, &db).unwrap();
             assert!(matches!(
                 r.add(&p1, "pump", local),
@@ -269,7 +271,6 @@ mod tests {
             assert_eq!(r.remove(&p1).unwrap().source, Source::Config);
             assert!(matches!(r.remove(&p1), Err(RegistryError::Unknown(_))));
         }
-        let db = sled::open(dir.path()).unwrap();
         let r = Registry::open(&c, &db).unwrap();
         assert!(
             r.grant(&p1).is_none(),

@@ -1,0 +1,395 @@
+//! A/B slots, boot control and the persistent version floor.
+//!
+//! [`BootControl`] is the small trait the boot loaders sit behind. [`StateFile`] is the
+//! backend the QEMU image uses: a text file on the boot partition that its U-Boot script
+//! reads (`default=A`, and during a trial `try=B` and `tries=1`); [`power_on`] is that
+//! script's decision, so tests can boot without a boot loader. A trial boots the new slot
+//! once; unless the agent commits it after a good health check, the next boot is the
+//! default slot again.
+//!
+//! Every state file is written atomically (temporary file, fsync, rename), so a power cut
+//! leaves the old state or the new one, never half of one.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::update::Version;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Slot> {
+        match s {
+            "A" => Some(Slot::A),
+            "B" => Some(Slot::B),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Slot::A => "A",
+            Slot::B => "B",
+        })
+    }
+}
+
+/// What the boot loader will do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootState {
+    pub default: Slot,
+    /// A slot on trial, and how many boots it has left.
+    pub trial: Option<(Slot, u32)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("boot state {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("boot state {path}: line {line:?} is not understood")]
+    Corrupt { path: PathBuf, line: String },
+}
+
+pub trait BootControl {
+    fn state(&self) -> Result<BootState, BootError>;
+    /// Boot `slot` on the next boot only; if it is not committed, the default boots after.
+    fn try_once(&mut self, slot: Slot) -> Result<(), BootError>;
+    /// Make `slot` the default (after a good health check); ends any trial.
+    fn commit(&mut self, slot: Slot) -> Result<(), BootError>;
+    /// End a trial without committing: the default boots next.
+    fn abandon(&mut self) -> Result<(), BootError>;
+}
+
+/// What the boot loader does at power-on with `state`: the slot it boots, and the state it
+/// leaves (a trial boot uses up one try).
+pub fn power_on(state: BootState) -> (Slot, BootState) {
+    match state.trial {
+        Some((slot, tries)) if tries > 0 => (
+            slot,
+            BootState {
+                trial: Some((slot, tries - 1)),
+                ..state
+            },
+        ),
+        _ => (
+            state.default,
+            BootState {
+                trial: None,
+                ..state
+            },
+        ),
+    }
+}
+
+/// Writes `text` to `path` atomically.
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        // The rename itself must reach the disk.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// The boot-partition state file backend.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    pub path: PathBuf,
+}
+
+impl StateFile {
+    fn io(&self, source: std::io::Error) -> BootError {
+        BootError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn write(&self, s: BootState) -> Result<(), BootError> {
+        let mut text = format!("default={}\n", s.default);
+        if let Some((slot, tries)) = s.trial {
+            text.push_str(&format!("try={slot}\ntries={tries}\n"));
+        }
+        write_atomic(&self.path, &text).map_err(|e| self.io(e))
+    }
+}
+
+impl BootControl for StateFile {
+    fn state(&self) -> Result<BootState, BootError> {
+        let text = std::fs::read_to_string(&self.path).map_err(|e| self.io(e))?;
+        let (mut default, mut try_slot, mut tries) = (None, None, None);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let corrupt = || BootError::Corrupt {
+                path: self.path.clone(),
+                line: line.to_owned(),
+            };
+            let (k, v) = line.split_once('=').ok_or_else(corrupt)?;
+            match k.trim() {
+                "default" => default = Some(Slot::parse(v.trim()).ok_or_else(corrupt)?),
+                "try" => try_slot = Some(Slot::parse(v.trim()).ok_or_else(corrupt)?),
+                "tries" => tries = Some(v.trim().parse::<u32>().map_err(|_| corrupt())?),
+                _ => return Err(corrupt()),
+            }
+        }
+        let default = default.ok_or_else(|| BootError::Corrupt {
+            path: self.path.clone(),
+            line: "(no default=)".into(),
+        })?;
+        Ok(BootState {
+            default,
+            trial: try_slot.map(|s| (s, tries.unwrap_or(0))),
+        })
+    }
+
+    fn try_once(&mut self, slot: Slot) -> Result<(), BootError> {
+        let s = self.state()?;
+        self.write(BootState {
+            trial: Some((slot, 1)),
+            ..s
+        })
+    }
+
+    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
+        self.write(BootState {
+            default: slot,
+            trial: None,
+        })
+    }
+
+    fn abandon(&mut self) -> Result<(), BootError> {
+        let s = self.state()?;
+        self.write(BootState { trial: None, ..s })
+    }
+}
+
+/// The lowest version this appliance will ever install again: raised when a slot is
+/// committed, never lowered, kept across updates (outside the slots).
+#[derive(Debug, Clone)]
+pub struct Floor {
+    pub path: PathBuf,
+}
+
+impl Floor {
+    /// The floor; "0" before the first commit.
+    pub fn get(&self) -> Result<Version, String> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) => t
+                .trim()
+                .parse()
+                .map_err(|e| format!("{}: {e}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("0".parse()?),
+            Err(e) => Err(format!("{}: {e}", self.path.display())),
+        }
+    }
+
+    /// Raises the floor to `v` (never lowers it).
+    pub fn raise(&self, v: &Version) -> Result<(), String> {
+        if &self.get()? >= v {
+            return Ok(());
+        }
+        write_atomic(&self.path, &format!("{v}\n"))
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trial_boots_once_then_the_default_again_unless_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = StateFile {
+            path: dir.path().join("wardgate-boot.txt"),
+        };
+        b.write(BootState {
+            default: Slot::A,
+            trial: None,
+        })
+        .unwrap();
+        b.try_once(Slot::B).unwrap();
+        let (first, after) = power_on(b.state().unwrap());
+        assert_eq!(first, Slot::B);
+        b.write(after).unwrap();
+        // The new slot never got to commit: the next boot is A.
+        let (second, after) = power_on(b.state().unwrap());
+        assert_eq!(second, Slot::A);
+        assert_eq!(after.trial, None, "the spent trial is cleared");
+        // This time it commits: B from now on.
+        b.try_once(Slot::B).unwrap();
+        let (booted, after) = power_on(b.state().unwrap());
+        b.write(after).unwrap();
+        b.commit(booted).unwrap();
+        assert_eq!(power_on(b.state().unwrap()).0, Slot::B);
+        assert_eq!(std::fs::read_to_string(&b.path).unwrap(), "default=B\n");
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_naming_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = StateFile {
+            path: dir.path().join("s.txt"),
+        };
+        std::fs::write(&b.path, "default=C\n").unwrap();
+        let e = b.state().unwrap_err().to_string();
+        assert!(e.contains("default=C"), "{e}");
+        std::fs::write(&b.path, "try=B\n").unwrap();
+        assert!(b.state().unwrap_err().to_string().contains("no default"));
+    }
+
+    #[test]
+    fn the_floor_only_rises_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Floor {
+            path: dir.path().join("floor"),
+        };
+        let v = |s: &str| s.parse::<Version>().unwrap();
+        assert_eq!(f.get().unwrap(), v("0"));
+        f.raise(&v("1.2.0")).unwrap();
+        f.raise(&v("1.1.0")).unwrap();
+        let again = Floor {
+            path: f.path.clone(),
+        };
+        assert_eq!(again.get().unwrap(), v("1.2.0"));
+    }
+}
+
+/// What the agent last did with an update, kept beside the floor (and reported).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Record {
+    /// Written to `slot`, which boots once on trial.
+    Pending { version: String, slot: Slot },
+    /// The trial passed its health check: `slot` is the default, the floor is `version`.
+    Committed { version: String, slot: Slot },
+    /// The trial failed; the old slot runs again.
+    RolledBack {
+        version: String,
+        slot: Slot,
+        reason: String,
+    },
+}
+
+/// One appliance's update state: its two slots, boot control, floor and record.
+#[derive(Debug)]
+pub struct Appliance<B: BootControl> {
+    pub slots: [PathBuf; 2],
+    pub boot: B,
+    pub floor: Floor,
+    pub record: PathBuf,
+}
+
+impl<B: BootControl> Appliance<B> {
+    fn slot_path(&self, s: Slot) -> &Path {
+        match s {
+            Slot::A => &self.slots[0],
+            Slot::B => &self.slots[1],
+        }
+    }
+
+    pub fn last(&self) -> Option<Record> {
+        std::fs::read(&self.record)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    fn save(&self, r: &Record) -> Result<(), String> {
+        let text = serde_json::to_string(r).map_err(|e| e.to_string())?;
+        write_atomic(&self.record, &text).map_err(|e| format!("{}: {e}", self.record.display()))
+    }
+
+    /// Streams `candidate` into the slot that is not the default and asks for one trial boot
+    /// of it. Refused below the floor.
+    pub async fn install(
+        &mut self,
+        repo: &tough::Repository,
+        candidate: &crate::update::Candidate,
+    ) -> Result<Slot, String> {
+        let floor = self.floor.get()?;
+        if candidate.version <= floor {
+            return Err(format!(
+                "version {} is not above the floor {floor} (rollback refused)",
+                candidate.version
+            ));
+        }
+        let target = self
+            .boot
+            .state()
+            .map_err(|e| e.to_string())?
+            .default
+            .other();
+        crate::update::write_to_slot(repo, candidate, self.slot_path(target))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.boot.try_once(target).map_err(|e| e.to_string())?;
+        self.save(&Record::Pending {
+            version: candidate.version.to_string(),
+            slot: target,
+        })?;
+        Ok(target)
+    }
+
+    /// After a boot into `booted`: with a pending update, commit it if `health` is good,
+    /// otherwise abandon it and record why. Returns the record written, if any.
+    pub fn after_boot(
+        &mut self,
+        booted: Slot,
+        health: Result<(), String>,
+    ) -> Result<Option<Record>, String> {
+        let Some(Record::Pending { version, slot }) = self.last() else {
+            return Ok(None);
+        };
+        let record = if booted != slot {
+            self.boot.abandon().map_err(|e| e.to_string())?;
+            Record::RolledBack {
+                version,
+                slot,
+                reason: format!("slot {slot} did not come up; slot {booted} booted instead"),
+            }
+        } else {
+            match health {
+                Ok(()) => {
+                    self.boot.commit(slot).map_err(|e| e.to_string())?;
+                    self.floor.raise(&version.parse()?)?;
+                    Record::Committed { version, slot }
+                }
+                Err(reason) => {
+                    self.boot.abandon().map_err(|e| e.to_string())?;
+                    Record::RolledBack {
+                        version,
+                        slot,
+                        reason: format!("health check failed: {reason}"),
+                    }
+                }
+            }
+        };
+        self.save(&record)?;
+        Ok(Some(record))
+    }
+}
