@@ -232,8 +232,11 @@ mod tests {
     fn violations_within_the_window_quarantine_and_it_persists() {
         let dir = tempfile::tempdir().unwrap();
         let d = DeviceId::parse("pump-1").unwrap();
+        // One store for every "run": what a new run reads is the tree (reopening the path
+        // at once can race sled's background work for the file lock).
+        let db = open_state(dir.path()).unwrap();
         {
-            let q = Quarantine::open(&open_state(dir.path()).unwrap(), T).unwrap();
+            let q = Quarantine::open(&db, T).unwrap();
             let t0 = Instant::now();
             assert!(!q.note_violation(&d, t0).unwrap());
             // The first one falls out of the window.
@@ -242,14 +245,11 @@ mod tests {
             assert!(q.note_violation(&d, t0 + Duration::from_secs(63)).unwrap());
             assert!(q.reason(&d).unwrap().contains("3 ACL violations"));
         }
-        let q = Quarantine::open(&open_state(dir.path()).unwrap(), T).unwrap();
+        let q = Quarantine::open(&db, T).unwrap();
         assert!(q.reason(&d).is_some(), "quarantine survives a restart");
         assert!(q.release(&d, "test").unwrap());
         assert!(!q.release(&d, "test").unwrap());
         drop(q);
-        assert!(Quarantine::open(&open_state(dir.path()).unwrap(), T)
-            .unwrap()
-            .reason(&d)
-            .is_none());
+        assert!(Quarantine::open(&db, T).unwrap().reason(&d).is_none());
     }
 }
