@@ -621,7 +621,7 @@ impl Validator<'_> {
             .as_ref()
             .and_then(|u| self.uplink(u, gateway.as_ref()));
         let modbus = match &raw.modbus {
-            Some(m) => self.modbus(m, &devices),
+            Some(m) => self.modbus(m, &devices, &classes),
             None => crate::modbus::ModbusConfig::default(),
         };
         let firewall = raw.firewall.as_ref().and_then(|f| {
@@ -715,6 +715,7 @@ impl Validator<'_> {
         &mut self,
         m: &S<raw::RawModbus>,
         devices: &BTreeMap<DeviceId, DeviceEntry>,
+        classes: &BTreeMap<String, DeviceClass>,
     ) -> crate::modbus::ModbusConfig {
         use crate::modbus::{Bus, BusKind, ModbusDevice, Parity, Register};
         let m = m.get_ref();
@@ -938,6 +939,26 @@ impl Validator<'_> {
                         ),
                     );
                     continue;
+                }
+                // Its values are published under its class's policy: a topic the class may
+                // not publish is a configuration error, not a denial at every heartbeat.
+                let acl = id.as_ref().and_then(|id| {
+                    let class = classes.get(&devices.get(id)?.class)?;
+                    Some(crate::policy::Acl::for_device(
+                        id,
+                        &class.publish,
+                        &class.subscribe,
+                    ))
+                });
+                if let (Some(acl), Some(id)) = (acl, id.as_ref()) {
+                    let topic = format!("ward/{id}/modbus/{name}");
+                    if !acl.may_publish(&topic) {
+                        self.error(
+                            rspan.clone(),
+                            format!("register {name}: the class of {id} may not publish {topic}"),
+                        );
+                        continue;
+                    }
                 }
                 registers.push(reg);
             }
@@ -1426,7 +1447,11 @@ address = "10.0.0.8"
              [[modbus.device.register]]\nname = \"c\"\nfunction = \"input\"\naddress = 65535\ntype = \"u32\"\n\
              [[modbus.device.register]]\nname = \"d\"\nfunction = \"coil\"\naddress = 0\ntype = \"u16\"\n\
              [[modbus.device.register]]\nname = \"e\"\nfunction = \"input\"\naddress = 0\ntype = \"u128\"\n\
-             [[modbus.device.register]]\nname = \"f\"\nfunction = \"input\"\naddress = 5\nwrite_min = 1.0\nwrite_max = 2.0\n"
+             [[modbus.device.register]]\nname = \"f\"\nfunction = \"input\"\naddress = 5\nwrite_min = 1.0\nwrite_max = 2.0\n\
+             [[device_class]]\nname = \"quiet\"\npublish = [\"ward/{{device}}/status\"]\n\
+             [[device]]\nid = \"pump-2\"\nclass = \"quiet\"\naddress = \"10.0.0.6\"\n\
+             [[modbus.device]]\nid = \"pump-2\"\nbus = \"plant\"\nunit = 2\n\
+             [[modbus.device.register]]\nname = \"x\"\nfunction = \"holding\"\naddress = 0\n"
         );
         let diags = errors(&bad);
         let has = |needle: &str| diags.iter().find(|d| d.message.contains(needle));
@@ -1437,6 +1462,7 @@ address = "10.0.0.8"
             "unit must be between 0 and 255",
             "register b overlaps register a",
             "register c runs past address 65535",
+            "may not publish ward/pump-2/modbus/x",
             "coils and discrete inputs are bool",
             "type \"u128\"",
             "only holding registers and coils can be written",
