@@ -4,6 +4,7 @@
 //! (`wardgate-agent`: fetch, verify, A/B install, health check, rollback) is the rest of
 //! its issue.
 
+pub mod http;
 pub mod release;
 pub mod slots;
 pub mod update;

@@ -72,6 +72,8 @@ pub struct Source {
     pub trusted_root: PathBuf,
     /// Metadata trusted so far (persisted between checks).
     pub datastore: PathBuf,
+    /// `file://` and HTTP(S), with the agent's rate floor, caps and resume.
+    pub fetcher: crate::http::Fetcher,
 }
 
 /// A bundle this appliance may install.
@@ -125,6 +127,7 @@ pub async fn load(source: &Source) -> Result<tough::Repository, UpdateError> {
         source.targets_url.clone(),
     )
     .datastore(source.datastore.clone())
+    .transport(source.fetcher.clone())
     .load()
     .await
     .map_err(|e| UpdateError::Metadata(e.to_string()))

@@ -17,6 +17,7 @@ fn source(f: &Fleet, datastore: &str) -> Source {
         targets_url: update::dir_url(&f.p("repo/targets")).unwrap(),
         trusted_root: f.p("repo/metadata/1.root.json"),
         datastore: f.p(datastore),
+        fetcher: wardgate_agent::http::Fetcher::new(Default::default(), None),
     }
 }
 

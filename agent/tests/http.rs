@@ -1,0 +1,221 @@
+//! Updates over HTTP(S) from a local server started by each test (loopback, a port from the
+//! OS): the happy path into a file-backed slot, a broken connection resumed with a range
+//! request, and the transport attacks — slow retrieval, endless data, an announced size
+//! above the cap, a server outside the configured CA.
+
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::server::{Fault, Server};
+use common::{Fleet, SIGNERS};
+use wardgate_agent::http::{Fetcher, Limits};
+use wardgate_agent::slots::{
+    power_on, Appliance, BootControl, BootState, Floor, Record, Slot, StateFile,
+};
+use wardgate_agent::update::{self, Source, Version};
+
+fn v(s: &str) -> Version {
+    s.parse().unwrap()
+}
+
+fn source(f: &Fleet, server: &Server, scheme: &str, fetcher: Fetcher) -> Source {
+    Source {
+        metadata_url: server.url(scheme, "metadata/"),
+        targets_url: server.url(scheme, "targets/"),
+        trusted_root: f.p("repo/metadata/1.root.json"),
+        datastore: f.p("store"),
+        fetcher,
+    }
+}
+
+fn fetcher(limits: Limits) -> Fetcher {
+    Fetcher::new(limits, None)
+}
+
+/// Limits for tests: quick to resume, and a rate floor a healthy loopback passes easily.
+fn quick() -> Limits {
+    Limits {
+        resume_backoff: Duration::from_millis(50),
+        low_speed_bytes_per_sec: 4096,
+        low_speed_window: Duration::from_secs(1),
+        ..Limits::default()
+    }
+}
+
+fn appliance(f: &Fleet) -> Appliance<StateFile> {
+    let boot = StateFile {
+        path: f.p("boot-state.txt"),
+    };
+    boot.write(BootState {
+        default: Slot::A,
+        trial: None,
+    })
+    .unwrap();
+    for s in ["slot-a.img", "slot-b.img"] {
+        std::fs::write(f.p(s), vec![0u8; 16]).unwrap();
+    }
+    Appliance {
+        slots: [f.p("slot-a.img"), f.p("slot-b.img")],
+        boot,
+        floor: Floor { path: f.p("floor") },
+        record: f.p("update.json"),
+    }
+}
+
+/// A fleet with bundle 1.1.0 (11 000 bytes of image), served by a new server.
+async fn served() -> (Fleet, Server) {
+    let f = Fleet::new(1);
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    let server = Server::start(f.p("repo"), None).await;
+    (f, server)
+}
+
+fn image(f: &Fleet) -> Vec<u8> {
+    std::fs::read(common::find(&f.p("repo/targets"), "wardgate-1.1.0.img")).unwrap()
+}
+
+/// Nothing was made bootable: the boot state is untouched and no update is pending.
+fn nothing_installed(a: &Appliance<StateFile>) {
+    assert_eq!(
+        a.boot.state().unwrap(),
+        BootState {
+            default: Slot::A,
+            trial: None
+        }
+    );
+    assert_eq!(a.last(), None);
+}
+
+#[tokio::test]
+async fn a_bundle_downloads_over_http_into_slot_b_and_a_healthy_trial_commits() {
+    let (f, server) = served().await;
+    let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
+        .await
+        .unwrap();
+    let c = update::newest(&repo, "qemu-virt", &v("1.0.0"))
+        .unwrap()
+        .unwrap();
+    let mut a = appliance(&f);
+    assert_eq!(a.install(&repo, &c).await.unwrap(), Slot::B);
+    let want = image(&f);
+    assert_eq!(&std::fs::read(f.p("slot-b.img")).unwrap()[..], &want[..]);
+    // The metadata and the image came over HTTP; 2.root.json was asked for and not found.
+    assert!(!server.requests("timestamp.json").is_empty());
+    assert_eq!(server.requests("2.root.json").len(), 1);
+    assert_eq!(server.requests("wardgate-1.1.0.img").len(), 1);
+
+    let (booted, after) = power_on(a.boot.state().unwrap());
+    a.boot.write(after).unwrap();
+    assert_eq!(booted, Slot::B);
+    let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
+    assert_eq!(
+        r,
+        Record::Committed {
+            version: "1.1.0".into(),
+            slot: Slot::B
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_download_resumes_from_where_it_stopped() {
+    let (f, server) = served().await;
+    server.fault("wardgate-1.1.0.img", Fault::CutOnceAfter(4000));
+    let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
+        .await
+        .unwrap();
+    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
+    let mut a = appliance(&f);
+    a.install(&repo, &c).await.unwrap();
+    assert_eq!(std::fs::read(f.p("slot-b.img")).unwrap(), image(&f));
+    let reqs = server.requests("wardgate-1.1.0.img");
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0].range, None);
+    assert_eq!(reqs[0].sent, 4000);
+    assert_eq!(reqs[1].range.as_deref(), Some("bytes=4000-"));
+    assert_eq!(
+        reqs[0].sent + reqs[1].sent,
+        c.length,
+        "each byte was sent once"
+    );
+}
+
+#[tokio::test]
+async fn a_server_trickling_bytes_is_abandoned_as_slow_retrieval() {
+    let (f, server) = served().await;
+    // 64 bytes every 50 ms is about 1.3 KB/s, under the floor of 4 KB/s.
+    server.fault(
+        "wardgate-1.1.0.img",
+        Fault::Trickle(64, Duration::from_millis(50)),
+    );
+    let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
+        .await
+        .unwrap();
+    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
+    let mut a = appliance(&f);
+    let e = a.install(&repo, &c).await.unwrap_err();
+    eprintln!("refused: {e}");
+    assert!(e.contains("slow retrieval"), "{e}");
+    nothing_installed(&a);
+    let sent = server.requests("wardgate-1.1.0.img")[0].sent;
+    assert!(sent < c.length, "abandoned before the end: {sent} bytes");
+}
+
+#[tokio::test]
+async fn endless_data_from_the_server_is_cut_at_the_signed_length() {
+    let (f, server) = served().await;
+    server.fault("wardgate-1.1.0.img", Fault::Endless);
+    let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
+        .await
+        .unwrap();
+    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
+    let mut a = appliance(&f);
+    let e = a.install(&repo, &c).await.unwrap_err();
+    eprintln!("refused: {e}");
+    assert!(e.contains("Maximum size"), "{e}");
+    nothing_installed(&a);
+    let len = std::fs::metadata(f.p("slot-b.img")).unwrap().len();
+    assert!(len <= c.length, "the slot got {len} bytes");
+}
+
+#[tokio::test]
+async fn a_response_announcing_more_than_the_cap_is_refused_before_its_body() {
+    let (f, server) = served().await;
+    server.fault("wardgate-1.1.0.img", Fault::Announce(1 << 40));
+    let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
+        .await
+        .unwrap();
+    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
+    let mut a = appliance(&f);
+    let e = a.install(&repo, &c).await.unwrap_err();
+    eprintln!("refused: {e}");
+    assert!(e.contains("above the cap"), "{e}");
+    nothing_installed(&a);
+    assert_eq!(std::fs::read(f.p("slot-b.img")).unwrap(), vec![0u8; 16]);
+}
+
+#[tokio::test]
+async fn https_is_trusted_under_the_configured_ca_only() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    let acceptor = common::server::tls(&f.p("ca.pem"));
+    let server = Server::start(f.p("repo"), Some(acceptor)).await;
+    let ok = Fetcher::new(quick(), Some(&f.p("ca.pem")));
+    let repo = update::load(&source(&f, &server, "https", ok))
+        .await
+        .unwrap();
+    assert!(update::newest(&repo, "rpi4", &v("0")).unwrap().is_some());
+
+    // Another CA (say, a mirror's own): the TLS handshake fails, nothing is loaded.
+    let _other = common::server::tls(&f.p("other-ca.pem"));
+    let wrong = Fetcher::new(quick(), Some(&f.p("other-ca.pem")));
+    let mut src = source(&f, &server, "https", wrong);
+    src.datastore = f.p("store-2");
+    let e = update::load(&src).await.unwrap_err().to_string();
+    eprintln!("refused: {e}");
+    assert!(e.contains("TLS"), "{e}");
+}
