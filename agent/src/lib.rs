@@ -1,9 +1,15 @@
 //! wardgate-agent: the over-the-air update agent and the fleet manager's release tool.
 //!
-//! Built so far: [`release`], the repository side (`wardgate-release`). The agent proper
-//! (`wardgate-agent`: fetch, verify, A/B install, health check, rollback) is the rest of
-//! its issue.
+//! [`release`] is the repository side (`wardgate-release`); the rest is the agent on the
+//! appliance (`wardgate-agent`): [`update`] chooses a bundle through TUF over [`http`],
+//! [`slots`] and [`boot`] install it into the inactive slot and drive the boot loader,
+//! [`health`] decides whether a new slot stays, [`agent`] ties them to a configuration
+//! ([`config`]) and reports.
 
+pub mod agent;
+pub mod boot;
+pub mod config;
+pub mod health;
 pub mod http;
 pub mod release;
 pub mod slots;

@@ -68,7 +68,7 @@ pub enum BootError {
     Corrupt { path: PathBuf, line: String },
 }
 
-pub trait BootControl {
+pub trait BootControl: fmt::Debug {
     fn state(&self) -> Result<BootState, BootError>;
     /// Boot `slot` on the next boot only; if it is not committed, the default boots after.
     fn try_once(&mut self, slot: Slot) -> Result<(), BootError>;
@@ -76,6 +76,21 @@ pub trait BootControl {
     fn commit(&mut self, slot: Slot) -> Result<(), BootError>;
     /// End a trial without committing: the default boots next.
     fn abandon(&mut self) -> Result<(), BootError>;
+}
+
+impl<T: BootControl + ?Sized> BootControl for Box<T> {
+    fn state(&self) -> Result<BootState, BootError> {
+        (**self).state()
+    }
+    fn try_once(&mut self, slot: Slot) -> Result<(), BootError> {
+        (**self).try_once(slot)
+    }
+    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
+        (**self).commit(slot)
+    }
+    fn abandon(&mut self) -> Result<(), BootError> {
+        (**self).abandon()
+    }
 }
 
 /// What the boot loader does at power-on with `state`: the slot it boots, and the state it
@@ -100,7 +115,7 @@ pub fn power_on(state: BootState) -> (Slot, BootState) {
 }
 
 /// Writes `text` to `path` atomically.
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -319,7 +334,7 @@ impl<B: BootControl> Appliance<B> {
             .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
-    fn save(&self, r: &Record) -> Result<(), String> {
+    pub fn save(&self, r: &Record) -> Result<(), String> {
         let text = serde_json::to_string(r).map_err(|e| e.to_string())?;
         write_atomic(&self.record, &text).map_err(|e| format!("{}: {e}", self.record.display()))
     }

@@ -1,0 +1,101 @@
+//! The local health check that decides whether a newly booted slot stays: every configured
+//! check must pass in one round before the deadline; rounds repeat (a service may still be
+//! starting) until then. No cloud is involved.
+//!
+//! Checks: an HTTP endpoint answering 200 (the gateway's health endpoint), systemd units
+//! active (`systemctl is-active`), nftables tables present (`nft list table`), and commands
+//! exiting 0. Each failure says which check and why.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use crate::config::Health;
+use crate::http::Fetcher;
+
+/// Runs `argv` with a timeout; `Err` says how it failed.
+async fn run(argv: &[String], timeout: Duration) -> Result<(), String> {
+    let (prog, args) = argv.split_first().ok_or("empty command")?;
+    let child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| format!("did not finish within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err = err.trim();
+        let tail: String = err
+            .chars()
+            .rev()
+            .take(200)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Err(if tail.is_empty() {
+            out.status.to_string()
+        } else {
+            format!("{}: {tail}", out.status)
+        })
+    }
+}
+
+/// One round of every check.
+pub async fn round(h: &Health, fetcher: &Fetcher, timeout: Duration) -> Result<(), String> {
+    for u in &h.http {
+        match tokio::time::timeout(timeout, fetcher.status(u)).await {
+            Ok(Ok(s)) if s == hyper::StatusCode::OK => {}
+            Ok(Ok(s)) => return Err(format!("{u} answered {s}, not 200")),
+            Ok(Err(e)) => return Err(format!("{u}: {e}")),
+            Err(_) => return Err(format!("{u}: no answer within {timeout:?}")),
+        }
+    }
+    for unit in &h.units {
+        let argv = ["systemctl", "is-active", "--quiet", unit.as_str()].map(String::from);
+        run(&argv, timeout)
+            .await
+            .map_err(|e| format!("unit {unit} is not active ({e})"))?;
+    }
+    for (family, table) in &h.nft_tables {
+        let argv = ["nft", "list", "table", family.as_str(), table.as_str()].map(String::from);
+        run(&argv, timeout)
+            .await
+            .map_err(|e| format!("nft table {family} {table} is not loaded ({e})"))?;
+    }
+    for argv in &h.commands {
+        run(argv, timeout)
+            .await
+            .map_err(|e| format!("command {argv:?} failed: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Rounds until one passes or the deadline passes; `Err` is the last round's failure.
+pub async fn until_deadline(h: &Health, fetcher: &Fetcher) -> Result<(), String> {
+    let deadline = Instant::now() + h.deadline;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = round(h, fetcher, left.max(Duration::from_secs(1))).await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() + h.retry >= deadline => {
+                return Err(format!("{e} (still failing after {:?})", h.deadline))
+            }
+            Err(e) => {
+                tracing::info!(event = "health.retry", reason = %e, "health check not passed yet");
+                tokio::time::sleep(h.retry).await;
+            }
+        }
+    }
+}

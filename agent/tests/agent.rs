@@ -1,0 +1,499 @@
+//! `wardgate-agent` as a process, on a simulated board: file-backed slots, the state-file
+//! boot backend, a kernel command line file naming the booted slot, and a reboot command
+//! that only records that it ran (the test then power-cycles the board with the boot
+//! script's logic, [`power_on`]). Updates come over HTTP from a local server started by the
+//! test, which also serves the health endpoint.
+
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::Server;
+use common::{Fleet, SIGNERS};
+use wardgate_agent::slots::{power_on, BootControl, BootState, Slot, StateFile};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_wardgate-agent");
+
+struct Board {
+    fleet: Fleet,
+    server: Server,
+    config: PathBuf,
+}
+
+#[derive(Default)]
+struct Options {
+    windows: Vec<String>,
+    health_deadline: &'static str,
+    /// Extra `[health]` lines.
+    health: String,
+    /// No HTTP check (for an agent in a network namespace of its own).
+    no_http: bool,
+}
+
+impl Board {
+    async fn new(versions: &[&str], o: Options) -> Board {
+        let fleet = Fleet::new(1);
+        for v in versions {
+            assert!(fleet.add(v, &SIGNERS, &[]).0);
+        }
+        let server = Server::start(fleet.p("repo"), None).await;
+        for s in ["slot-a.img", "slot-b.img"] {
+            std::fs::write(fleet.p(s), b"factory image").unwrap();
+        }
+        StateFile {
+            path: fleet.p("boot-state.txt"),
+        }
+        .write(BootState {
+            default: Slot::A,
+            trial: None,
+        })
+        .unwrap();
+        std::fs::write(fleet.p("cmdline"), "console=ttyAMA0 wardgate.slot=A\n").unwrap();
+        let windows: Vec<String> = o.windows.iter().map(|w| format!("{w:?}")).collect();
+        let config = fleet.p("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[repository]
+url = "{url}"
+trusted_root = "{root}"
+poll_interval = "1h"
+poll_jitter = "0s"
+low_speed_window = "2s"
+
+[appliance]
+hardware = "qemu-virt"
+state_dir = "{dir}/state"
+slot_a = "{dir}/slot-a.img"
+slot_b = "{dir}/slot-b.img"
+cmdline = "{dir}/cmdline"
+reboot_command = ["sh", "-c", "echo reboot >> {dir}/reboots"]
+
+[boot]
+backend = "state-file"
+state_file = "{dir}/boot-state.txt"
+
+[maintenance]
+windows = [{windows}]
+
+[health]
+deadline = "{deadline}"
+retry = "200ms"
+{http}
+{extra}
+"#,
+                url = server.url("http", ""),
+                root = fleet.s("repo/metadata/1.root.json"),
+                dir = fleet.dir.path().display(),
+                windows = windows.join(", "),
+                deadline = if o.health_deadline.is_empty() {
+                    "3s"
+                } else {
+                    o.health_deadline
+                },
+                http = if o.no_http {
+                    String::new()
+                } else {
+                    format!("http = [\"{}\"]", server.url("http", "health"))
+                },
+                extra = o.health,
+            ),
+        )
+        .unwrap();
+        Board {
+            fleet,
+            server,
+            config,
+        }
+    }
+
+    fn healthy(&self, yes: bool) {
+        let p = self.fleet.p("repo/health");
+        if yes {
+            std::fs::write(p, "ok").unwrap();
+        } else {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    fn agent(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(AGENT)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn spawn_run(&self) -> Child {
+        self.spawn_run_with(&[])
+    }
+
+    /// `run`, behind `prefix` (e.g. `unshare --net`).
+    fn spawn_run_with(&self, prefix: &[&str]) -> Child {
+        let mut argv: Vec<String> = prefix.iter().map(ToString::to_string).collect();
+        argv.extend([
+            AGENT.to_owned(),
+            "--config".to_owned(),
+            self.config.display().to_string(),
+            "run".to_owned(),
+        ]);
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.fleet.p("agent.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    }
+
+    fn reboots(&self) -> usize {
+        std::fs::read_to_string(self.fleet.p("reboots"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let (ok, out) = self.agent(&["status", "--json"]);
+        assert!(ok, "{out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.fleet.p("state/journal.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn has_event(&self, name: &str) -> bool {
+        self.events().iter().any(|e| e["event"] == name)
+    }
+
+    /// The board powers on: the boot script's choice, and the slot on the command line.
+    fn power_cycle(&self) -> Slot {
+        let boot = StateFile {
+            path: self.fleet.p("boot-state.txt"),
+        };
+        let (slot, after) = power_on(boot.state().unwrap());
+        boot.write(after).unwrap();
+        std::fs::write(
+            self.fleet.p("cmdline"),
+            format!("console=ttyAMA0 wardgate.slot={slot}\n"),
+        )
+        .unwrap();
+        slot
+    }
+
+    fn image(&self, version: &str) -> Vec<u8> {
+        std::fs::read(common::find(
+            &self.fleet.p("repo/targets"),
+            &format!("wardgate-{version}.img"),
+        ))
+        .unwrap()
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            panic!("the agent did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_installs_reboots_into_the_trial_and_a_healthy_slot_is_committed() {
+    let b = Board::new(&["1.0.0", "1.1.0"], Options::default()).await;
+    b.healthy(true);
+    let agent = b.spawn_run();
+    // No windows: the first check installs the newest bundle and reboots at once.
+    wait_for("the reboot command", Duration::from_secs(30), || {
+        b.reboots() == 1
+    });
+    stop(agent);
+    assert_eq!(
+        &std::fs::read(b.fleet.p("slot-b.img")).unwrap()[..],
+        &b.image("1.1.0")[..]
+    );
+    assert!(b.has_event("installed"));
+    let s = b.status();
+    assert_eq!(s["boot"]["trial"]["slot"], "B", "{s}");
+
+    assert_eq!(b.power_cycle(), Slot::B);
+    let agent = b.spawn_run();
+    wait_for("the commit", Duration::from_secs(30), || {
+        b.has_event("committed")
+    });
+    stop(agent);
+    let s = b.status();
+    assert_eq!(s["boot"]["default"], "B", "{s}");
+    assert_eq!(s["boot"]["trial"], serde_json::Value::Null);
+    assert_eq!(s["version_floor"], "1.1.0");
+    assert_eq!(s["last_update"]["state"], "committed");
+    assert_eq!(b.reboots(), 1, "no further reboot");
+    assert_eq!(b.power_cycle(), Slot::B, "B from now on");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_health_check_rolls_back_reboots_and_records_why() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    b.healthy(false);
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.reboots(), 1);
+    assert_eq!(b.power_cycle(), Slot::B);
+
+    // The health endpoint answers 404 until the 3 s deadline.
+    let agent = b.spawn_run();
+    wait_for("the rollback", Duration::from_secs(30), || {
+        b.has_event("rolled_back")
+    });
+    wait_for(
+        "the reboot into the old slot",
+        Duration::from_secs(10),
+        || b.reboots() == 2,
+    );
+    stop(agent);
+    let s = b.status();
+    let reason = s["last_update"]["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("health check failed") && reason.contains("404"),
+        "{reason}"
+    );
+    assert_eq!(s["last_update"]["state"], "rolled_back");
+    assert_eq!(s["version_floor"], "0", "the floor did not move");
+    assert_eq!(b.power_cycle(), Slot::A, "the old slot boots again");
+    assert_eq!(
+        &std::fs::read(b.fleet.p("slot-a.img")).unwrap()[..],
+        b"factory image"
+    );
+
+    // Back on A, the agent does not try the failed version again by itself.
+    let agent = b.spawn_run();
+    wait_for("a check", Duration::from_secs(30), || {
+        b.has_event("checked")
+    });
+    stop(agent);
+    assert_eq!(b.reboots(), 2);
+    assert_eq!(
+        b.events()
+            .iter()
+            .filter(|e| e["event"] == "installed")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outside_the_maintenance_window_the_reboot_waits_and_can_be_cancelled() {
+    // A window that opens two hours from now.
+    let now = wardgate_agent::agent::minute_of_day();
+    let at = |m: u32| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    let window = format!("{}-{}", at(now + 120), at(now + 180));
+    let b = Board::new(
+        &["1.1.0"],
+        Options {
+            windows: vec![window.clone()],
+            ..Options::default()
+        },
+    )
+    .await;
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("waits for a maintenance window"), "{out}");
+    assert_eq!(b.reboots(), 0);
+    let s = b.status();
+    assert_eq!(s["awaiting_reboot"]["version"], "1.1.0", "{s}");
+    assert_eq!(s["in_window"], false);
+
+    // `run` keeps waiting for the window rather than rebooting.
+    let agent = b.spawn_run();
+    wait_for("the agent's start", Duration::from_secs(10), || {
+        b.has_event("started")
+    });
+    stop(agent);
+    assert_eq!(b.reboots(), 0);
+    assert_eq!(b.status()["awaiting_reboot"]["slot"], "B");
+
+    // The ward engineer cancels it: no trial, slot A stays.
+    let (ok, out) = b.agent(&["rollback"]);
+    assert!(ok, "{out}");
+    let s = b.status();
+    assert_eq!(s["boot"]["trial"], serde_json::Value::Null, "{s}");
+    assert_eq!(s["last_update"]["state"], "rolled_back");
+    assert_eq!(b.power_cycle(), Slot::A);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_from_a_usb_directory_by_hand_and_refuse_a_rollback_afterwards() {
+    let b = Board::new(&["1.0.0", "1.1.0"], Options::default()).await;
+    b.healthy(true);
+    // A copy of the repository on a "USB stick", installed by version.
+    let usb = b.fleet.p("usb");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(b.fleet.p("repo"))
+        .arg(&usb)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let (ok, out) = b.agent(&[
+        "install",
+        usb.to_str().unwrap(),
+        "--version",
+        "1.0.0",
+        "--now",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("bundle 1.0.0 installed to slot B"), "{out}");
+    assert!(
+        b.server.log().is_empty(),
+        "nothing came over the network: {:?}",
+        b.server.log()
+    );
+    assert_eq!(b.power_cycle(), Slot::B);
+    let (ok, out) = b.agent(&["mark-good"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.status()["version_floor"], "1.0.0");
+
+    // 1.0.0 again, or anything older, is a rollback.
+    let (ok, out) = b.agent(&["install", usb.to_str().unwrap(), "--version", "1.0.0"]);
+    assert!(!ok);
+    assert!(out.contains("rollback refused"), "{out}");
+    assert!(b.has_event("refused"));
+    // Without a pending update, a manual rollback needs --force.
+    let (ok, out) = b.agent(&["rollback"]);
+    assert!(!ok && out.contains("--force"), "{out}");
+}
+
+/// Runs as root: each agent gets a network namespace of its own (`unshare --net`), with
+/// or without the `inet wardgate` table the health check asks for.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_check_reads_the_kernels_nftables_units_and_commands() {
+    need_root();
+    let opts = |extra: &str| Options {
+        no_http: true,
+        health: extra.to_owned(),
+        health_deadline: "2s",
+        ..Options::default()
+    };
+    // Healthy: the table is loaded in the agent's namespace, the command exits 0.
+    let b = Board::new(
+        &["1.1.0"],
+        opts("nft_tables = [\"inet wardgate\"]\ncommands = [[\"test\", \"-d\", \"/\"]]"),
+    )
+    .await;
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    b.power_cycle();
+    let table = "nft add table inet wardgate && exec \"$0\" \"$@\"";
+    let agent = b.spawn_run_with(&["unshare", "--net", "--", "sh", "-c", table]);
+    wait_for("the commit", Duration::from_secs(30), || {
+        b.has_event("committed")
+    });
+    stop(agent);
+
+    // Three boards whose trial fails, each for one reason.
+    for (extra, reason) in [
+        (
+            "nft_tables = [\"inet wardgate\"]",
+            "nft table inet wardgate is not loaded",
+        ),
+        (
+            "units = [\"wardgate-nonexistent.service\"]",
+            "unit wardgate-nonexistent.service is not active",
+        ),
+        (
+            "commands = [[\"sh\", \"-c\", \"echo spool not writable >&2; exit 3\"]]",
+            "spool not writable",
+        ),
+    ] {
+        let b = Board::new(&["1.1.0"], opts(extra)).await;
+        let (ok, out) = b.agent(&["check", "--now"]);
+        assert!(ok, "{out}");
+        b.power_cycle();
+        let agent = b.spawn_run_with(&["unshare", "--net", "--"]);
+        wait_for("the rollback", Duration::from_secs(30), || {
+            b.has_event("rolled_back")
+        });
+        stop(agent);
+        let s = b.status();
+        let got = s["last_update"]["reason"].as_str().unwrap_or_default();
+        assert!(got.contains(reason), "{reason:?} not in {got:?}");
+        assert_eq!(b.power_cycle(), Slot::A);
+    }
+}
+
+fn need_root() {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "this test needs root (network namespaces and nftables); run it as root, as CI does"
+    );
+    let nft = Command::new("sh")
+        .args(["-c", "command -v nft"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        nft.success(),
+        "nft is missing: apt-get install nftables (scripts/test does)"
+    );
+}
+
+#[test]
+fn a_broken_config_is_refused_with_every_error_and_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "[repository]\nurl = \"ftp://x\"\ntrusted_root = \"/r\"\n[appliance]\nhardware = \"\"\n\
+         state_dir = \"/s\"\nslot_a = \"/a\"\nslot_b = \"/b\"\n[boot]\nbackend = \"grub\"\n",
+    )
+    .unwrap();
+    let out = Command::new(AGENT)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in ["repository.url", "appliance.hardware", "boot.backend"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}
