@@ -118,7 +118,7 @@ impl Agent {
             slot,
             detail: detail.to_owned(),
         };
-        tracing::info!(event = %format!("update.{event}"), version, slot = ?slot, detail, "update");
+        tracing::info!(event = format!("update.{event}").as_str(), version, slot = ?slot, detail, "update");
         let line = serde_json::to_string(&e).unwrap_or_default();
         let journal = self.path("journal.jsonl");
         let written = std::fs::OpenOptions::new()

@@ -195,6 +195,12 @@ impl Gateway {
                 "no [uplink] configured: records stay in the spool until they expire"
             ),
         }
+        // The update agent's reports, audited and forwarded (see `updates`).
+        tracker.spawn(crate::updates::run(
+            self.broker.addr,
+            self.spool.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(sweep_expired(self.spool.clone(), shutdown.clone()));
         // Returns once `shutdown` is cancelled: from here on we are stopping.
         self.edge.run(shutdown, tracker.clone()).await;

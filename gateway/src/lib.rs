@@ -22,4 +22,5 @@ pub mod policy;
 pub mod quarantine;
 pub mod registry;
 pub mod spool;
+pub mod updates;
 pub mod uplink;

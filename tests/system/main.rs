@@ -15,4 +15,5 @@ mod modbus;
 mod quarantine;
 mod rate;
 mod support;
+mod updates;
 mod uplink;

@@ -31,6 +31,31 @@ impl LocalDelivery {
     /// Delivers an upstream command to its device, if policy allows.
     pub fn deliver(&self, uplink: &Uplink, topic: &Bytes, payload: Bytes) {
         let topic = String::from_utf8_lossy(topic);
+        if is_update_command(uplink, &topic) {
+            // "Check now" for the update agent, which listens on the embedded broker.
+            let local = crate::updates::COMMAND_TOPIC;
+            match self
+                .client
+                .try_publish(local, QoS::AtLeastOnce, false, payload)
+            {
+                Ok(()) => {
+                    crate::audit::record(
+                        "uplink.command_delivered",
+                        Some(crate::device::GATEWAY_STREAM),
+                        &format!("topic={local:?}"),
+                    );
+                    tracing::info!(
+                        event = "uplink.command_delivered",
+                        topic = local,
+                        "update check requested from upstream"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(event = "uplink.command_failed", topic = local, error = %e, "command could not be queued to the local broker")
+                }
+            }
+            return;
+        }
         if let Some((device, register)) = modbus_write(uplink, &topic) {
             // A register write on a Modbus device: checked against its map and audited there.
             let handle = uplink.modbus.clone();
@@ -81,6 +106,18 @@ impl LocalDelivery {
             }
         }
     }
+}
+
+/// Whether `topic` is `{prefix}/{site}/{gateway}/_gateway/cmd/update`.
+fn is_update_command(uplink: &Uplink, topic: &str) -> bool {
+    topic
+        == format!(
+            "{}/{}/{}/{}/cmd/update",
+            uplink.config.topic_prefix,
+            uplink.site,
+            uplink.gateway_id,
+            crate::device::GATEWAY_STREAM
+        )
 }
 
 /// The Modbus device and register an upstream command names: `…/{device}/cmd/modbus/{name}`

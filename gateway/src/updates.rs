@@ -1,0 +1,132 @@
+//! The gateway's side of over-the-air updates: it relays, it does not install.
+//!
+//! `wardgate-agent` (a separate process, root, on the same appliance) publishes each step
+//! of its update cycle on the embedded broker's `_gateway/update/status`. The gateway:
+//! - forwards every step upstream through the spool as the gateway's own stream, topic
+//!   `{prefix}/{site}/{gateway}/_gateway/update` (QoS 1, priority vital, room made only from
+//!   the stream's own records, like the audit stream);
+//! - writes an audit record for the security decisions among them: `update.installed`,
+//!   `update.committed`, `update.rolled_back`, `update.refused`, `update.rebooting`.
+//!
+//! A report that is not a JSON object with a string `event`, or is larger than 64 KiB, is
+//! refused (logged and audited as `update.report_refused`), not forwarded.
+//!
+//! The other direction — an upstream "check now" on `…/_gateway/cmd/update` — is delivered
+//! to the local `_gateway/cmd/update` by the uplink's command routing.
+//!
+//! Tested end to end by `tests/system/updates.rs` with the real agent.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::device::DeviceId;
+use crate::spool::{Priority, Record, Spool};
+
+/// Where the agent reports, on the embedded broker.
+pub const STATUS_TOPIC: &str = "_gateway/update/status";
+/// Where the agent takes "check now" commands, on the embedded broker.
+pub const COMMAND_TOPIC: &str = "_gateway/cmd/update";
+/// The stream topic; the uplink maps it to `…/_gateway/update`.
+pub const UPDATE_TOPIC: &str = "update";
+const MAX_REPORT: usize = 64 * 1024;
+const CLIENT_ID: &str = "_wardgate-updates";
+/// Steps that are security decisions (and so audited).
+const AUDITED: [&str; 5] = [
+    "installed",
+    "committed",
+    "rolled_back",
+    "refused",
+    "rebooting",
+];
+
+/// Relays the agent's reports until `shutdown`.
+pub async fn run(broker: SocketAddr, spool: Spool, shutdown: CancellationToken) {
+    let mut o = MqttOptions::new(CLIENT_ID, broker.ip().to_string(), broker.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(MAX_REPORT + 1024, MAX_REPORT + 1024);
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if let Err(e) = client.try_subscribe(STATUS_TOPIC, QoS::AtLeastOnce) {
+                    tracing::error!(event = "update.subscribe_failed", error = %e);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == STATUS_TOPIC => {
+                relay(&spool, &p.payload);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(event = "broker.local_link_failed", client = CLIENT_ID, error = %e, "local broker link lost; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One report: audited if it is a decision, and queued for upstream.
+fn relay(spool: &Spool, payload: &[u8]) {
+    let parsed: Option<serde_json::Value> = (payload.len() <= MAX_REPORT)
+        .then(|| serde_json::from_slice(payload).ok())
+        .flatten();
+    let Some(event) = parsed
+        .as_ref()
+        .and_then(|v| v.get("event"))
+        .and_then(|e| e.as_str())
+        .map(str::to_owned)
+    else {
+        let why = if payload.len() > MAX_REPORT {
+            format!("{} bytes, above {MAX_REPORT}", payload.len())
+        } else {
+            "not a JSON object with an \"event\"".to_owned()
+        };
+        crate::audit::record("update.report_refused", None, &why);
+        tracing::warn!(
+            event = "update.report_refused",
+            reason = why,
+            "agent report refused"
+        );
+        return;
+    };
+    let v = parsed.unwrap_or_default();
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
+    tracing::info!(
+        event = format!("update.{event}").as_str(),
+        version = field("version"),
+        slot = field("slot"),
+        detail = field("detail"),
+        "update agent"
+    );
+    if AUDITED.contains(&event.as_str()) {
+        crate::audit::record(
+            &format!("update.{event}"),
+            None,
+            &format!(
+                "version={:?} slot={:?} detail={:?}",
+                field("version"),
+                field("slot"),
+                field("detail")
+            ),
+        );
+    }
+    let record = Record {
+        device: DeviceId::gateway(),
+        topic: UPDATE_TOPIC.to_owned(),
+        payload: bytes::Bytes::copy_from_slice(payload),
+        qos: 1,
+        received_at_ms: crate::spool::now_ms(),
+    };
+    if let Err(e) = spool.append_own(&record, Priority::Vital) {
+        tracing::warn!(event = "update.not_forwarded", error = %e, "agent report not forwarded: no room in the spool");
+    }
+}

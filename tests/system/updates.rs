@@ -1,0 +1,311 @@
+//! The update agent beside a running gateway: its reports reach the hospital's broker
+//! through the gateway (spool, uplink) and the security decisions among them are audited;
+//! a "check now" from upstream reaches the agent through the embedded broker.
+//!
+//! Real processes throughout: `wardgate run`, `wardgate-agent run`, mosquitto upstream, a
+//! repository built by `wardgate-release`. The board is simulated as in the agent's own
+//! tests: file-backed slots, the state-file boot backend, a reboot command that records.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::Publish;
+
+use crate::support::upstream::{Link, Upstream};
+use crate::support::{Site, DEADLINE};
+
+/// A binary of the workspace's other package, built by `cargo test --workspace`.
+fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p wardgate-agent` (scripts/test builds the \
+         whole workspace)",
+        bin.display()
+    );
+    bin
+}
+
+fn release(args: &[&str]) {
+    let out = Command::new(sibling_bin("wardgate-release"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wardgate-release {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An empty signed repository in `dir/repo`, keys beside it.
+fn repository(dir: &Path) {
+    let p = |s: &str| dir.join(s).display().to_string();
+    for k in ["root", "targets", "snapshot", "timestamp"] {
+        release(&["keygen", &p(&format!("{k}.key"))]);
+    }
+    release(&[
+        "init",
+        "--repo",
+        &p("repo"),
+        "--root-key",
+        &p("root.key"),
+        "--targets-key",
+        &p("targets.key"),
+        "--snapshot-key",
+        &p("snapshot.key"),
+        "--timestamp-key",
+        &p("timestamp.key"),
+    ]);
+}
+
+fn add_bundle(dir: &Path, version: &str) {
+    let p = |s: &str| dir.join(s).display().to_string();
+    std::fs::write(dir.join("image"), format!("rootfs {version}").repeat(500)).unwrap();
+    std::fs::write(dir.join("sbom.json"), "{\"spdxVersion\":\"SPDX-2.3\"}").unwrap();
+    release(&[
+        "add",
+        "--repo",
+        &p("repo"),
+        "--image",
+        &p("image"),
+        "--version",
+        version,
+        "--hardware",
+        "qemu-virt",
+        "--sbom",
+        &p("sbom.json"),
+        "--key",
+        &p("targets.key"),
+        "--key",
+        &p("snapshot.key"),
+        "--key",
+        &p("timestamp.key"),
+    ]);
+}
+
+struct Board {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Board {
+    fn new(dir: &Path, broker: &str) -> Board {
+        std::fs::create_dir_all(dir).unwrap();
+        for s in ["slot-a.img", "slot-b.img"] {
+            std::fs::write(dir.join(s), b"factory").unwrap();
+        }
+        std::fs::write(dir.join("boot.txt"), "default=A\n").unwrap();
+        std::fs::write(dir.join("cmdline"), "wardgate.slot=A\n").unwrap();
+        let d = dir.display();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[repository]
+url = "file://{d}/repo/"
+trusted_root = "{d}/repo/metadata/1.root.json"
+poll_interval = "1h"
+poll_jitter = "0s"
+[appliance]
+hardware = "qemu-virt"
+state_dir = "{d}/state"
+slot_a = "{d}/slot-a.img"
+slot_b = "{d}/slot-b.img"
+cmdline = "{d}/cmdline"
+reboot_command = ["sh", "-c", "echo reboot >> {d}/reboots"]
+[boot]
+backend = "state-file"
+state_file = "{d}/boot.txt"
+[maintenance]
+windows = []
+[health]
+deadline = "5s"
+commands = [["true"]]
+[report]
+broker = "{broker}"
+"#
+            ),
+        )
+        .unwrap();
+        Board {
+            dir: dir.to_owned(),
+            config,
+        }
+    }
+
+    fn spawn(&self) -> Child {
+        Command::new(sibling_bin("wardgate-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn reboots(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("reboots"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// The boot script's decision at power-on (state-file format), and the command line.
+    fn power_cycle(&self) -> &'static str {
+        let state = std::fs::read_to_string(self.dir.join("boot.txt")).unwrap();
+        let get = |k: &str| {
+            state
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+        };
+        let tries: u32 = get("tries").map_or(0, |t| t.parse().unwrap());
+        let default = get("default").unwrap();
+        let (slot, next) = match get("try") {
+            Some(t) if tries > 0 => (
+                t.clone(),
+                format!("default={default}\ntry={t}\ntries={}\n", tries - 1),
+            ),
+            _ => (default.clone(), format!("default={default}\n")),
+        };
+        std::fs::write(self.dir.join("boot.txt"), next).unwrap();
+        std::fs::write(self.dir.join("cmdline"), format!("wardgate.slot={slot}\n")).unwrap();
+        if slot == "B" {
+            "B"
+        } else {
+            "A"
+        }
+    }
+}
+
+fn stop(mut c: Child) {
+    let _ = Command::new("kill").arg(c.id().to_string()).status();
+    let _ = c.wait();
+}
+
+fn event(p: &Publish) -> serde_json::Value {
+    serde_json::from_slice(&p.payload).unwrap()
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
+    let link = Link::start(upstream.port, true).await;
+    site.extra = upstream.uplink_section("gw-test", link.port, "");
+    let mut updates = upstream
+        .consumer("hospital/st-mary/gw-test/_gateway/update")
+        .await;
+    let mut gw = site.start().await;
+    let ready = gw.wait_log("gateway.ready", &[]).await;
+    let broker = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("broker="))
+        .expect("broker address in the ready line")
+        .to_owned();
+    gw.wait_log("uplink.commands_subscribed", &[]).await;
+
+    let board = Board::new(&site.path("board"), &broker);
+    repository(&board.dir);
+    let agent = board.spawn();
+    // Nothing to install yet: the check's result reaches the hospital.
+    let got = updates
+        .until(|g| g.iter().any(|p| event(p)["event"] == "checked"))
+        .await;
+    assert!(got.iter().any(|p| event(p)["event"] == "started"));
+
+    // The fleet manager publishes 1.1.0 and asks this gateway to check now, rebooting at once.
+    add_bundle(&board.dir, "1.1.0");
+    updates
+        .client
+        .publish(
+            "hospital/st-mary/gw-test/_gateway/cmd/update",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "{\"now\": true}",
+        )
+        .await
+        .unwrap();
+    let got = updates
+        .until(|g| g.iter().any(|p| event(p)["event"] == "rebooting"))
+        .await;
+    let installed = got
+        .iter()
+        .map(event)
+        .find(|e| e["event"] == "installed")
+        .expect("an installed report");
+    assert_eq!(installed["version"], "1.1.0");
+    assert_eq!(installed["slot"], "B");
+    wait_until("the reboot command", || board.reboots() == 1).await;
+    stop(agent);
+    gw.wait_log("uplink.command_delivered", &["_gateway/cmd/update"])
+        .await;
+
+    // The trial boot: healthy, committed, reported and audited.
+    assert_eq!(board.power_cycle(), "B");
+    let agent = board.spawn();
+    updates
+        .until(|g| g.iter().any(|p| event(p)["event"] == "committed"))
+        .await;
+    stop(agent);
+    gw.wait_log("update.committed", &[]).await;
+    let audited = audit_events(&site);
+    for want in ["update.installed", "update.rebooting", "update.committed"] {
+        assert!(
+            audited.iter().any(|e| e == want),
+            "{want} not in {audited:?}"
+        );
+    }
+    assert!(
+        !audited.iter().any(|e| e == "update.checked"),
+        "routine checks are reported, not audited"
+    );
+
+    // A report that is not one is refused and audited, not forwarded.
+    let mut o = rumqttc::MqttOptions::new(
+        "intruder",
+        "127.0.0.1",
+        broker.rsplit(':').next().unwrap().parse().unwrap(),
+    );
+    o.set_keep_alive(Duration::from_secs(5));
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 8);
+    c.publish(
+        "_gateway/update/status",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        "not json",
+    )
+    .await
+    .unwrap();
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    gw.wait_log("update.report_refused", &[]).await;
+    let refused = audit_events(&site)
+        .iter()
+        .filter(|e| *e == "update.report_refused")
+        .count();
+    assert_eq!(refused, 1);
+}
+
+/// The running gateway's audit events, over its admin socket.
+fn audit_events(site: &Site) -> Vec<String> {
+    site.admin_ok(&["audit", "tail", "-n", "100000", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| r["event"].as_str().map(str::to_owned))
+        .collect()
+}
