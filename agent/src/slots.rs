@@ -158,6 +158,8 @@ impl StateFile {
 impl BootControl for StateFile {
     fn state(&self) -> Result<BootState, BootError> {
         let text = std::fs::read_to_string(&self.path).map_err(|e| self.io(e))?;
+        // U-Boot's `env export -t` ends what it writes with a NUL.
+        let text = text.trim_end_matches('\0');
         let (mut default, mut try_slot, mut tries) = (None, None, None);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let corrupt = || BootError::Corrupt {
