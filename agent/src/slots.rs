@@ -205,6 +205,17 @@ impl BootControl for StateFile {
     }
 }
 
+/// Zeroes the head of a slot (its first MiB, or all of a smaller file), where file systems
+/// and kernels keep their headers, so a half-written image cannot be mistaken for one.
+fn invalidate(path: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let len = f.seek(SeekFrom::End(0))?.min(1 << 20);
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&vec![0u8; usize::try_from(len).unwrap_or(1 << 20)])?;
+    f.sync_all()
+}
+
 /// The lowest version this appliance will ever install again: raised when a slot is
 /// committed, never lowered, kept across updates (outside the slots).
 #[derive(Debug, Clone)]
@@ -361,9 +372,15 @@ impl<B: BootControl> Appliance<B> {
             .map_err(|e| e.to_string())?
             .default
             .other();
-        crate::update::write_to_slot(repo, candidate, self.slot_path(target))
-            .await
-            .map_err(|e| e.to_string())?;
+        let path = self.slot_path(target);
+        if let Err(e) = crate::update::write_to_slot(repo, candidate, path).await {
+            // Whatever landed is not the signed image: make sure nothing ever boots it (a
+            // later `rollback --force` included). The boot state was never touched.
+            return Err(match invalidate(path) {
+                Ok(()) => format!("{e}; slot {target} invalidated"),
+                Err(ie) => format!("{e}; slot {target} could not be invalidated: {ie}"),
+            });
+        }
         self.boot.try_once(target).map_err(|e| e.to_string())?;
         self.save(&Record::Pending {
             version: candidate.version.to_string(),

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod board;
+pub mod forge;
 pub mod server;
 
 pub const RELEASE: &str = env!("CARGO_BIN_EXE_wardgate-release");

@@ -1,0 +1,281 @@
+//! One test per attack on the update path, against `wardgate-agent` as a process on a
+//! simulated board (see `common/board.rs`), the repository served over HTTP by a local
+//! server. The attacker edits what the server serves; where the attack needs signatures,
+//! `common/forge.rs` makes them with whatever keys the attacker holds.
+//!
+//! Each attack must be refused with a clear error, reported in the agent's journal, and
+//! leave the board as it was: no trial armed, no reboot, and — where the attack is caught
+//! before the download, as every metadata attack is — the inactive slot untouched. An
+//! attack caught during the download (a bad hash, endless or slow data) leaves the slot
+//! invalidated (its head zeroed), never armed.
+
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::board::{Board, Options};
+use common::forge::{self, Signers};
+use common::server::Fault;
+use wardgate_agent::slots::{BootControl, BootState, Slot, StateFile};
+
+const FACTORY: &[u8] = b"factory image";
+
+/// `check --now` fails with `want` in its message and leaves no trace but the refusal.
+fn refused(b: &Board, want: &str) -> String {
+    let (ok, out) = b.agent(&["check", "--now"]);
+    eprintln!("{want}: {out}");
+    assert!(!ok, "the attack was not refused: {out}");
+    assert!(
+        out.to_lowercase().contains(&want.to_lowercase()),
+        "{want:?} not in {out}"
+    );
+    unharmed(b);
+    let e = b.events();
+    let last = e.last().unwrap();
+    assert_eq!(last["event"], "refused", "{last}");
+    out
+}
+
+fn unharmed(b: &Board) {
+    let boot = StateFile {
+        path: b.fleet.p("boot-state.txt"),
+    };
+    assert_eq!(
+        boot.state().unwrap(),
+        BootState {
+            default: Slot::A,
+            trial: None
+        },
+        "the boot state changed"
+    );
+    assert_eq!(b.reboots(), 0, "the board rebooted");
+    assert_eq!(std::fs::read(b.fleet.p("slot-a.img")).unwrap(), FACTORY);
+}
+
+fn slot_b(b: &Board) -> Vec<u8> {
+    std::fs::read(b.fleet.p("slot-b.img")).unwrap()
+}
+
+fn invalidated(b: &Board) {
+    let s = slot_b(b);
+    assert!(
+        !s.is_empty() && s.iter().all(|&x| x == 0),
+        "slot B is not invalidated"
+    );
+}
+
+/// The snapshot and timestamp keys (online, the most exposed) are the attacker's.
+const ONLINE: (&[&str], &[&str]) = (&["snapshot"], &["timestamp"]);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unsigned_target_is_refused() {
+    let b = Board::new(&[], Options::default()).await;
+    forge::bundle(
+        &b.fleet,
+        "9.9.9",
+        &Signers {
+            targets: &[],
+            snapshot: ONLINE.0,
+            timestamp: ONLINE.1,
+        },
+    )
+    .await;
+    refused(&b, "signature threshold");
+    assert_eq!(slot_b(&b), FACTORY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_signed_by_a_wrong_key_is_refused() {
+    let b = Board::new(&[], Options::default()).await;
+    forge::bundle(
+        &b.fleet,
+        "9.9.9",
+        &Signers {
+            targets: &["stranger"],
+            snapshot: ONLINE.0,
+            timestamp: ONLINE.1,
+        },
+    )
+    .await;
+    refused(&b, "signature threshold");
+    assert_eq!(slot_b(&b), FACTORY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signatures_below_the_threshold_are_refused() {
+    // Two of the two targets keys are needed; the attacker holds one.
+    let b = Board::new(
+        &[],
+        Options {
+            targets_threshold: 2,
+            ..Options::default()
+        },
+    )
+    .await;
+    forge::bundle(
+        &b.fleet,
+        "9.9.9",
+        &Signers {
+            targets: &["targets"],
+            snapshot: ONLINE.0,
+            timestamp: ONLINE.1,
+        },
+    )
+    .await;
+    refused(&b, "signature threshold");
+    assert_eq!(slot_b(&b), FACTORY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_with_a_flipped_bit_is_refused_and_its_slot_invalidated() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let file = common::find(&b.fleet.p("repo/targets"), "wardgate-1.1.0.img");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[5000] ^= 0x01;
+    std::fs::write(&file, bytes).unwrap();
+    refused(&b, "hash");
+    invalidated(&b);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_to_an_older_version_is_refused() {
+    let b = Board::new(&["1.0.0", "1.1.0"], Options::default()).await;
+    b.healthy(true);
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    b.power_cycle();
+    let (ok, out) = b.agent(&["mark-good"]);
+    assert!(ok, "{out}");
+    let before = slot_b(&b);
+    // Asked for 1.0.0 (say, by someone who found a flaw in it): below the floor.
+    let url = b.server.url("http", "").to_string();
+    let (ok, out) = b.agent(&["install", &url, "--version", "1.0.0", "--now"]);
+    assert!(!ok && out.contains("rollback refused"), "{out}");
+    assert_eq!(slot_b(&b), before);
+    assert_eq!(b.reboots(), 1, "only the update's own reboot");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_older_snapshot_is_refused() {
+    let b = Board::new(&[], Options::default()).await;
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    let meta = b.fleet.p("repo/metadata");
+    let old = std::fs::read(meta.join("timestamp.json")).unwrap();
+    // The fleet publishes 1.1.0; the board sees it (and installs it, reboot waiting).
+    assert!(b.fleet.add("1.1.0", &common::SIGNERS, &[]).0);
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.reboots(), 1);
+    let after = slot_b(&b);
+    // A mirror (or attacker) now serves the old timestamp, naming the old snapshot.
+    std::fs::write(meta.join("timestamp.json"), old).unwrap();
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(!ok && out.to_lowercase().contains("version"), "{out}");
+    assert_eq!(slot_b(&b), after);
+    assert_eq!(b.reboots(), 1);
+    assert_eq!(b.events().last().unwrap()["event"], "refused");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_timestamp_is_refused() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let f = &b.fleet;
+    common::ok(&args![
+        "refresh",
+        "--repo",
+        f.s("repo"),
+        "--key",
+        f.s("snapshot.key"),
+        "--key",
+        f.s("timestamp.key"),
+        "--days",
+        "0"
+    ]);
+    refused(&b, "expired");
+    assert_eq!(slot_b(&b), FACTORY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endless_data_is_cut_off_at_the_signed_length() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    b.server.fault("wardgate-1.1.0.img", Fault::Endless);
+    refused(&b, "maximum size");
+    invalidated(&b);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_retrieval_is_abandoned() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    // 64 bytes every 100 ms, under the floor of 1 KiB/s over the board's 2 s window.
+    b.server.fault(
+        "wardgate-1.1.0.img",
+        Fault::Trickle(64, Duration::from_millis(100)),
+    );
+    refused(&b, "slow retrieval");
+    invalidated(&b);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_for_other_hardware_is_refused() {
+    let b = Board::new(
+        &["1.1.0"],
+        Options {
+            hardware: "beaglebone",
+            ..Options::default()
+        },
+    )
+    .await;
+    // Nothing for this board: a check finds nothing to do.
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    // Asked for by hand: refused.
+    let url = b.server.url("http", "").to_string();
+    let (ok, out) = b.agent(&["install", &url, "--version", "1.1.0", "--now"]);
+    assert!(!ok && out.contains("not for this hardware"), "{out}");
+    unharmed(&b);
+    assert_eq!(slot_b(&b), FACTORY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_above_the_size_cap_is_refused_before_its_download() {
+    let b = Board::new(
+        &["1.1.0"],
+        Options {
+            repository: "max_bundle_bytes = 4096".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    refused(&b, "above max_bundle_bytes");
+    assert_eq!(slot_b(&b), FACTORY);
+    assert!(b.server.requests("wardgate-1.1.0.img").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_rotation_is_followed_only_with_both_thresholds() {
+    // Signed by the new key alone (an attacker who made or stole just that key): refused.
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    common::ok(&args!["keygen", b.fleet.s("newroot.key")]);
+    forge::root(&b.fleet, "newroot", &["newroot"]).await;
+    refused(&b, "signature");
+    assert_eq!(slot_b(&b), FACTORY);
+
+    // The fleet manager's rotation, signed by the old and the new root keys: followed.
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    common::ok(&args!["keygen", b.fleet.s("newroot.key")]);
+    common::ok(&args![
+        "rotate",
+        "--repo",
+        b.fleet.s("repo"),
+        "--old-key",
+        b.fleet.s("root.key"),
+        "--new-key",
+        b.fleet.s("newroot.key")
+    ]);
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
+}
