@@ -86,11 +86,11 @@ impl Fleet {
         let image = self.p(&format!("wardgate-{version}.img"));
         std::fs::write(&image, format!("image {version}").repeat(1000)).unwrap();
         let sbom = self.p(&format!("sbom-{version}.json"));
-        std::fs::write(
-            &sbom,
-            format!("{{\"spdxVersion\":\"SPDX-2.3\",\"name\":\"{version}\"}}"),
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sbom.spdx.json"),
         )
         .unwrap();
+        std::fs::write(&sbom, template.replace("@VERSION@", version)).unwrap();
         let mut args = args![
             "add",
             "--repo",
