@@ -96,7 +96,7 @@ impl UBootEnv {
     }
 
     /// Sets (or, with an empty value, deletes) variables in one write.
-    fn set(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
+    fn setenv(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
         let mut script = tempfile_in_tmp()?;
         {
             use std::io::Write;
@@ -161,27 +161,16 @@ impl BootControl for UBootEnv {
         })
     }
 
-    fn try_once(&mut self, slot: Slot) -> Result<(), BootError> {
-        let s = self.state()?;
-        self.set(&[
+    fn set(&mut self, s: BootState) -> Result<(), BootError> {
+        let (try_slot, tries) = match s.trial {
+            Some((slot, n)) => (slot.to_string(), n.to_string()),
+            // An empty value deletes the variable.
+            None => (String::new(), String::new()),
+        };
+        self.setenv(&[
             ("wardgate_default", s.default.to_string()),
-            ("wardgate_try", slot.to_string()),
-            ("wardgate_tries", "1".into()),
-        ])
-    }
-
-    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
-        self.set(&[
-            ("wardgate_default", slot.to_string()),
-            ("wardgate_try", String::new()),
-            ("wardgate_tries", String::new()),
-        ])
-    }
-
-    fn abandon(&mut self) -> Result<(), BootError> {
-        self.set(&[
-            ("wardgate_try", String::new()),
-            ("wardgate_tries", String::new()),
+            ("wardgate_try", try_slot),
+            ("wardgate_tries", tries),
         ])
     }
 }
@@ -267,23 +256,7 @@ impl BootControl for RpiTryboot {
         })
     }
 
-    fn try_once(&mut self, slot: Slot) -> Result<(), BootError> {
-        let s = self.state()?;
-        self.write(BootState {
-            trial: Some((slot, 1)),
-            ..s
-        })
-    }
-
-    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
-        self.write(BootState {
-            default: slot,
-            trial: None,
-        })
-    }
-
-    fn abandon(&mut self) -> Result<(), BootError> {
-        let s = self.state()?;
-        self.write(BootState { trial: None, ..s })
+    fn set(&mut self, s: BootState) -> Result<(), BootError> {
+        self.write(s)
     }
 }

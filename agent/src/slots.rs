@@ -70,26 +70,36 @@ pub enum BootError {
 
 pub trait BootControl: fmt::Debug {
     fn state(&self) -> Result<BootState, BootError>;
+    /// Writes `s` as the boot loader's next decision, in one step.
+    fn set(&mut self, s: BootState) -> Result<(), BootError>;
     /// Boot `slot` on the next boot only; if it is not committed, the default boots after.
-    fn try_once(&mut self, slot: Slot) -> Result<(), BootError>;
+    fn try_once(&mut self, slot: Slot) -> Result<(), BootError> {
+        let s = self.state()?;
+        self.set(BootState {
+            trial: Some((slot, 1)),
+            ..s
+        })
+    }
     /// Make `slot` the default (after a good health check); ends any trial.
-    fn commit(&mut self, slot: Slot) -> Result<(), BootError>;
+    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
+        self.set(BootState {
+            default: slot,
+            trial: None,
+        })
+    }
     /// End a trial without committing: the default boots next.
-    fn abandon(&mut self) -> Result<(), BootError>;
+    fn abandon(&mut self) -> Result<(), BootError> {
+        let s = self.state()?;
+        self.set(BootState { trial: None, ..s })
+    }
 }
 
 impl<T: BootControl + ?Sized> BootControl for Box<T> {
     fn state(&self) -> Result<BootState, BootError> {
         (**self).state()
     }
-    fn try_once(&mut self, slot: Slot) -> Result<(), BootError> {
-        (**self).try_once(slot)
-    }
-    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
-        (**self).commit(slot)
-    }
-    fn abandon(&mut self) -> Result<(), BootError> {
-        (**self).abandon()
+    fn set(&mut self, s: BootState) -> Result<(), BootError> {
+        (**self).set(s)
     }
 }
 
@@ -184,24 +194,8 @@ impl BootControl for StateFile {
         })
     }
 
-    fn try_once(&mut self, slot: Slot) -> Result<(), BootError> {
-        let s = self.state()?;
-        self.write(BootState {
-            trial: Some((slot, 1)),
-            ..s
-        })
-    }
-
-    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
-        self.write(BootState {
-            default: slot,
-            trial: None,
-        })
-    }
-
-    fn abandon(&mut self) -> Result<(), BootError> {
-        let s = self.state()?;
-        self.write(BootState { trial: None, ..s })
+    fn set(&mut self, s: BootState) -> Result<(), BootError> {
+        self.write(s)
     }
 }
 

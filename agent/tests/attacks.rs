@@ -67,66 +67,43 @@ fn invalidated(b: &Board) {
     );
 }
 
-/// The snapshot and timestamp keys (online, the most exposed) are the attacker's.
-const ONLINE: (&[&str], &[&str]) = (&["snapshot"], &["timestamp"]);
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_unsigned_target_is_refused() {
-    let b = Board::new(&[], Options::default()).await;
-    forge::bundle(
-        &b.fleet,
-        "9.9.9",
-        &Signers {
-            targets: &[],
-            snapshot: ONLINE.0,
-            timestamp: ONLINE.1,
+/// A bundle published by an attacker whose targets signatures are `targets`' (and who holds
+/// the snapshot and timestamp keys, the online ones, the most exposed), on a fleet whose
+/// targets role needs `threshold` signatures: refused before any download.
+async fn forged_targets(threshold: u64, targets: &[&str]) {
+    let b = Board::new(
+        &[],
+        Options {
+            targets_threshold: threshold,
+            ..Options::default()
         },
     )
     .await;
+    let by = Signers {
+        targets,
+        snapshot: &["snapshot"],
+        timestamp: &["timestamp"],
+    };
+    forge::bundle(&b.fleet, "9.9.9", &by).await;
     refused(&b, "signature threshold");
     assert_eq!(slot_b(&b), FACTORY);
+    assert!(b.server.requests("wardgate-9.9.9.img").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unsigned_target_is_refused() {
+    forged_targets(1, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_signed_by_a_wrong_key_is_refused() {
-    let b = Board::new(&[], Options::default()).await;
-    forge::bundle(
-        &b.fleet,
-        "9.9.9",
-        &Signers {
-            targets: &["stranger"],
-            snapshot: ONLINE.0,
-            timestamp: ONLINE.1,
-        },
-    )
-    .await;
-    refused(&b, "signature threshold");
-    assert_eq!(slot_b(&b), FACTORY);
+    forged_targets(1, &["stranger"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn signatures_below_the_threshold_are_refused() {
     // Two of the two targets keys are needed; the attacker holds one.
-    let b = Board::new(
-        &[],
-        Options {
-            targets_threshold: 2,
-            ..Options::default()
-        },
-    )
-    .await;
-    forge::bundle(
-        &b.fleet,
-        "9.9.9",
-        &Signers {
-            targets: &["targets"],
-            snapshot: ONLINE.0,
-            timestamp: ONLINE.1,
-        },
-    )
-    .await;
-    refused(&b, "signature threshold");
-    assert_eq!(slot_b(&b), FACTORY);
+    forged_targets(2, &["targets"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

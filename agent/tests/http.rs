@@ -13,9 +13,7 @@ use std::time::Duration;
 use common::server::{Fault, Server};
 use common::{Fleet, SIGNERS};
 use wardgate_agent::http::{Fetcher, Limits};
-use wardgate_agent::slots::{
-    power_on, Appliance, BootControl, BootState, Floor, Record, Slot, StateFile,
-};
+use wardgate_agent::slots::{power_on, Appliance, BootControl, BootState, Record, Slot, StateFile};
 use wardgate_agent::update::{self, Source, Version};
 
 fn v(s: &str) -> Version {
@@ -43,26 +41,6 @@ fn quick() -> Limits {
         low_speed_bytes_per_sec: 4096,
         low_speed_window: Duration::from_secs(1),
         ..Limits::default()
-    }
-}
-
-fn appliance(f: &Fleet) -> Appliance<StateFile> {
-    let boot = StateFile {
-        path: f.p("boot-state.txt"),
-    };
-    boot.write(BootState {
-        default: Slot::A,
-        trial: None,
-    })
-    .unwrap();
-    for s in ["slot-a.img", "slot-b.img"] {
-        std::fs::write(f.p(s), vec![0u8; 16]).unwrap();
-    }
-    Appliance {
-        slots: [f.p("slot-a.img"), f.p("slot-b.img")],
-        boot,
-        floor: Floor { path: f.p("floor") },
-        record: f.p("update.json"),
     }
 }
 
@@ -99,7 +77,7 @@ async fn a_bundle_downloads_over_http_into_slot_b_and_a_healthy_trial_commits() 
     let c = update::newest(&repo, "qemu-virt", &v("1.0.0"))
         .unwrap()
         .unwrap();
-    let mut a = appliance(&f);
+    let mut a = common::appliance(&f);
     assert_eq!(a.install(&repo, &c).await.unwrap(), Slot::B);
     let want = image(&f);
     assert_eq!(&std::fs::read(f.p("slot-b.img")).unwrap()[..], &want[..]);
@@ -129,7 +107,7 @@ async fn an_interrupted_download_resumes_from_where_it_stopped() {
         .await
         .unwrap();
     let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
-    let mut a = appliance(&f);
+    let mut a = common::appliance(&f);
     a.install(&repo, &c).await.unwrap();
     assert_eq!(std::fs::read(f.p("slot-b.img")).unwrap(), image(&f));
     let reqs = server.requests("wardgate-1.1.0.img");
@@ -144,57 +122,43 @@ async fn an_interrupted_download_resumes_from_where_it_stopped() {
     );
 }
 
-#[tokio::test]
-async fn a_server_trickling_bytes_is_abandoned_as_slow_retrieval() {
+/// An install of 1.1.0 from a server that misbehaves with `fault` on the image: it must
+/// fail; returns what the test needs to look at, the error last.
+async fn install_against(fault: Fault) -> (Fleet, Server, update::Candidate, String) {
     let (f, server) = served().await;
-    // 64 bytes every 50 ms is about 1.3 KB/s, under the floor of 4 KB/s.
-    server.fault(
-        "wardgate-1.1.0.img",
-        Fault::Trickle(64, Duration::from_millis(50)),
-    );
+    server.fault("wardgate-1.1.0.img", fault);
     let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
         .await
         .unwrap();
     let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
-    let mut a = appliance(&f);
+    let mut a = common::appliance(&f);
     let e = a.install(&repo, &c).await.unwrap_err();
     eprintln!("refused: {e}");
-    assert!(e.contains("slow retrieval"), "{e}");
     nothing_installed(&a);
+    (f, server, c, e)
+}
+
+#[tokio::test]
+async fn a_server_trickling_bytes_is_abandoned_as_slow_retrieval() {
+    // 64 bytes every 50 ms is about 1.3 KB/s, under the floor of 4 KB/s.
+    let (_f, server, c, e) = install_against(Fault::Trickle(64, Duration::from_millis(50))).await;
+    assert!(e.contains("slow retrieval"), "{e}");
     let sent = server.requests("wardgate-1.1.0.img")[0].sent;
     assert!(sent < c.length, "abandoned before the end: {sent} bytes");
 }
 
 #[tokio::test]
 async fn endless_data_from_the_server_is_cut_at_the_signed_length() {
-    let (f, server) = served().await;
-    server.fault("wardgate-1.1.0.img", Fault::Endless);
-    let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
-        .await
-        .unwrap();
-    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
-    let mut a = appliance(&f);
-    let e = a.install(&repo, &c).await.unwrap_err();
-    eprintln!("refused: {e}");
+    let (f, _server, c, e) = install_against(Fault::Endless).await;
     assert!(e.contains("Maximum size"), "{e}");
-    nothing_installed(&a);
     let len = std::fs::metadata(f.p("slot-b.img")).unwrap().len();
     assert!(len <= c.length, "the slot got {len} bytes");
 }
 
 #[tokio::test]
 async fn a_response_announcing_more_than_the_cap_is_refused_before_its_body() {
-    let (f, server) = served().await;
-    server.fault("wardgate-1.1.0.img", Fault::Announce(1 << 40));
-    let repo = update::load(&source(&f, &server, "http", fetcher(quick())))
-        .await
-        .unwrap();
-    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
-    let mut a = appliance(&f);
-    let e = a.install(&repo, &c).await.unwrap_err();
-    eprintln!("refused: {e}");
+    let (f, _server, _c, e) = install_against(Fault::Announce(1 << 40)).await;
     assert!(e.contains("above the cap"), "{e}");
-    nothing_installed(&a);
     assert_eq!(std::fs::read(f.p("slot-b.img")).unwrap(), vec![0u8; 16]);
 }
 

@@ -151,29 +151,7 @@ async fn endless_data_beyond_the_signed_length_is_cut_off() {
     );
 }
 
-use wardgate_agent::slots::{
-    power_on, Appliance, BootControl, BootState, Floor, Record, Slot, StateFile,
-};
-
-fn appliance(f: &Fleet) -> Appliance<StateFile> {
-    let boot = StateFile {
-        path: f.p("boot-state.txt"),
-    };
-    boot.write(BootState {
-        default: Slot::A,
-        trial: None,
-    })
-    .unwrap();
-    for s in ["slot-a.img", "slot-b.img"] {
-        std::fs::write(f.p(s), vec![0u8; 16]).unwrap();
-    }
-    Appliance {
-        slots: [f.p("slot-a.img"), f.p("slot-b.img")],
-        boot,
-        floor: Floor { path: f.p("floor") },
-        record: f.p("update.json"),
-    }
-}
+use wardgate_agent::slots::{power_on, Appliance, BootControl, Record, Slot, StateFile};
 
 /// Power-cycles the simulated board: the boot loader's decision, written back.
 fn reboot(a: &Appliance<StateFile>) -> Slot {
@@ -185,7 +163,7 @@ fn reboot(a: &Appliance<StateFile>) -> Slot {
 #[tokio::test]
 async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
     let (f, repo, c) = one_bundle().await;
-    let mut a = appliance(&f);
+    let mut a = common::appliance(&f);
     assert_eq!(a.install(&repo, &c).await.unwrap(), Slot::B);
     assert_eq!(
         a.boot.state().unwrap().trial,
@@ -221,7 +199,7 @@ async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
 #[tokio::test]
 async fn a_failed_health_check_rolls_back_and_says_why() {
     let (f, repo, c) = one_bundle().await;
-    let mut a = appliance(&f);
+    let mut a = common::appliance(&f);
     a.install(&repo, &c).await.unwrap();
     let booted = reboot(&a);
     let r = a
@@ -243,7 +221,7 @@ async fn a_failed_health_check_rolls_back_and_says_why() {
 #[tokio::test]
 async fn a_new_slot_that_never_comes_up_falls_back_and_is_recorded() {
     let (f, repo, c) = one_bundle().await;
-    let mut a = appliance(&f);
+    let mut a = common::appliance(&f);
     a.install(&repo, &c).await.unwrap();
     // The trial boot dies before the agent runs: its try is spent, the next boot is A.
     assert_eq!(reboot(&a), Slot::B);

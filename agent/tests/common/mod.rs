@@ -139,3 +139,26 @@ pub fn find(dir: &Path, suffix: &str) -> PathBuf {
     }
     walk(dir, suffix).unwrap_or_else(|| panic!("no {suffix} under {}", dir.display()))
 }
+
+/// Two file-backed slots and the state-file backend (default A) beside the fleet's
+/// repository, as the agent's library sees an appliance.
+pub fn appliance(f: &Fleet) -> wardgate_agent::slots::Appliance<wardgate_agent::slots::StateFile> {
+    use wardgate_agent::slots::{Appliance, BootState, Floor, Slot, StateFile};
+    let boot = StateFile {
+        path: f.p("boot-state.txt"),
+    };
+    boot.write(BootState {
+        default: Slot::A,
+        trial: None,
+    })
+    .unwrap();
+    for s in ["slot-a.img", "slot-b.img"] {
+        std::fs::write(f.p(s), vec![0u8; 16]).unwrap();
+    }
+    Appliance {
+        slots: [f.p("slot-a.img"), f.p("slot-b.img")],
+        boot,
+        floor: Floor { path: f.p("floor") },
+        record: f.p("update.json"),
+    }
+}
