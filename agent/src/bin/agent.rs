@@ -236,33 +236,45 @@ async fn run(cfg: Config) -> Result<(), String> {
 }
 
 fn print_status(s: &serde_json::Value) {
+    use std::io::Write;
+    // A closed pipe (`| head`) ends the listing, not the process.
+    let mut out = std::io::stdout().lock();
     let g = |k: &str| s.get(k).cloned().unwrap_or_default();
-    println!("hardware:        {}", g("hardware").as_str().unwrap_or("?"));
-    println!(
+    let _ = writeln!(
+        out,
+        "hardware:        {}",
+        g("hardware").as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        out,
         "repository:      {}",
         g("repository").as_str().unwrap_or("?")
     );
-    println!(
+    let _ = writeln!(
+        out,
         "booted slot:     {}",
         g("booted_slot").as_str().unwrap_or("?")
     );
-    println!("boot state:      {}", g("boot"));
-    println!(
+    let _ = writeln!(out, "boot state:      {}", g("boot"));
+    let _ = writeln!(
+        out,
         "version floor:   {}",
         g("version_floor").as_str().unwrap_or("?")
     );
-    println!("last update:     {}", g("last_update"));
-    println!("awaiting reboot: {}", g("awaiting_reboot"));
-    println!(
+    let _ = writeln!(out, "last update:     {}", g("last_update"));
+    let _ = writeln!(out, "awaiting reboot: {}", g("awaiting_reboot"));
+    let _ = writeln!(
+        out,
         "windows (UTC):   {} (in a window now: {})",
         g("maintenance_windows"),
         g("in_window")
     );
-    println!("last check:      {}", g("last_check"));
+    let _ = writeln!(out, "last check:      {}", g("last_check"));
     if let Some(j) = s.get("journal").and_then(|j| j.as_array()) {
-        println!("journal:");
+        let _ = writeln!(out, "journal:");
         for e in j {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {} {:<12} {} {}",
                 e.get("time").and_then(|v| v.as_str()).unwrap_or(""),
                 e.get("event").and_then(|v| v.as_str()).unwrap_or(""),
