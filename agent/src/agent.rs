@@ -329,7 +329,10 @@ impl Agent {
             &format!("{} bytes from {base}", candidate.length),
         )
         .await;
-        let slot = self.appliance.install(&repo, &candidate).await?;
+        let slot = self
+            .appliance
+            .install_resumable(&repo, &candidate, &self.fetcher)
+            .await?;
         Ok(Outcome::Installed {
             version: candidate.version.to_string(),
             slot,
@@ -446,6 +449,15 @@ impl Agent {
             }
             _ if force => {
                 let other = booted.other();
+                if let Some(p) = update::Progress::load(&self.appliance.download_path()) {
+                    if p.slot == self.appliance.slots[other as usize] {
+                        return Err(format!(
+                            "slot {other} holds an unfinished download of {} ({} of {} bytes); \
+                             it cannot be booted",
+                            p.target, p.offset, p.length
+                        ));
+                    }
+                }
                 self.appliance
                     .boot
                     .commit(other)

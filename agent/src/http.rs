@@ -14,6 +14,10 @@
 //!   interruption. A server that ignores the range (200) is read past the bytes already
 //!   delivered.
 //! - A 404 or 410 is `FileNotFound` (tough relies on it to find the newest root).
+//! - **Resume across restarts**: given a [`Prefix`] (the first bytes of a target already in
+//!   the slot from an earlier, interrupted attempt), the fetch of that target yields those
+//!   bytes from the slot and then only the rest from the server (`Range`, or an offset into
+//!   a `file://` target), so tough still hashes the whole image.
 //!
 //! HTTPS trusts only the CA certificates of the configured file (by default the system
 //! bundle); TLS is the outer layer, TUF signatures are what make an update trustworthy.
@@ -75,6 +79,17 @@ pub struct Fetcher {
     limits: Limits,
     ca_file: PathBuf,
     tls: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
+    /// Clones share it: set here, taken by the fetch tough makes for the target.
+    prefix: Arc<std::sync::Mutex<Option<Prefix>>>,
+}
+
+/// The first `len` bytes of target `name` (its name in the targets metadata), already in
+/// `file` from an interrupted download.
+#[derive(Debug, Clone)]
+pub struct Prefix {
+    pub name: String,
+    pub file: PathBuf,
+    pub len: u64,
 }
 
 /// Why a request failed (the URL is added by whoever reports it).
@@ -104,7 +119,29 @@ impl Fetcher {
             limits,
             ca_file: ca_file.map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), Path::to_owned),
             tls: Arc::default(),
+            prefix: Arc::default(),
         }
+    }
+
+    /// The next fetch of `p.name` starts with the bytes already in `p.file` (or, with
+    /// `None`, nothing is resumed).
+    pub fn resume_from(&self, p: Option<Prefix>) {
+        *self
+            .prefix
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+    }
+
+    fn take_prefix(&self, url: &Url) -> Option<Prefix> {
+        let mut slot = self
+            .prefix
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let matches = slot.as_ref().is_some_and(|p| {
+            url.path()
+                .ends_with(&format!(".{}", p.name.trim_start_matches('/')))
+        });
+        matches.then(|| slot.take()).flatten()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -258,20 +295,33 @@ impl Fetcher {
         Ok(status)
     }
 
-    async fn http(&self, url: Url) -> Result<TransportStream, HttpError> {
-        let resp = self.request(&url, 0).await?;
+    async fn http(&self, url: Url, prefix: Option<Prefix>) -> Result<TransportStream, HttpError> {
+        let start = prefix.as_ref().map_or(0, |p| p.len);
+        let resp = self.request(&url, start).await?;
         self.check_head(&resp)?;
+        let skip = match resp.status() {
+            StatusCode::PARTIAL_CONTENT if start > 0 => {
+                let got = content_range_start(&resp);
+                if got != Some(start) {
+                    return Err(HttpError::Protocol(format!(
+                        "asked for byte {start} on, the server sent range {got:?}"
+                    )));
+                }
+                0
+            }
+            _ => start, // the whole file: read past what the slot has
+        };
         let (tx, rx) = mpsc::channel(8);
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.pump(&url, resp, &tx).await {
-                let _ = tx
-                    .send(Err(TransportError::new_with_cause(
-                        TransportErrorKind::Other,
-                        url.as_str(),
-                        e,
-                    )))
-                    .await;
+            if let Some(p) = &prefix {
+                if let Err(e) = send_prefix(p, &tx).await {
+                    let _ = tx.send(Err(transport_error(&url, e))).await;
+                    return;
+                }
+            }
+            if let Err(e) = me.pump(&url, resp, &tx, start, skip).await {
+                let _ = tx.send(Err(transport_error(&url, e))).await;
             }
         });
         Ok(Box::pin(ChannelStream(rx)))
@@ -283,12 +333,15 @@ impl Fetcher {
         url: &Url,
         mut resp: Response<Incoming>,
         tx: &mpsc::Sender<Result<Bytes, TransportError>>,
+        start: u64,
+        mut skip: u64,
     ) -> Result<(), String> {
         let l = &self.limits;
-        let mut delivered = 0u64;
+        // Bytes of the target delivered so far, a prefix from the slot included.
+        let mut delivered = start;
         let mut resumes = 0u32;
-        // Bytes of the current response still to skip (a server that ignored the range).
-        let mut skip = 0u64;
+        // `skip`: bytes of the current response still to skip (a server that ignored the
+        // range).
         let mut window_start = Instant::now();
         let mut window_bytes = 0u64;
         let floor = l
@@ -408,12 +461,94 @@ fn content_range_start(resp: &Response<Incoming>) -> Option<u64> {
         .ok()
 }
 
+fn transport_error(
+    url: &Url,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> TransportError {
+    TransportError::new_with_cause(TransportErrorKind::Other, url.as_str(), e)
+}
+
+/// Sends the first `p.len` bytes of `p.file`.
+async fn send_prefix(
+    p: &Prefix,
+    tx: &mpsc::Sender<Result<Bytes, TransportError>>,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(&p.file)
+        .await
+        .map_err(|e| format!("resuming from {}: {e}", p.file.display()))?;
+    let mut left = p.len;
+    let mut buf = vec![0u8; 256 * 1024];
+    while left > 0 {
+        let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = f
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| format!("resuming from {}: {e}", p.file.display()))?;
+        if n == 0 {
+            return Err(format!(
+                "resuming from {}: it ended {left} bytes short",
+                p.file.display()
+            ));
+        }
+        left -= n as u64;
+        if tx
+            .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// A `file://` target from `p.len` on, after the prefix from the slot.
+async fn file_resumed(url: &Url, p: Prefix) -> Result<TransportStream, TransportError> {
+    use tokio::io::AsyncSeekExt;
+    let path = url
+        .to_file_path()
+        .map_err(|()| TransportError::new(TransportErrorKind::Other, url.as_str()))?;
+    let mut f = tokio::fs::File::open(&path).await.map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            TransportErrorKind::FileNotFound
+        } else {
+            TransportErrorKind::Other
+        };
+        TransportError::new_with_cause(kind, url.as_str(), e)
+    })?;
+    f.seek(std::io::SeekFrom::Start(p.len))
+        .await
+        .map_err(|e| transport_error(url, e))?;
+    let (tx, rx) = mpsc::channel(8);
+    let url = url.clone();
+    tokio::spawn(async move {
+        if let Err(e) = send_prefix(&p, &tx).await {
+            let _ = tx.send(Err(transport_error(&url, e))).await;
+            return;
+        }
+        let mut rest = tokio_util::io::ReaderStream::new(f);
+        use futures_util::StreamExt;
+        while let Some(chunk) = rest.next().await {
+            let item = chunk.map_err(|e| transport_error(&url, e));
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Box::pin(ChannelStream(rx)))
+}
+
 #[async_trait::async_trait]
 impl Transport for Fetcher {
     async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
+        let prefix = self.take_prefix(&url);
         match url.scheme() {
-            "file" => FilesystemTransport.fetch(url).await,
-            "http" | "https" => self.http(url.clone()).await.map_err(|e| {
+            "file" => match prefix {
+                Some(p) => file_resumed(&url, p).await,
+                None => FilesystemTransport.fetch(url).await,
+            },
+            "http" | "https" => self.http(url.clone(), prefix).await.map_err(|e| {
                 let kind = match e {
                     HttpError::NotFound(..) => TransportErrorKind::FileNotFound,
                     _ => TransportErrorKind::Other,

@@ -346,12 +346,39 @@ impl<B: BootControl> Appliance<B> {
         write_atomic(&self.record, &text).map_err(|e| format!("{}: {e}", self.record.display()))
     }
 
+    /// Where an interrupted download's progress is kept (beside the record).
+    pub fn download_path(&self) -> PathBuf {
+        self.record.with_file_name("download.json")
+    }
+
     /// Streams `candidate` into the slot that is not the default and asks for one trial boot
-    /// of it. Refused below the floor.
+    /// of it. Refused below the floor. A failed download invalidates the slot.
     pub async fn install(
         &mut self,
         repo: &tough::Repository,
         candidate: &crate::update::Candidate,
+    ) -> Result<Slot, String> {
+        self.install_with(repo, candidate, None).await
+    }
+
+    /// Like [`Appliance::install`], but a download interrupted by the network (not one
+    /// that failed verification) keeps what it wrote, and the next attempt at the same
+    /// bundle resumes from the last durable point through `fetcher` (the repository's
+    /// transport).
+    pub async fn install_resumable(
+        &mut self,
+        repo: &tough::Repository,
+        candidate: &crate::update::Candidate,
+        fetcher: &crate::http::Fetcher,
+    ) -> Result<Slot, String> {
+        self.install_with(repo, candidate, Some(fetcher)).await
+    }
+
+    async fn install_with(
+        &mut self,
+        repo: &tough::Repository,
+        candidate: &crate::update::Candidate,
+        fetcher: Option<&crate::http::Fetcher>,
     ) -> Result<Slot, String> {
         let floor = self.floor.get()?;
         if candidate.version <= floor {
@@ -367,13 +394,28 @@ impl<B: BootControl> Appliance<B> {
             .default
             .other();
         let path = self.slot_path(target);
-        if let Err(e) = crate::update::write_to_slot(repo, candidate, path).await {
-            // Whatever landed is not the signed image: make sure nothing ever boots it (a
-            // later `rollback --force` included). The boot state was never touched.
-            return Err(match invalidate(path) {
-                Ok(()) => format!("{e}; slot {target} invalidated"),
-                Err(ie) => format!("{e}; slot {target} could not be invalidated: {ie}"),
-            });
+        let progress = self.download_path();
+        let resume = fetcher.map(|fetcher| crate::update::Resume {
+            fetcher,
+            progress: &progress,
+        });
+        match crate::update::write_to_slot(repo, candidate, path, resume).await {
+            Ok(_) => {}
+            Err(e @ crate::update::UpdateError::Download(_)) if resume.is_some() => {
+                let kept = crate::update::Progress::load(&progress).map_or(0, |p| p.offset);
+                return Err(format!(
+                    "{e}; slot {target} keeps {kept} bytes, the next attempt resumes there"
+                ));
+            }
+            Err(e) => {
+                // Whatever landed is not the signed image: make sure nothing ever boots it
+                // (a later `rollback --force` included). The boot state was never touched.
+                let _ = std::fs::remove_file(&progress);
+                return Err(match invalidate(path) {
+                    Ok(()) => format!("{e}; slot {target} invalidated"),
+                    Err(ie) => format!("{e}; slot {target} could not be invalidated: {ie}"),
+                });
+            }
         }
         self.boot.try_once(target).map_err(|e| e.to_string())?;
         self.save(&Record::Pending {

@@ -82,6 +82,8 @@ pub struct Candidate {
     pub target: String,
     pub version: Version,
     pub length: u64,
+    /// The signed SHA-256 of the image, hex.
+    pub sha256: String,
     pub sbom: Option<String>,
 }
 
@@ -107,6 +109,9 @@ pub enum UpdateError {
     BadBundle(String),
     #[error("download refused: {0}")]
     Download(String),
+    /// What arrived is not the signed image (hash, or more than its signed length).
+    #[error("download refused: {0}")]
+    Verify(String),
     #[error("slot: {0}")]
     Slot(String),
 }
@@ -154,11 +159,13 @@ fn bundles(repo: &tough::Repository) -> Result<Vec<(Candidate, Vec<String>)>, Up
             .get("sbom")
             .and_then(|s| s.as_str())
             .map(str::to_owned);
+        let sha256 = t.hashes.sha256.iter().map(|b| format!("{b:02x}")).collect();
         out.push((
             Candidate {
                 target: name.raw().to_owned(),
                 version,
                 length: t.length,
+                sha256,
                 sbom,
             },
             fits,
@@ -212,17 +219,107 @@ pub fn select(
     Ok(c)
 }
 
+/// How often a download's progress is made durable (slot synced, then the progress file),
+/// so that an interrupted download resumes from there.
+pub const PROGRESS_EVERY: u64 = 4 << 20;
+
+/// Where an interrupted download of a target into a slot stopped; kept in the agent's
+/// state directory between attempts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub target: String,
+    pub sha256: String,
+    pub length: u64,
+    pub slot: PathBuf,
+    /// Bytes of the target synced to the slot.
+    pub offset: u64,
+}
+
+impl Progress {
+    pub fn load(path: &Path) -> Option<Progress> {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), UpdateError> {
+        let text = serde_json::to_string(self).map_err(|e| UpdateError::Slot(e.to_string()))?;
+        crate::slots::write_atomic(path, &text)
+            .map_err(|e| UpdateError::Slot(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Resuming across attempts: the transport to hand the slot's prefix to, and the progress
+/// file.
+#[derive(Debug, Clone, Copy)]
+pub struct Resume<'a> {
+    pub fetcher: &'a crate::http::Fetcher,
+    pub progress: &'a Path,
+}
+
 /// Streams the bundle's image into the (inactive) slot at `slot`, as tough reads it: a
-/// target longer than its signed length, or whose hash does not match, fails the copy. The
-/// slot is written in place — no temporary copy of the image — and synced; it is only ever
-/// made bootable after this returns `Ok` (by the boot backend, a later step).
+/// target longer than its signed length, or whose hash does not match, fails the copy
+/// ([`UpdateError::Verify`]). The slot is written in place — no temporary copy of the
+/// image — and synced; it is only ever made bootable after this returns `Ok` (by the boot
+/// backend, a later step).
+///
+/// With `resume`, progress is made durable every [`PROGRESS_EVERY`] bytes; an attempt for
+/// the same target and slot after an interruption feeds the bytes already in the slot to
+/// tough's hash and downloads only the rest. A failed verification forgets the progress.
 pub async fn write_to_slot(
     repo: &tough::Repository,
     candidate: &Candidate,
     slot: &Path,
+    resume: Option<Resume<'_>>,
+) -> Result<u64, UpdateError> {
+    let here = Progress {
+        target: candidate.target.clone(),
+        sha256: candidate.sha256.clone(),
+        length: candidate.length,
+        slot: slot.to_owned(),
+        offset: 0,
+    };
+    let start = resume
+        .and_then(|r| Progress::load(r.progress))
+        .filter(|p| {
+            Progress {
+                offset: 0,
+                ..p.clone()
+            } == here
+                && p.offset <= candidate.length
+        })
+        .map_or(0, |p| p.offset);
+    if let Some(r) = resume {
+        r.fetcher
+            .resume_from((start > 0).then(|| crate::http::Prefix {
+                name: candidate.target.clone(),
+                file: slot.to_owned(),
+                len: start,
+            }));
+    }
+    let result = stream_into(repo, candidate, slot, start, resume, &here).await;
+    if let Some(r) = resume {
+        r.fetcher.resume_from(None);
+        match &result {
+            Ok(_) | Err(UpdateError::Verify(_)) => {
+                let _ = std::fs::remove_file(r.progress);
+            }
+            Err(_) => {} // kept: the next attempt resumes
+        }
+    }
+    result
+}
+
+async fn stream_into(
+    repo: &tough::Repository,
+    candidate: &Candidate,
+    slot: &Path,
+    start: u64,
+    resume: Option<Resume<'_>>,
+    here: &Progress,
 ) -> Result<u64, UpdateError> {
     use futures_util::StreamExt;
-    use std::io::Write;
+    use std::io::{Seek, SeekFrom, Write};
     let name = tough::TargetName::new(candidate.target.clone())
         .map_err(|e| UpdateError::Metadata(e.to_string()))?;
     let mut stream = repo
@@ -232,34 +329,73 @@ pub async fn write_to_slot(
         .ok_or_else(|| {
             UpdateError::Download(format!("{} is not in the repository", candidate.target))
         })?;
+    let slot_err = |e: std::io::Error| UpdateError::Slot(format!("{}: {e}", slot.display()));
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .open(slot)
-        .map_err(|e| UpdateError::Slot(format!("{}: {e}", slot.display())))?;
+        .map_err(slot_err)?;
+    out.seek(SeekFrom::Start(start)).map_err(slot_err)?;
     let mut written = 0u64;
+    let mut synced = start;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| UpdateError::Download(e.to_string()))?;
+        let chunk = chunk.map_err(|e| {
+            if failed_verification(&e) {
+                UpdateError::Verify(e.to_string())
+            } else {
+                UpdateError::Download(e.to_string())
+            }
+        })?;
+        let before = written;
         written += chunk.len() as u64;
         if written > candidate.length {
-            return Err(UpdateError::Download(format!(
+            return Err(UpdateError::Verify(format!(
                 "more than the signed length of {} bytes",
                 candidate.length
             )));
         }
-        out.write_all(&chunk)
-            .map_err(|e| UpdateError::Slot(format!("{}: {e}", slot.display())))?;
+        // The first `start` bytes are in the slot already (they only pass through the hash).
+        if written > start {
+            let from = usize::try_from(start.saturating_sub(before)).unwrap_or(0);
+            out.write_all(&chunk[from..]).map_err(slot_err)?;
+        }
+        if let Some(r) = resume {
+            if written >= synced + PROGRESS_EVERY {
+                out.sync_data().map_err(slot_err)?;
+                synced = written;
+                Progress {
+                    offset: written,
+                    ..here.clone()
+                }
+                .save(r.progress)?;
+            }
+        }
     }
     if written != candidate.length {
-        return Err(UpdateError::Download(format!(
+        return Err(UpdateError::Verify(format!(
             "{written} bytes, not the signed length of {}",
             candidate.length
         )));
     }
-    out.sync_all()
-        .map_err(|e| UpdateError::Slot(format!("{}: {e}", slot.display())))?;
+    out.sync_all().map_err(slot_err)?;
     Ok(written)
+}
+
+/// Whether tough refused the bytes themselves (hash, or past the signed length), anywhere
+/// in the error's chain (tough wraps its checks in transport errors).
+fn failed_verification(e: &tough::error::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if let Some(
+            tough::error::Error::HashMismatch { .. } | tough::error::Error::MaxSizeExceeded { .. },
+        ) = x.downcast_ref::<tough::error::Error>()
+        {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
 }
 
 /// A directory as a `file://` URL (for a repository on a USB stick or in tests).

@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::board::{stop, wait_for, Board, Options, AGENT};
+use common::server::Fault;
 use wardgate_agent::slots::Slot;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,6 +179,56 @@ async fn install_from_a_usb_directory_by_hand_and_refuse_a_rollback_afterwards()
     // Without a pending update, a manual rollback needs --force.
     let (ok, out) = b.agent(&["rollback"]);
     assert!(!ok && out.contains("--force"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_cut_off_resumes_after_a_restart_from_its_last_durable_point() {
+    // No resumes within the attempt: the cut ends it, as a power cut would.
+    let b = Board::new(
+        &[],
+        Options {
+            repository: "max_resumes = 0".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let image = b.fleet.add_large("2.0.0", 10 << 20);
+    b.server
+        .fault("wardgate-2.0.0.img", Fault::CutOnceAfter(9 << 20));
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(!ok, "{out}");
+    // Progress is made durable about every 4 MiB: of the 9 MiB that arrived, more than 8 are
+    // kept.
+    let kept: u64 = out
+        .split("slot B keeps ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no kept bytes in {out}"));
+    assert!(kept >= 8 << 20 && kept <= 9 << 20, "{kept}");
+    assert!(out.contains("the next attempt resumes there"), "{out}");
+    assert_eq!(b.reboots(), 0);
+    assert_eq!(b.status()["boot"]["trial"], serde_json::Value::Null);
+    // A manual rollback cannot make the half-written slot the default.
+    let (ok, out) = b.agent(&["rollback", "--force"]);
+    assert!(!ok && out.contains("unfinished download"), "{out}");
+
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    let reqs = b.server.requests("wardgate-2.0.0.img");
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[1].range, Some(format!("bytes={kept}-")));
+    assert_eq!(
+        reqs[1].sent,
+        image.len() as u64 - kept,
+        "only the rest was sent"
+    );
+    assert!(
+        std::fs::read(b.fleet.p("slot-b.img")).unwrap() == image,
+        "slot B is the image"
+    );
+    assert_eq!(b.reboots(), 1);
+    assert!(!b.fleet.p("state/download.json").exists());
 }
 
 /// Runs as root: each agent gets a network namespace of its own (`unshare --net`), with

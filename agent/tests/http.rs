@@ -183,3 +183,49 @@ async fn https_is_trusted_under_the_configured_ca_only() {
     eprintln!("refused: {e}");
     assert!(e.contains("TLS"), "{e}");
 }
+
+#[tokio::test]
+async fn a_resume_reads_the_rest_from_a_usb_directory_and_verifies_the_prefix_too() {
+    let f = Fleet::new(1);
+    let image = f.add_large("2.0.0", 6 << 20);
+    let fetcher = fetcher(quick());
+    let src = Source {
+        metadata_url: update::dir_url(&f.p("repo/metadata")).unwrap(),
+        targets_url: update::dir_url(&f.p("repo/targets")).unwrap(),
+        trusted_root: f.p("repo/metadata/1.root.json"),
+        datastore: f.p("store"),
+        fetcher: fetcher.clone(),
+    };
+    let repo = update::load(&src).await.unwrap();
+    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
+    let mut a = common::appliance(&f);
+    let progress = update::Progress {
+        target: c.target.clone(),
+        sha256: c.sha256.clone(),
+        length: c.length,
+        slot: f.p("slot-b.img"),
+        offset: 4 << 20,
+    };
+    // An earlier attempt left the first 4 MiB in slot B, and its progress.
+    std::fs::write(f.p("slot-b.img"), &image[..4 << 20]).unwrap();
+    progress.save(&a.download_path()).unwrap();
+    a.install_resumable(&repo, &c, &fetcher).await.unwrap();
+    assert!(std::fs::read(f.p("slot-b.img")).unwrap() == image);
+    assert!(!a.download_path().exists());
+
+    // The same, but a byte of the kept prefix changed on the card: the hash covers it.
+    let mut bad = image[..4 << 20].to_vec();
+    bad[1000] ^= 0x40;
+    std::fs::write(f.p("slot-b.img"), &bad).unwrap();
+    progress.save(&a.download_path()).unwrap();
+    let e = a.install_resumable(&repo, &c, &fetcher).await.unwrap_err();
+    eprintln!("refused: {e}");
+    assert!(
+        e.contains("Hash mismatch") && e.contains("invalidated"),
+        "{e}"
+    );
+    assert!(
+        !a.download_path().exists(),
+        "a failed verification forgets the progress"
+    );
+}

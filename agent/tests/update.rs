@@ -112,7 +112,7 @@ async fn the_image_streams_into_the_slot_exactly() {
     let (f, repo, c) = one_bundle().await;
     let slot = f.p("slot-b.img");
     std::fs::write(&slot, vec![0u8; 64]).unwrap();
-    let n = update::write_to_slot(&repo, &c, &slot).await.unwrap();
+    let n = update::write_to_slot(&repo, &c, &slot, None).await.unwrap();
     assert_eq!(n, c.length);
     let want = std::fs::read(image_file(&f, "1.1.0")).unwrap();
     assert_eq!(&std::fs::read(&slot).unwrap()[..want.len()], &want[..]);
@@ -125,10 +125,10 @@ async fn a_target_with_a_flipped_bit_fails_the_copy() {
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[7] ^= 0x80;
     std::fs::write(&file, bytes).unwrap();
-    let e = update::write_to_slot(&repo, &c, &f.p("slot-b.img"))
+    let e = update::write_to_slot(&repo, &c, &f.p("slot-b.img"), None)
         .await
         .unwrap_err();
-    assert!(matches!(e, UpdateError::Download(_)), "{e}");
+    assert!(matches!(e, UpdateError::Verify(_)), "{e}");
     assert!(e.to_string().to_lowercase().contains("hash"), "{e}");
 }
 
@@ -140,8 +140,10 @@ async fn endless_data_beyond_the_signed_length_is_cut_off() {
     bytes.extend(std::iter::repeat_n(0xAA, 1 << 20));
     std::fs::write(&file, bytes).unwrap();
     let slot = f.p("slot-b.img");
-    let e = update::write_to_slot(&repo, &c, &slot).await.unwrap_err();
-    assert!(matches!(e, UpdateError::Download(_)), "{e}");
+    let e = update::write_to_slot(&repo, &c, &slot, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, UpdateError::Verify(_)), "{e}");
     assert!(e.to_string().contains("Maximum size"), "{e}");
     let len = std::fs::metadata(&slot).map(|m| m.len()).unwrap_or(0);
     assert!(

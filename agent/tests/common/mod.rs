@@ -83,8 +83,36 @@ impl Fleet {
 
     /// Writes an image and an SBOM for `version` and adds them signed by `keys`.
     pub fn add(&self, version: &str, keys: &[&str], extra: &[&str]) -> (bool, String) {
+        let bytes = format!("image {version}").repeat(1000).into_bytes();
+        self.add_image(version, &bytes, keys, extra)
+    }
+
+    /// A bundle of `size` bytes that do not repeat (so a misplaced byte changes the hash).
+    pub fn add_large(&self, version: &str, size: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let bytes: Vec<u8> = (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let (ok, out) = self.add_image(version, &bytes, &SIGNERS, &[]);
+        assert!(ok, "{out}");
+        bytes
+    }
+
+    /// Adds `bytes` as the image of `version`, signed by `keys`.
+    pub fn add_image(
+        &self,
+        version: &str,
+        bytes: &[u8],
+        keys: &[&str],
+        extra: &[&str],
+    ) -> (bool, String) {
         let image = self.p(&format!("wardgate-{version}.img"));
-        std::fs::write(&image, format!("image {version}").repeat(1000)).unwrap();
+        std::fs::write(&image, bytes).unwrap();
         let sbom = self.p(&format!("sbom-{version}.json"));
         let template = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sbom.spdx.json"),
