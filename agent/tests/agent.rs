@@ -205,7 +205,7 @@ async fn a_download_cut_off_resumes_after_a_restart_from_its_last_durable_point(
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no kept bytes in {out}"));
-    assert!(kept >= 8 << 20 && kept <= 9 << 20, "{kept}");
+    assert!((8 << 20..=9 << 20).contains(&kept), "{kept}");
     assert!(out.contains("the next attempt resumes there"), "{out}");
     assert_eq!(b.reboots(), 0);
     assert_eq!(b.status()["boot"]["trial"], serde_json::Value::Null);
