@@ -285,9 +285,27 @@ impl Agent {
         version: Option<&str>,
     ) -> Result<Outcome, String> {
         let floor = self.appliance.floor.get()?;
+        // TUF's expiry checks trust the clock. A board without a battery-backed clock can
+        // boot with a stale time and would take expired (frozen) metadata for fresh: the
+        // clock must not be behind the last repository this agent trusted.
+        let clock_floor = self.path("clock-floor");
+        let now = jiff::Timestamp::now();
+        if let Some(last) = std::fs::read_to_string(&clock_floor)
+            .ok()
+            .and_then(|t| t.trim().parse::<jiff::Timestamp>().ok())
+        {
+            if now < last {
+                return Err(format!(
+                    "the system clock ({now}) is behind the last trusted check ({last}); \
+                     refusing to judge metadata expiry until the time is set (NTP)"
+                ));
+            }
+        }
         let repo = update::load(&self.source(base)?)
             .await
             .map_err(|e| e.to_string())?;
+        crate::slots::write_atomic(&clock_floor, &format!("{now}\n"))
+            .map_err(|e| format!("{}: {e}", clock_floor.display()))?;
         let hw = &self.cfg.appliance.hardware;
         let candidate: Candidate = match version {
             Some(v) => update::select(&repo, v, hw, &floor).map_err(|e| e.to_string())?,

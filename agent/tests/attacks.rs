@@ -261,3 +261,15 @@ async fn a_root_rotation_is_followed_only_with_both_thresholds() {
     let (ok, out) = b.agent(&["check"]);
     assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clock_set_back_cannot_make_expired_metadata_fresh() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    // The agent once trusted the repository at a time later than the board's clock now
+    // (a board without a battery-backed clock, booted before NTP).
+    std::fs::create_dir_all(b.fleet.p("state")).unwrap();
+    std::fs::write(b.fleet.p("state/clock-floor"), "2099-01-01T00:00:00Z\n").unwrap();
+    refused(&b, "the system clock");
+    assert_eq!(slot_b(&b), FACTORY);
+    assert!(b.server.log().is_empty(), "nothing was even fetched");
+}
