@@ -195,15 +195,7 @@ impl Agent {
             return Ok(None);
         };
         let booted = self.booted_slot()?;
-        if booted != slot
-            && self
-                .appliance
-                .boot
-                .state()
-                .map_err(|e| e.to_string())?
-                .trial
-                == Some((slot, 1))
-        {
+        if booted != slot && !self.rebooted_since_install() {
             // Installed, the reboot into it not yet done (waiting for a window): still pending.
             return Ok(None);
         }
@@ -351,6 +343,11 @@ impl Agent {
             .appliance
             .install_resumable(&repo, &candidate, &self.fetcher)
             .await?;
+        if let Some(id) = self.boot_id() {
+            let path = self.path("installed-boot-id");
+            crate::slots::write_atomic(&path, &format!("{id}\n"))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         Ok(Outcome::Installed {
             version: candidate.version.to_string(),
             slot,
@@ -395,10 +392,31 @@ impl Agent {
     /// The installed update waiting for its reboot, if any.
     pub fn awaiting_reboot(&self) -> Option<(String, Slot)> {
         match self.appliance.last() {
-            Some(Record::Pending { version, slot }) if self.booted_slot().ok() != Some(slot) => {
+            Some(Record::Pending { version, slot })
+                if self.booted_slot().ok() != Some(slot) && !self.rebooted_since_install() =>
+            {
                 Some((version, slot))
             }
             _ => None,
+        }
+    }
+
+    /// This boot's id (the kernel's, unique per boot).
+    fn boot_id(&self) -> Option<String> {
+        std::fs::read_to_string(&self.cfg.appliance.boot_id)
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// Whether the board booted since the pending update was installed: then its trial has
+    /// had its chance, whatever the boot loader's state says (the Raspberry Pi's
+    /// `autoboot.txt`, for one, keeps its `[tryboot]` section after a failed tryboot).
+    fn rebooted_since_install(&self) -> bool {
+        let at_install = std::fs::read_to_string(self.path("installed-boot-id")).ok();
+        match (at_install, self.boot_id()) {
+            (Some(then), Some(now)) => then.trim() != now,
+            // Without a record of the boot, assume it happened: a trial is never retried blind.
+            _ => true,
         }
     }
 

@@ -73,12 +73,17 @@ struct RawAppliance {
     slot_b: PathBuf,
     #[serde(default = "d_cmdline")]
     cmdline: PathBuf,
+    #[serde(default = "d_boot_id")]
+    boot_id: PathBuf,
     #[serde(default = "d_reboot")]
     reboot_command: Vec<String>,
 }
 
 fn d_cmdline() -> PathBuf {
     "/proc/cmdline".into()
+}
+fn d_boot_id() -> PathBuf {
+    "/proc/sys/kernel/random/boot_id".into()
 }
 fn d_reboot() -> Vec<String> {
     vec!["systemctl".into(), "reboot".into()]
@@ -158,6 +163,8 @@ pub struct Appliance {
     pub state_dir: PathBuf,
     pub slots: [PathBuf; 2],
     pub cmdline: PathBuf,
+    /// A file unique per boot: tells whether the board rebooted since an install.
+    pub boot_id: PathBuf,
     pub reboot_command: Vec<String>,
 }
 
@@ -432,6 +439,7 @@ impl Config {
                 state_dir: a.state_dir.clone(),
                 slots: [a.slot_a.clone(), a.slot_b.clone()],
                 cmdline: a.cmdline.clone(),
+                boot_id: a.boot_id.clone(),
                 reboot_command: a.reboot_command.clone(),
             },
             boot,

@@ -181,6 +181,53 @@ async fn install_from_a_usb_directory_by_hand_and_refuse_a_rollback_afterwards()
     assert!(!ok && out.contains("--force"), "{out}");
 }
 
+/// A Raspberry Pi: `autoboot.txt` keeps its `[tryboot]` section after a failed tryboot, so
+/// only the boot id tells the agent that the trial had its boot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trial_that_never_came_up_is_recorded_and_not_tried_again() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let dir = b.fleet.dir.path().display().to_string();
+    let cfg = std::fs::read_to_string(&b.config).unwrap().replace(
+        &format!("backend = \"state-file\"\nstate_file = \"{dir}/boot-state.txt\""),
+        &format!("backend = \"rpi-tryboot\"\nautoboot = \"{dir}/autoboot.txt\""),
+    );
+    assert!(cfg.contains("rpi-tryboot"));
+    std::fs::write(&b.config, cfg).unwrap();
+    std::fs::write(
+        b.fleet.p("autoboot.txt"),
+        "[all]\ntryboot_a_b=1\nboot_partition=2\n",
+    )
+    .unwrap();
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.reboots(), 1);
+    let autoboot = std::fs::read_to_string(b.fleet.p("autoboot.txt")).unwrap();
+    assert!(
+        autoboot.contains("[tryboot]\nboot_partition=3"),
+        "{autoboot}"
+    );
+
+    // The tryboot kernel hangs; the watchdog resets the board, which boots [all]: slot A.
+    b.power_cycle(); // only the boot id and the command line matter here
+    std::fs::write(b.fleet.p("cmdline"), "wardgate.slot=A\n").unwrap();
+    let agent = b.spawn_run();
+    wait_for("the rollback record", Duration::from_secs(30), || {
+        b.has_event("rolled_back")
+    });
+    wait_for("a check", Duration::from_secs(30), || {
+        b.has_event("checked")
+    });
+    stop(agent);
+    let s = b.status();
+    let reason = s["last_update"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("did not come up"), "{s}");
+    assert_eq!(b.reboots(), 1, "no second try of the failed slot");
+    assert_eq!(s["awaiting_reboot"], serde_json::Value::Null);
+    assert!(!std::fs::read_to_string(b.fleet.p("autoboot.txt"))
+        .unwrap()
+        .contains("[tryboot]"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_download_cut_off_resumes_after_a_restart_from_its_last_durable_point() {
     // No resumes within the attempt: the cut ends it, as a power cut would.

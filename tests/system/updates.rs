@@ -100,6 +100,7 @@ impl Board {
         }
         std::fs::write(dir.join("boot.txt"), "default=A\n").unwrap();
         std::fs::write(dir.join("cmdline"), "wardgate.slot=A\n").unwrap();
+        std::fs::write(dir.join("boot_id"), "boot-0\n").unwrap();
         let d = dir.display();
         let config = dir.join("agent.toml");
         std::fs::write(
@@ -116,6 +117,7 @@ state_dir = "{d}/state"
 slot_a = "{d}/slot-a.img"
 slot_b = "{d}/slot-b.img"
 cmdline = "{d}/cmdline"
+boot_id = "{d}/boot_id"
 reboot_command = ["sh", "-c", "echo reboot >> {d}/reboots"]
 [boot]
 backend = "state-file"
@@ -174,6 +176,7 @@ broker = "{broker}"
         };
         std::fs::write(self.dir.join("boot.txt"), next).unwrap();
         std::fs::write(self.dir.join("cmdline"), format!("wardgate.slot={slot}\n")).unwrap();
+        std::fs::write(self.dir.join("boot_id"), "boot-1\n").unwrap();
         if slot == "B" {
             "B"
         } else {

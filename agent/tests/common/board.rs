@@ -61,6 +61,7 @@ impl Board {
         })
         .unwrap();
         std::fs::write(fleet.p("cmdline"), "console=ttyAMA0 wardgate.slot=A\n").unwrap();
+        std::fs::write(fleet.p("boot_id"), "boot-0\n").unwrap();
         let windows: Vec<String> = o.windows.iter().map(|w| format!("{w:?}")).collect();
         let config = fleet.p("agent.toml");
         std::fs::write(
@@ -81,6 +82,7 @@ state_dir = "{dir}/state"
 slot_a = "{dir}/slot-a.img"
 slot_b = "{dir}/slot-b.img"
 cmdline = "{dir}/cmdline"
+boot_id = "{dir}/boot_id"
 reboot_command = ["sh", "-c", "echo reboot >> {dir}/reboots"]
 
 [boot]
@@ -208,6 +210,9 @@ retry = "200ms"
         };
         let (slot, after) = power_on(boot.state().unwrap());
         boot.write(after).unwrap();
+        let n = std::fs::read_to_string(self.fleet.p("boot_id")).unwrap();
+        let n: u32 = n.trim().trim_start_matches("boot-").parse().unwrap();
+        std::fs::write(self.fleet.p("boot_id"), format!("boot-{}\n", n + 1)).unwrap();
         std::fs::write(
             self.fleet.p("cmdline"),
             format!("console=ttyAMA0 wardgate.slot={slot}\n"),
