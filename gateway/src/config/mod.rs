@@ -507,8 +507,8 @@ impl Validator<'_> {
             let Some(name) = self.name(name_field, "device class name") else {
                 continue;
             };
-            let publish = self.templates(&c.publish);
-            let subscribe = self.templates(&c.subscribe);
+            let publish = self.acl_templates(&c.publish);
+            let subscribe = self.acl_templates(&c.subscribe);
             let alarm = self.templates(&c.alarm);
             let vital = self.templates(&c.vital);
             let max_payload = self.size(c.max_payload.as_ref(), DEFAULT_MAX_PAYLOAD);
@@ -1183,6 +1183,25 @@ impl Validator<'_> {
             })
             .collect()
     }
+
+    /// Templates that grant access: as [`Self::templates`], and none may reach the
+    /// gateway's own topic space (`_gateway/…`, where the update agent reports and takes
+    /// "check now, reboot now" commands) — so the first level must be a name (or
+    /// `{device}`), not a wildcard, and not begin with `_`.
+    fn acl_templates(&mut self, list: &[S<String>]) -> Vec<FilterTemplate> {
+        for t in list {
+            let first = t.get_ref().split('/').next().unwrap_or_default();
+            if first == "+" || first == "#" || first.starts_with('_') {
+                let r: Result<(), String> = Err(format!(
+                    "topic filter {:?}: its first level must be a name (not a wildcard, not \
+                     starting with '_'): the `_gateway/` topics are the gateway's own",
+                    t.get_ref()
+                ));
+                self.check(t.span(), r);
+            }
+        }
+        self.templates(list)
+    }
 }
 
 #[cfg(test)]
@@ -1218,6 +1237,21 @@ address = "10.0.0.5"
             Err(ConfigError::Invalid { diagnostics, .. }) => diagnostics,
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn no_class_may_reach_the_gateways_own_topics() {
+        let text = MINIMAL.replace(
+            "publish = [\"ward/{device}/#\"]",
+            "publish = [\"#\", \"ward/{device}/#\"]\nsubscribe = [\"_gateway/cmd/#\", \"+/alarm\"]",
+        );
+        let d = errors(&text);
+        assert_eq!(d.len(), 3, "{d:?}");
+        for (diag, filter) in d.iter().zip(["\"#\"", "\"_gateway/cmd/#\"", "\"+/alarm\""]) {
+            assert!(diag.message.contains(filter), "{diag:?}");
+            assert!(diag.message.contains("the gateway's own"), "{diag:?}");
+        }
+        assert!(d[0].line < d[1].line);
     }
 
     #[test]
