@@ -470,13 +470,15 @@ impl Agent {
                 Ok(format!("update {version} cancelled; slot {booted} stays"))
             }
             Some(Record::Pending { version, slot }) => {
-                let r = self
-                    .appliance
-                    .after_boot(booted, Err("rolled back by hand".into()))?;
-                if let Some(Record::RolledBack { reason, .. }) = &r {
-                    self.report("rolled_back", Some(&version), Some(slot), reason)
-                        .await;
-                }
+                let reason = "ended by hand during its trial";
+                self.appliance.boot.abandon().map_err(|e| e.to_string())?;
+                self.appliance.save(&Record::RolledBack {
+                    version: version.clone(),
+                    slot,
+                    reason: reason.into(),
+                })?;
+                self.report("rolled_back", Some(&version), Some(slot), reason)
+                    .await;
                 self.reboot().await?;
                 Ok(format!(
                     "trial of {version} ended; rebooting into slot {}",

@@ -181,6 +181,41 @@ async fn install_from_a_usb_directory_by_hand_and_refuse_a_rollback_afterwards()
     assert!(!ok && out.contains("--force"), "{out}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_by_hand_ends_a_trial_and_force_switches_a_committed_slot() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.power_cycle(), Slot::B);
+    // On trial, the ward engineer sees something wrong before the agent decides.
+    let (ok, out) = b.agent(&["rollback"]);
+    assert!(ok && out.contains("rebooting into slot A"), "{out}");
+    assert_eq!(b.reboots(), 2);
+    assert_eq!(
+        b.status()["last_update"]["reason"],
+        "ended by hand during its trial"
+    );
+    assert_eq!(b.power_cycle(), Slot::A);
+
+    // Installed again by hand (the automatic checks leave a failed version alone), committed
+    // by hand, then switched back with --force: the old slot is the default again.
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    let url = b.server.url("http", "").to_string();
+    let (ok, out) = b.agent(&["install", &url, "--version", "1.1.0", "--now"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.power_cycle(), Slot::B);
+    let (ok, out) = b.agent(&["mark-good"]);
+    assert!(ok, "{out}");
+    let (ok, out) = b.agent(&["rollback", "--force"]);
+    assert!(ok && out.contains("slot A is the default"), "{out}");
+    assert_eq!(b.power_cycle(), Slot::A);
+    let s = b.status();
+    assert_eq!(s["boot"]["default"], "A", "{s}");
+    assert_eq!(s["version_floor"], "1.1.0", "the floor stays");
+    assert_eq!(s["last_update"]["state"], "rolled_back");
+}
+
 /// A Raspberry Pi: `autoboot.txt` keeps its `[tryboot]` section after a failed tryboot, so
 /// only the boot id tells the agent that the trial had its boot.
 #[tokio::test(flavor = "multi_thread")]
