@@ -648,6 +648,8 @@ impl Reporter {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(event = "update.broker_link", error = %e, "gateway broker unreachable; retrying");
+                        // rumqttc reconnects on the next poll; pause so a stopped gateway
+                        // is not spun on.
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }

@@ -35,14 +35,9 @@ async fn run(argv: &[String], timeout: Duration) -> Result<(), String> {
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
         let err = err.trim();
-        let tail: String = err
-            .chars()
-            .rev()
-            .take(200)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        // Its last 200 characters: where a failing command says why.
+        let start = err.char_indices().rev().nth(199).map_or(0, |(i, _)| i);
+        let tail = &err[start..];
         Err(if tail.is_empty() {
             out.status.to_string()
         } else {

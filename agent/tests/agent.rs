@@ -313,6 +313,77 @@ async fn a_download_cut_off_resumes_after_a_restart_from_its_last_durable_point(
     assert!(!b.fleet.p("state/download.json").exists());
 }
 
+/// A loop device over a file of `size` bytes, detached on drop.
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    fn new(file: &std::path::Path, size: u64) -> Loop {
+        std::fs::File::create(file).unwrap().set_len(size).unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup failed (root and loop devices needed): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop {
+            dev: String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Slots on block devices, as on the appliance: an image larger than the inactive slot is
+/// refused before its download; one that fits is written to the device.
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_on_block_devices_are_written_and_a_too_small_one_is_refused() {
+    need_root();
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let image = b.image("1.1.0");
+    let with_slot_b = |dev: &str| {
+        let dir = b.fleet.dir.path().display().to_string();
+        let cfg = std::fs::read_to_string(&b.config).unwrap().replace(
+            &format!("slot_b = \"{dir}/slot-b.img\""),
+            &format!("slot_b = \"{dev}\""),
+        );
+        assert!(cfg.contains(dev));
+        std::fs::write(&b.config, cfg).unwrap();
+    };
+    let small = Loop::new(&b.fleet.p("small.img"), 8192);
+    with_slot_b(&small.dev);
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(!ok && out.contains("slot B holds 8192"), "{out}");
+    assert!(b.server.requests("wardgate-1.1.0.img").is_empty());
+    assert_eq!(b.reboots(), 0);
+    let dev = small.dev.clone();
+    drop(small);
+
+    let large = Loop::new(&b.fleet.p("large.img"), 64 << 10);
+    std::fs::write(
+        &b.config,
+        std::fs::read_to_string(&b.config)
+            .unwrap()
+            .replace(&dev, &large.dev),
+    )
+    .unwrap();
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    drop(large);
+    let written = std::fs::read(b.fleet.p("large.img")).unwrap();
+    assert_eq!(&written[..image.len()], &image[..]);
+    assert_eq!(b.status()["boot"]["trial"]["slot"], "B");
+}
+
 /// Runs as root: each agent gets a network namespace of its own (`unshare --net`), with
 /// or without the `inet wardgate` table the health check asks for.
 #[tokio::test(flavor = "multi_thread")]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::server::{Fault, Server};
 use common::{Fleet, SIGNERS};
 use wardgate_agent::http::{Fetcher, Limits};
-use wardgate_agent::slots::{power_on, Appliance, BootControl, BootState, Record, Slot, StateFile};
+use wardgate_agent::slots::{Appliance, BootControl, BootState, Record, Slot, StateFile};
 use wardgate_agent::update::{self, Source, Version};
 
 fn v(s: &str) -> Version {
@@ -86,8 +86,7 @@ async fn a_bundle_downloads_over_http_into_slot_b_and_a_healthy_trial_commits() 
     assert_eq!(server.requests("2.root.json").len(), 1);
     assert_eq!(server.requests("wardgate-1.1.0.img").len(), 1);
 
-    let (booted, after) = power_on(a.boot.state().unwrap());
-    a.boot.write(after).unwrap();
+    let booted = common::reboot(&a);
     assert_eq!(booted, Slot::B);
     let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
     assert_eq!(

@@ -153,14 +153,7 @@ async fn endless_data_beyond_the_signed_length_is_cut_off() {
     );
 }
 
-use wardgate_agent::slots::{power_on, Appliance, BootControl, Record, Slot, StateFile};
-
-/// Power-cycles the simulated board: the boot loader's decision, written back.
-fn reboot(a: &Appliance<StateFile>) -> Slot {
-    let (slot, after) = power_on(a.boot.state().unwrap());
-    a.boot.write(after).unwrap();
-    slot
-}
+use wardgate_agent::slots::{BootControl, Record, Slot};
 
 #[tokio::test]
 async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
@@ -178,7 +171,7 @@ async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
         &want[..]
     );
 
-    let booted = reboot(&a);
+    let booted = common::reboot(&a);
     assert_eq!(booted, Slot::B);
     let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
     assert_eq!(
@@ -188,7 +181,7 @@ async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
             slot: Slot::B
         }
     );
-    assert_eq!(reboot(&a), Slot::B, "B is the default now");
+    assert_eq!(common::reboot(&a), Slot::B, "B is the default now");
     assert_eq!(a.floor.get().unwrap(), v("1.1.0"));
     // The same version again is a rollback now.
     assert!(a
@@ -203,7 +196,7 @@ async fn a_failed_health_check_rolls_back_and_says_why() {
     let (f, repo, c) = one_bundle().await;
     let mut a = common::appliance(&f);
     a.install(&repo, &c).await.unwrap();
-    let booted = reboot(&a);
+    let booted = common::reboot(&a);
     let r = a
         .after_boot(booted, Err("nft table inet wardgate missing".into()))
         .unwrap()
@@ -215,7 +208,7 @@ async fn a_failed_health_check_rolls_back_and_says_why() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(reboot(&a), Slot::A, "the old slot boots again");
+    assert_eq!(common::reboot(&a), Slot::A, "the old slot boots again");
     assert_eq!(a.floor.get().unwrap(), v("0"), "the floor did not move");
     assert_eq!(a.last(), Some(r));
 }
@@ -226,8 +219,8 @@ async fn a_new_slot_that_never_comes_up_falls_back_and_is_recorded() {
     let mut a = common::appliance(&f);
     a.install(&repo, &c).await.unwrap();
     // The trial boot dies before the agent runs: its try is spent, the next boot is A.
-    assert_eq!(reboot(&a), Slot::B);
-    let booted = reboot(&a);
+    assert_eq!(common::reboot(&a), Slot::B);
+    let booted = common::reboot(&a);
     assert_eq!(booted, Slot::A);
     let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
     assert!(

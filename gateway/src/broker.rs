@@ -157,22 +157,62 @@ pub fn local_session(
     client_id: &str,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> rumqttc::AsyncClient {
+    session(broker, client_id, None, shutdown).0
+}
+
+/// Like [`local_session`], subscribed (again after every reconnect) to `filter` at QoS 1;
+/// what arrives comes out of the receiver.
+pub fn local_subscriber(
+    broker: SocketAddr,
+    client_id: &str,
+    filter: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::sync::mpsc::Receiver<rumqttc::Publish> {
+    session(broker, client_id, Some(filter.to_owned()), shutdown).1
+}
+
+fn session(
+    broker: SocketAddr,
+    client_id: &str,
+    filter: Option<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::Receiver<rumqttc::Publish>,
+) {
+    use rumqttc::{Event, Packet};
     let mut o = rumqttc::MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 256);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
     let id = client_id.to_owned();
+    let sub = client.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = eventloop.poll() => if let Err(e) = r {
-                    tracing::warn!(event = "broker.local_link_failed", client = id, error = %e, "local broker link lost; retrying");
-                    // rumqttc reconnects on the next poll; pause so a dead broker is not spun on.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                r = eventloop.poll() => match r {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(f) = &filter {
+                            if let Err(e) = sub.try_subscribe(f.as_str(), rumqttc::QoS::AtLeastOnce) {
+                                tracing::error!(event = "broker.local_subscribe_failed", client = id, error = %e);
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if filter.is_some() => {
+                        // The receiver is gone only at shutdown.
+                        let _ = tx.send(p).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(event = "broker.local_link_failed", client = id, error = %e, "local broker link lost; retrying");
+                        // rumqttc reconnects on the next poll; pause so a dead broker is not spun on.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 },
             }
         }
     });
-    client
+    (client, rx)
 }

@@ -17,9 +17,6 @@
 //! Tested end to end by `tests/system/updates.rs` with the real agent.
 
 use std::net::SocketAddr;
-use std::time::Duration;
-
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::device::DeviceId;
@@ -44,32 +41,16 @@ const AUDITED: [&str; 5] = [
 
 /// Relays the agent's reports until `shutdown`.
 pub async fn run(broker: SocketAddr, spool: Spool, shutdown: CancellationToken) {
-    let mut o = MqttOptions::new(CLIENT_ID, broker.ip().to_string(), broker.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_max_packet_size(MAX_REPORT + 1024, MAX_REPORT + 1024);
-    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let mut reports =
+        crate::broker::local_subscriber(broker, CLIENT_ID, STATUS_TOPIC, shutdown.clone());
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            e = eventloop.poll() => e,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if let Err(e) = client.try_subscribe(STATUS_TOPIC, QoS::AtLeastOnce) {
-                    tracing::error!(event = "update.subscribe_failed", error = %e);
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == STATUS_TOPIC => {
-                relay(&spool, &p.payload);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(event = "broker.local_link_failed", client = CLIENT_ID, error = %e, "local broker link lost; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
+            p = reports.recv() => match p {
+                Some(p) if p.topic == STATUS_TOPIC => relay(&spool, &p.payload),
+                Some(_) => {}
+                None => return,
+            },
         }
     }
 }

@@ -190,3 +190,13 @@ pub fn appliance(f: &Fleet) -> wardgate_agent::slots::Appliance<wardgate_agent::
         record: f.p("update.json"),
     }
 }
+
+/// Power-cycles the simulated board: the boot loader's decision, written back.
+pub fn reboot(
+    a: &wardgate_agent::slots::Appliance<wardgate_agent::slots::StateFile>,
+) -> wardgate_agent::slots::Slot {
+    use wardgate_agent::slots::BootControl;
+    let (slot, after) = wardgate_agent::slots::power_on(a.boot.state().unwrap());
+    a.boot.write(after).unwrap();
+    slot
+}
