@@ -51,6 +51,7 @@ fn limits() -> SpoolLimits {
         device_quota: 1 << 30,
         max_age: [Duration::from_secs(86_400); 3],
         cache_bytes: 16 << 20,
+        max_rejected: 16 << 20,
     }
 }
 

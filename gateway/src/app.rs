@@ -96,6 +96,7 @@ impl Gateway {
         };
         let edge = Edge::bind(
             config.edge.clone(),
+            config.topic_map(),
             registry.clone(),
             broker.addr,
             spool.clone(),
@@ -182,8 +183,7 @@ impl Gateway {
                     connected: uplink_connected.unwrap_or_default(),
                     modbus,
                     config: u.clone(),
-                    site: self.config.gateway.site.clone(),
-                    gateway_id: self.config.gateway.id.clone(),
+                    topics: self.config.topic_map(),
                     spool: self.spool.clone(),
                     registry: self.registry.clone(),
                     broker: self.broker.addr,

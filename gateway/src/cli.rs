@@ -630,8 +630,8 @@ fn print_status(s: &Status) {
         s.devices.registered, s.devices.connected, s.devices.quarantined
     );
     println!(
-        "spool     {} records, {} bytes, {} corrupt set aside",
-        s.spool.records, s.spool.bytes, s.spool.corrupt
+        "spool     {} records, {} bytes, {} corrupt set aside, {} rejected upstream",
+        s.spool.records, s.spool.bytes, s.spool.corrupt, s.spool.rejected
     );
 }
 
@@ -668,6 +668,7 @@ fn print_device(v: &DeviceView) {
         ("  evicted", c.evicted),
         ("  expired", c.expired),
         ("  spool refused", c.spool_refused),
+        ("  rejected upstream", c.rejected),
     ] {
         rows.push((name, n.to_string()));
     }

@@ -155,19 +155,43 @@ impl Violation {
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Violation::PublishDenied { topic } => write!(f, "publish to {topic:?} denied by ACL"),
+            Violation::PublishDenied { topic } => {
+                write!(f, "publish to {:?} denied by ACL", Shown(topic))
+            }
             Violation::SubscribeDenied { filter } => {
-                write!(f, "subscribe to {filter:?} denied by ACL")
+                write!(f, "subscribe to {:?} denied by ACL", Shown(filter))
             }
             Violation::WildcardPublish { topic } => {
-                write!(f, "publish topic {topic:?} contains a wildcard")
+                write!(f, "publish topic {:?} contains a wildcard", Shown(topic))
             }
-            Violation::InvalidTopic { topic, reason } => write!(f, "topic {topic:?}: {reason}"),
+            Violation::InvalidTopic { topic, reason } => {
+                write!(f, "topic {:?}: {reason}", Shown(topic))
+            }
             Violation::OversizedPacket { size, max } => {
                 write!(f, "packet of {size} bytes exceeds the limit of {max} bytes")
             }
             Violation::Protocol(e) => write!(f, "protocol error: {e}"),
         }
+    }
+}
+
+/// A topic as logs and audit records show it: a device may send topics of up to 64 KiB,
+/// which would swamp both; past [`SHOWN_TOPIC`] bytes only the start and the length show.
+struct Shown<'a>(&'a str);
+
+/// Bytes of a topic that logs and audit records show.
+const SHOWN_TOPIC: usize = 200;
+
+impl fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.len() <= SHOWN_TOPIC {
+            return write!(f, "{:?}", self.0);
+        }
+        let mut end = SHOWN_TOPIC;
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        write!(f, "{:?}… ({} bytes)", &self.0[..end], self.0.len())
     }
 }
 

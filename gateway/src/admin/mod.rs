@@ -425,6 +425,7 @@ fn status(state: &AdminState) -> proto::Status {
             records: spool.records,
             bytes: spool.bytes,
             corrupt: spool.corrupt,
+            rejected: spool.rejected,
         },
     }
 }
@@ -463,6 +464,7 @@ fn view(state: &AdminState, d: &DeviceId) -> DeviceView {
             evicted: spool.evicted,
             expired: spool.expired,
             spool_refused: spool.refused,
+            rejected: spool.rejected,
         },
     }
 }

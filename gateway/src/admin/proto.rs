@@ -97,6 +97,9 @@ pub struct SpoolStatus {
     pub records: usize,
     pub bytes: u64,
     pub corrupt: u64,
+    /// Set aside because the upstream refused them (or they cannot be published there).
+    #[serde(default)]
+    pub rejected: u64,
 }
 
 /// One device as `device list` and `device show` report it.
@@ -130,4 +133,6 @@ pub struct Counters {
     pub expired: u64,
     /// Publishes the spool had no room for (not acknowledged).
     pub spool_refused: u64,
+    #[serde(default)]
+    pub rejected: u64,
 }

@@ -59,6 +59,8 @@ pub const DEFAULT_MAX_AGE_VITAL: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_MAX_AGE_ROUTINE: Duration = Duration::from_secs(86_400);
 pub const DEFAULT_UPLINK_PORT: u16 = 8883;
 pub const DEFAULT_TOPIC_PREFIX: &str = "wardgate";
+/// Bytes of records refused upstream that the spool keeps for inspection.
+pub const DEFAULT_SPOOL_MAX_REJECTED: u64 = 16 << 20;
 pub const DEFAULT_INFLIGHT: usize = 32;
 pub const DEFAULT_REPLAY_RATE: u32 = 500;
 pub const DEFAULT_UPLINK_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -171,6 +173,17 @@ impl Config {
             .map(|c| c.max_payload)
             .max()
             .unwrap_or(DEFAULT_MAX_PAYLOAD)
+    }
+
+    /// How device topics map upstream: under the uplink's prefix, or the default one for a
+    /// gateway without an uplink (so that a spool filled offline can still be forwarded
+    /// once one is configured).
+    pub fn topic_map(&self) -> crate::uplink::TopicMap {
+        let prefix = self
+            .uplink
+            .as_ref()
+            .map_or(DEFAULT_TOPIC_PREFIX, |u| u.topic_prefix.as_str());
+        crate::uplink::TopicMap::new(prefix, &self.gateway.site, &self.gateway.id)
     }
 }
 
@@ -669,6 +682,7 @@ impl Validator<'_> {
         let max_bytes = self.size(s.max_bytes.as_ref(), DEFAULT_SPOOL_MAX_BYTES);
         let device_quota = self.size(s.device_quota.as_ref(), DEFAULT_SPOOL_DEVICE_QUOTA);
         let cache_bytes = self.size(s.cache.as_ref(), DEFAULT_SPOOL_CACHE);
+        let max_rejected = self.size(s.max_rejected.as_ref(), DEFAULT_SPOOL_MAX_REJECTED);
         if let Some(q) = &s.device_quota {
             if device_quota > max_bytes || device_quota == 0 {
                 self.error(
@@ -687,6 +701,7 @@ impl Validator<'_> {
             max_bytes,
             device_quota,
             cache_bytes,
+            max_rejected,
             max_age: [
                 self.duration(a.alarm.as_ref(), DEFAULT_MAX_AGE_ALARM),
                 self.duration(a.vital.as_ref(), DEFAULT_MAX_AGE_VITAL),

@@ -108,6 +108,7 @@ pub struct RawSpool {
     pub max_bytes: Option<S<RawSize>>,
     pub device_quota: Option<S<RawSize>>,
     pub cache: Option<S<RawSize>>,
+    pub max_rejected: Option<S<RawSize>>,
     #[serde(default)]
     pub max_age: RawMaxAge,
 }

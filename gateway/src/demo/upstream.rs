@@ -39,6 +39,16 @@ pub fn available() -> bool {
 /// Makes the hospital's PKI in `dir` (CA, broker certificate, a client certificate for
 /// `gateway_id` and one for the consumer) and starts mosquitto.
 pub async fn start(dir: &Path, gateway_id: &str) -> anyhow::Result<Hospital> {
+    start_with_acl(dir, gateway_id, None).await
+}
+
+/// [`start`], with mosquitto's `acl_file` holding `acl` (users are the certificates' CNs):
+/// an upstream that refuses some topics, as a hospital's broker may.
+pub async fn start_with_acl(
+    dir: &Path,
+    gateway_id: &str,
+    acl: Option<&str>,
+) -> anyhow::Result<Hospital> {
     let pki = PkiDir::new(dir.join("pki"));
     if !pki.ca_key().exists() {
         pki::init(&pki, "hospital", "hospital-broker", &[])?;
@@ -51,7 +61,7 @@ pub async fn start(dir: &Path, gateway_id: &str) -> anyhow::Result<Hospital> {
     }
     for _ in 0..10 {
         let port = free_port()?;
-        if let Some(child) = spawn(dir, &pki, port).await? {
+        if let Some(child) = spawn(dir, &pki, port, acl).await? {
             return Ok(Hospital {
                 port,
                 dir: dir.to_owned(),
@@ -90,19 +100,28 @@ async fn spawn(
     dir: &Path,
     pki: &PkiDir,
     port: u16,
+    acl: Option<&str>,
 ) -> anyhow::Result<Option<tokio::process::Child>> {
     // Started as root, mosquitto drops to its own user and could not read the 0600 key.
     let as_root = std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false);
     let conf = dir.join("mosquitto.conf");
+    let acl_line = match acl {
+        Some(acl) => {
+            let path = dir.join("mosquitto.acl");
+            std::fs::write(&path, acl)?;
+            format!("acl_file {}\n", path.display())
+        }
+        None => String::new(),
+    };
     std::fs::write(
         &conf,
         format!(
             "listener {port} 127.0.0.1\n{user}cafile {}\ncertfile {}\nkeyfile {}\n\
              require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n\
              persistence false\nlog_dest stderr\nlog_type error\nlog_type information\n\
-             max_inflight_messages 0\nmax_queued_messages 100000\n",
+             max_inflight_messages 0\nmax_queued_messages 100000\n{acl_line}",
             pki.ca_cert().display(),
             pki.server_cert().display(),
             pki.server_key().display(),

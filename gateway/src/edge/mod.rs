@@ -36,6 +36,7 @@ use crate::events::{self, Refusal};
 use crate::quarantine::Quarantine;
 use crate::registry::SharedRegistry;
 use crate::spool::Spool;
+use crate::uplink::TopicMap;
 use tls::{TlsError, TlsMaterial};
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
@@ -59,6 +60,9 @@ struct EdgeShared {
     broker: SocketAddr,
     spool: Spool,
     quarantine: Arc<Quarantine>,
+    /// What a device topic becomes upstream: a PUBLISH the uplink could not forward is
+    /// refused here.
+    topics: TopicMap,
     /// A device throttled without pause for this long is quarantined.
     throttle_limit: Option<std::time::Duration>,
     rates: crate::policy::DeviceRates,
@@ -140,8 +144,10 @@ pub struct EdgeHandle {
 
 impl Edge {
     /// Loads the TLS material and binds the listener.
+    #[allow(clippy::too_many_arguments)]
     pub async fn bind(
         config: EdgeConfig,
+        topics: TopicMap,
         registry: SharedRegistry,
         broker: SocketAddr,
         spool: Spool,
@@ -165,6 +171,7 @@ impl Edge {
                 broker,
                 spool,
                 quarantine,
+                topics,
                 throttle_limit,
                 rates: crate::policy::DeviceRates::default(),
                 live: Mutex::new(HashMap::new()),

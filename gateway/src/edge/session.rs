@@ -23,6 +23,7 @@ use crate::pki::cert;
 use crate::policy::{acl, Admission, TopicFilter};
 use crate::registry::Grant;
 use crate::spool::{now_ms, Durable, Record, Spool};
+use crate::uplink::{TopicMap, UnmappableTopic};
 
 /// Largest CONNECT accepted before the device's class is known: a will message of up to
 /// this size plus client id and credentials.
@@ -194,6 +195,7 @@ fn admit(
     if let Some(will) = &connect.last_will {
         let allowed = acl::validate_topic_name(&will.topic).is_ok()
             && grant.acl.may_publish(&will.topic)
+            && upstream_form(device, &will.topic, &shared.topics).is_ok()
             && will.message.len() <= grant.max_payload;
         if !allowed {
             return Err((
@@ -307,7 +309,7 @@ async fn relay(
                     return Err(Stop::Violation(Violation::Protocol(e.to_string())))
                 }
             };
-            inspect(&packet, grant).map_err(Stop::Violation)?;
+            inspect(&packet, device, grant, &shared.topics).map_err(Stop::Violation)?;
             // Over its rate, the device waits before its next packet is read (backpressure).
             let admission = match &packet {
                 Packet::Publish(p) => Some(shared.rates.admit(
@@ -492,7 +494,12 @@ fn spool_publish(
 }
 
 /// The policy check of one packet from a device.
-fn inspect(packet: &Packet, grant: &Grant) -> Result<(), Violation> {
+fn inspect(
+    packet: &Packet,
+    device: &DeviceId,
+    grant: &Grant,
+    topics: &TopicMap,
+) -> Result<(), Violation> {
     match packet {
         Packet::Publish(p) => {
             if let Err(e) = acl::validate_topic_name(&p.topic) {
@@ -517,7 +524,7 @@ fn inspect(packet: &Packet, grant: &Grant) -> Result<(), Violation> {
                     topic: p.topic.clone(),
                 });
             }
-            Ok(())
+            upstream_form(device, &p.topic, topics)
         }
         Packet::Subscribe(s) => {
             for f in &s.filters {
@@ -544,6 +551,22 @@ fn inspect(packet: &Packet, grant: &Grant) -> Result<(), Violation> {
         Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(
             Violation::Protocol("server-to-client packet sent by a client".into()),
         ),
+    }
+}
+
+/// Refuses a topic the uplink could not forward as it is: one whose upstream form would be
+/// too long (it would be set aside there, after being acknowledged here), or would land in
+/// the command space (a device forging commands to itself or others: an ACL violation).
+fn upstream_form(device: &DeviceId, topic: &str, topics: &TopicMap) -> Result<(), Violation> {
+    match topics.check(device, topic) {
+        Ok(()) => Ok(()),
+        Err(UnmappableTopic::CommandSpace) => Err(Violation::PublishDenied {
+            topic: topic.to_owned(),
+        }),
+        Err(e) => Err(Violation::InvalidTopic {
+            topic: topic.to_owned(),
+            reason: e.to_string(),
+        }),
     }
 }
 

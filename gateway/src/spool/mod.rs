@@ -18,9 +18,16 @@
 //!   reserved in the meta tree before use.
 //! - A record that cannot be read back (corrupt, wrong version) is reported
 //!   (`spool.corrupt_record`), moved to the `corrupt` tree for inspection, and skipped.
+//! - A record the upstream refuses, or that cannot be published upstream at all, is moved
+//!   to the `rejected` tree ([`Spool::reject`]): out of the drain order, so it never holds
+//!   back the records behind it; counted per device and audited (`spool.rejected`). The
+//!   tree keeps the newest `max_rejected` bytes for an engineer to inspect; older ones are
+//!   deleted, each deletion audited (`spool.rejected_dropped`). Rejected records are not
+//!   retried: the upstream's answer (not authorised, quota, topic invalid) would not change.
 //!
 //! On disk (`data_dir/spool/`, sled 0.34): tree `records` (key → sealed value, see
-//! [`record`]), tree `meta` (`format` = [`FORMAT_VERSION`], `seq_limit`), tree `corrupt`.
+//! [`record`]), tree `meta` (`format` = [`FORMAT_VERSION`], `seq_limit`), tree `corrupt`,
+//! tree `rejected` (rejection number u64 BE ‖ key → sealed value, oldest first).
 //! An in-memory index of keys, devices and sizes is rebuilt at open by reading every
 //! record (which also finds corrupt ones before the uplink does).
 //!
@@ -59,6 +66,8 @@ pub struct SpoolLimits {
     /// Indexed by `Priority as usize`.
     pub max_age: [Duration; 3],
     pub cache_bytes: u64,
+    /// Bytes of rejected records kept for inspection (the newest).
+    pub max_rejected: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +114,8 @@ pub struct DeviceCounters {
     pub evicted: u64,
     pub expired: u64,
     pub refused: u64,
+    /// Set aside: refused by the upstream, or impossible to publish there.
+    pub rejected: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -112,6 +123,9 @@ pub struct SpoolStats {
     pub records: usize,
     pub bytes: u64,
     pub corrupt: u64,
+    /// Records in the `rejected` tree now, and their bytes.
+    pub rejected: u64,
+    pub rejected_bytes: u64,
     pub devices: BTreeMap<DeviceId, DeviceCounters>,
 }
 
@@ -137,6 +151,10 @@ struct State {
     seq_limit: u64,
     counters: BTreeMap<DeviceId, DeviceCounters>,
     corrupt: u64,
+    rejected: u64,
+    rejected_bytes: u64,
+    /// Number of the next rejection (key prefix in the `rejected` tree).
+    next_rejection: u64,
 }
 
 impl State {
@@ -254,6 +272,7 @@ struct Inner {
     records: sled::Tree,
     meta: sled::Tree,
     corrupt: sled::Tree,
+    rejected: sled::Tree,
     sealer: Sealer,
     limits: SpoolLimits,
     state: Mutex<State>,
@@ -357,6 +376,7 @@ impl Spool {
         let records = db.open_tree("records").map_err(store_err)?;
         let meta = db.open_tree("meta").map_err(store_err)?;
         let corrupt = db.open_tree("corrupt").map_err(store_err)?;
+        let rejected = db.open_tree("rejected").map_err(store_err)?;
         let secret =
             load_or_make_secret(&data_dir.join("spool.key"), existed && !records.is_empty())?;
         let sealer = Sealer::new(&secret);
@@ -408,6 +428,12 @@ impl Spool {
                 }
             }
         }
+        for item in rejected.iter() {
+            let (k, v) = item.map_err(store_err)?;
+            state.rejected += 1;
+            state.rejected_bytes += (k.len() + v.len()) as u64;
+            state.next_rejection = state.next_rejection.max(read_u64(&k[..8.min(k.len())]) + 1);
+        }
         let stored_limit = meta
             .get(META_SEQ_LIMIT)
             .map_err(store_err)?
@@ -443,6 +469,7 @@ impl Spool {
                 records,
                 meta,
                 corrupt,
+                rejected,
                 sealer,
                 limits,
                 state: Mutex::new(state),
@@ -678,6 +705,75 @@ impl Spool {
         }
     }
 
+    /// Sets a record aside that cannot be delivered upstream (`reason` says why): it leaves
+    /// the drain order at once, and is kept in the `rejected` tree within `max_rejected`.
+    pub fn reject(&self, key: Key, reason: &str) {
+        let inner = &self.inner;
+        let mut st = self.state();
+        let value = match inner.records.get(key.to_bytes()) {
+            Ok(Some(v)) => v,
+            // Acknowledged, expired or evicted meanwhile.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(event = "spool.read_failed", error = %e, "spool read failed");
+                return;
+            }
+        };
+        let Some(entry) = st.take(key) else { return };
+        let mut slot = st.next_rejection.to_be_bytes().to_vec();
+        slot.extend_from_slice(&key.to_bytes());
+        st.next_rejection += 1;
+        // Kept first, then taken out of the drain order: a crash in between forwards it
+        // once more, it never loses it.
+        let moved = inner
+            .rejected
+            .insert(&slot, value.clone())
+            .and_then(|_| inner.records.remove(key.to_bytes()));
+        if let Err(e) = moved {
+            tracing::error!(event = "spool.write_failed", error = %e, "cannot set a rejected record aside");
+        }
+        st.rejected += 1;
+        st.rejected_bytes += (slot.len() + value.len()) as u64;
+        st.counters(&entry.device).rejected += 1;
+        let rejected = st.counters(&entry.device).rejected;
+        crate::audit::record(
+            "spool.rejected",
+            Some(entry.device.as_str()),
+            &format!("priority={} seq={} reason={reason}", key.priority, key.seq),
+        );
+        tracing::warn!(
+            event = "spool.rejected",
+            device = %entry.device,
+            priority = %key.priority,
+            seq = key.seq,
+            reason,
+            rejected,
+            "record set aside: it cannot be delivered upstream"
+        );
+        while st.rejected_bytes > inner.limits.max_rejected {
+            let Ok(Some((k, v))) = inner.rejected.pop_min() else {
+                break;
+            };
+            st.rejected -= 1;
+            st.rejected_bytes = st.rejected_bytes.saturating_sub((k.len() + v.len()) as u64);
+            let old = Key::from_bytes(&k[8.min(k.len())..]);
+            let device = old
+                .and_then(|old| inner.sealer.open(old, &v).ok())
+                .map(|r| r.device);
+            crate::audit::record(
+                "spool.rejected_dropped",
+                device.as_ref().map(DeviceId::as_str),
+                &format!("record={old:?} reason=more than max_rejected bytes set aside"),
+            );
+            tracing::warn!(
+                event = "spool.rejected_dropped",
+                device = device.as_ref().map_or("-", DeviceId::as_str),
+                record = ?old,
+                "oldest rejected record deleted: more than max_rejected bytes set aside"
+            );
+        }
+    }
+
     /// Removes a record the upstream has acknowledged. Durability of the removal is not
     /// awaited: after a crash the record is sent again (a duplicate, never a loss).
     pub fn remove(&self, key: Key) {
@@ -700,6 +796,8 @@ impl Spool {
             records: st.index.len(),
             bytes: st.total_bytes,
             corrupt: st.corrupt,
+            rejected: st.rejected,
+            rejected_bytes: st.rejected_bytes,
             devices: st.counters.clone(),
         }
     }

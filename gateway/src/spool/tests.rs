@@ -7,6 +7,7 @@ fn limits(max_bytes: u64, device_quota: u64) -> SpoolLimits {
         device_quota,
         max_age: [Duration::from_secs(3600); 3],
         cache_bytes: 1 << 20,
+        max_rejected: 1 << 20,
     }
 }
 

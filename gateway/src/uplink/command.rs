@@ -110,25 +110,14 @@ impl LocalDelivery {
 
 /// Whether `topic` is `{prefix}/{site}/{gateway}/_gateway/cmd/update`.
 fn is_update_command(uplink: &Uplink, topic: &str) -> bool {
-    topic
-        == format!(
-            "{}/{}/{}/{}/cmd/update",
-            uplink.config.topic_prefix,
-            uplink.site,
-            uplink.gateway_id,
-            crate::device::GATEWAY_STREAM
-        )
+    uplink.topics.command(topic) == Ok((crate::device::GATEWAY_STREAM, "update"))
 }
 
 /// The Modbus device and register an upstream command names: `…/{device}/cmd/modbus/{name}`
 /// for a device the poller knows.
 fn modbus_write(uplink: &Uplink, topic: &str) -> Option<(DeviceId, String)> {
-    let base = format!(
-        "{}/{}/{}/",
-        uplink.config.topic_prefix, uplink.site, uplink.gateway_id
-    );
-    let (device, rest) = topic.strip_prefix(&base)?.split_once('/')?;
-    let register = rest.strip_prefix("cmd/modbus/")?;
+    let (device, rest) = uplink.topics.command(topic).ok()?;
+    let register = rest.strip_prefix("modbus/")?;
     let device = DeviceId::parse(device).ok()?;
     uplink
         .modbus
@@ -138,15 +127,7 @@ fn modbus_write(uplink: &Uplink, topic: &str) -> Option<(DeviceId, String)> {
 
 /// The device and local topic of an upstream command topic, or why it is refused.
 fn route(uplink: &Uplink, topic: &str) -> Result<(DeviceId, String), &'static str> {
-    let base = format!(
-        "{}/{}/{}/",
-        uplink.config.topic_prefix, uplink.site, uplink.gateway_id
-    );
-    let rest = topic
-        .strip_prefix(&base)
-        .ok_or("not under this gateway's topic")?;
-    let (device, rest) = rest.split_once('/').ok_or("no device level")?;
-    let rest = rest.strip_prefix("cmd/").ok_or("not a command topic")?;
+    let (device, rest) = uplink.topics.command(topic)?;
     let device = DeviceId::parse(device).map_err(|_| "not a valid device id")?;
     let local = format!("ward/{device}/cmd/{rest}");
     acl::validate_topic_name(&local).map_err(|_| "invalid topic")?;

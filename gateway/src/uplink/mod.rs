@@ -8,7 +8,8 @@
 //!   At most `inflight` publishes are unacknowledged at once, and at most `replay_rate`
 //!   are sent per second, so a backlog after an outage drains at a known pace.
 //! - Every record goes upstream at QoS 1 on `{prefix}/{site}/{gateway}/{device}/{rest}`
-//!   (`rest` is the device topic after `ward/{device}/`, or the whole topic otherwise),
+//!   (see [`TopicMap`]: `rest` is the device topic after `ward/{device}/`, or the whole
+//!   topic otherwise),
 //!   with MQTT 5 user properties `wardgate-seq` (the gateway sequence number: with the
 //!   gateway id in the topic, a key the upstream can drop duplicates by),
 //!   `wardgate-received-at` (ms since the epoch), `wardgate-priority` and `wardgate-qos`.
@@ -16,7 +17,13 @@
 //! - A record is removed from the spool only when the PUBACK for its packet id arrives;
 //!   `publish()` returning means only "queued", so packet ids are learnt from rumqttc's
 //!   `Outgoing::Publish(pkid)` events, which come in the order the publishes were queued.
-//! - Commands: the uplink subscribes to `{prefix}/{site}/{gateway}/+/cmd/#`, and delivers
+//! - A record the upstream refuses (a PUBACK reason other than success), or one that could
+//!   not be published at all (its topic or packet over the limits: rumqttc would write a
+//!   wrong length or fail the connection), is set aside ([`Spool::reject`]) and leaves the
+//!   window at once: one refused record never holds back the ones behind it.
+//! - Commands: the uplink subscribes to `{prefix}/{site}/{gateway}/+/cmd/#` with No Local
+//!   (its own publishes never come back as commands; the edge also refuses device topics
+//!   that would map there), and delivers
 //!   `…/{device}/cmd/{rest}` to the local topic `ward/{device}/cmd/{rest}` only if that
 //!   device is registered and its class may subscribe to that topic; otherwise the command
 //!   is refused and logged (`uplink.command_refused`).
@@ -25,35 +32,38 @@
 
 mod command;
 mod pace;
+mod topic;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
-use crate::device::DeviceId;
 use crate::pki::cert;
 use crate::registry::SharedRegistry;
 use crate::spool::{Key, Record, Spool};
 use pace::{Backoff, Pace};
+pub use topic::{TopicMap, UnmappableTopic, MAX_TOPIC_LEN};
 
 /// How long a connection attempt (TCP, TLS, CONNACK) may take.
 const CONNECT_TIMEOUT_SECS: u64 = 10;
 /// Largest packet accepted from upstream (commands).
 const MAX_INCOMING: u32 = 1 << 20;
+/// MQTT's largest packet: a remaining length of at most 268,435,455 bytes, plus its header.
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 
 /// Everything the uplink needs.
 #[derive(Debug, Clone)]
 pub struct Uplink {
     pub config: UplinkConfig,
-    pub site: String,
-    pub gateway_id: String,
+    /// Device topics to upstream topics and back (the edge checks with the same map).
+    pub topics: TopicMap,
     pub spool: Spool,
     pub registry: SharedRegistry,
     /// The embedded broker, for delivering commands to devices.
@@ -62,19 +72,6 @@ pub struct Uplink {
     pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Modbus devices, whose commands are register writes.
     pub modbus: crate::modbus::ModbusHandle,
-}
-
-/// The upstream topic of a device topic.
-pub fn upstream_topic(
-    prefix: &str,
-    site: &str,
-    gateway: &str,
-    device: &DeviceId,
-    topic: &str,
-) -> String {
-    let own = format!("ward/{device}/");
-    let rest = topic.strip_prefix(&own).unwrap_or(topic);
-    format!("{prefix}/{site}/{gateway}/{device}/{rest}")
 }
 
 impl Uplink {
@@ -89,13 +86,6 @@ impl Uplink {
         o.set_max_packet_size(Some(MAX_INCOMING));
         o.set_outgoing_inflight_upper_limit(u16::try_from(c.inflight).unwrap_or(u16::MAX));
         Ok(o)
-    }
-
-    fn command_filter(&self) -> String {
-        format!(
-            "{}/{}/{}/+/cmd/#",
-            self.config.topic_prefix, self.site, self.gateway_id
-        )
     }
 
     /// Connects, forwards, reconnects with backoff, until `shutdown`.
@@ -119,21 +109,24 @@ impl Uplink {
                 _ = shutdown.cancelled() => return,
                 r = wait_connack(&mut eventloop) => r,
             };
-            if let Err(e) = connected {
-                let delay = backoff.next();
-                tracing::warn!(
-                    event = "uplink.connect_failed",
-                    host = %self.config.host,
-                    port = self.config.port,
-                    error = %e,
-                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    "upstream broker unreachable"
-                );
-                if sleep_or_stop(delay, &shutdown).await {
-                    return;
+            let max_packet = match connected {
+                Ok(max) => max,
+                Err(e) => {
+                    let delay = backoff.next();
+                    tracing::warn!(
+                        event = "uplink.connect_failed",
+                        host = %self.config.host,
+                        port = self.config.port,
+                        error = %e,
+                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        "upstream broker unreachable"
+                    );
+                    if sleep_or_stop(delay, &shutdown).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
+            };
             backoff.reset();
             self.connected
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -145,7 +138,9 @@ impl Uplink {
                 backlog,
                 "connected to the upstream broker"
             );
-            if let Err(e) = client.try_subscribe(self.command_filter(), QoS::AtLeastOnce) {
+            let mut commands_filter = Filter::new(self.topics.command_filter(), QoS::AtLeastOnce);
+            commands_filter.nolocal = true;
+            if let Err(e) = client.try_subscribe_many([commands_filter]) {
                 tracing::error!(event = "uplink.subscribe_failed", error = %e, "cannot subscribe to commands");
             }
             // The eventloop runs in a task of its own and reports through a channel, so that
@@ -161,7 +156,14 @@ impl Uplink {
                 }
             });
             let reason = self
-                .session(&client, &mut events, &mut pace, &commands, &shutdown)
+                .session(
+                    &client,
+                    &mut events,
+                    &mut pace,
+                    &commands,
+                    max_packet,
+                    &shutdown,
+                )
                 .await;
             self.connected
                 .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -195,6 +197,7 @@ impl Uplink {
         events: &mut tokio::sync::mpsc::Receiver<Result<Event, rumqttc::v5::ConnectionError>>,
         pace: &mut Pace,
         commands: &command::LocalDelivery,
+        max_packet: usize,
         shutdown: &CancellationToken,
     ) -> Option<String> {
         let window = self.config.inflight;
@@ -219,7 +222,27 @@ impl Uplink {
                     let batch = self.spool.next_batch(allowed, &inflight);
                     idle = batch.is_empty();
                     for (key, record) in batch {
-                        if let Err(e) = self.publish(client, key, &record) {
+                        let publish = match self.prepare(key, &record, max_packet) {
+                            Ok(p) => p,
+                            Err(reason) => {
+                                self.spool.reject(key, &reason);
+                                continue;
+                            }
+                        };
+                        let Publish {
+                            topic,
+                            payload,
+                            properties,
+                            ..
+                        } = publish;
+                        let queued_ok = client.try_publish_with_properties(
+                            String::from_utf8_lossy(&topic),
+                            QoS::AtLeastOnce,
+                            false,
+                            payload,
+                            properties.unwrap_or_default(),
+                        );
+                        if let Err(e) = queued_ok {
                             return Some(format!("cannot queue a publish: {e}"));
                         }
                         pace.take();
@@ -239,17 +262,11 @@ impl Uplink {
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         let Some(key) = by_pkid.remove(&ack.pkid) else { continue };
+                        inflight.remove(&key);
                         if matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
                             self.spool.remove(key);
-                            inflight.remove(&key);
                         } else {
-                            // Kept, and not sent again in this session.
-                            tracing::error!(
-                                event = "uplink.rejected",
-                                seq = key.seq,
-                                reason = ?ack.reason,
-                                "upstream refused a record; it stays in the spool"
-                            );
+                            self.spool.reject(key, &format!("upstream answered PUBACK {:?}", ack.reason));
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -270,14 +287,13 @@ impl Uplink {
         }
     }
 
-    fn publish(&self, client: &AsyncClient, key: Key, record: &Record) -> Result<(), String> {
-        let topic = upstream_topic(
-            &self.config.topic_prefix,
-            &self.site,
-            &self.gateway_id,
-            &record.device,
-            &record.topic,
-        );
+    /// The upstream PUBLISH of a record, or why it cannot be published (the topic or the
+    /// packet would exceed MQTT's or the upstream's limits).
+    fn prepare(&self, key: Key, record: &Record, max_packet: usize) -> Result<Publish, String> {
+        self.topics
+            .check(&record.device, &record.topic)
+            .map_err(|e| e.to_string())?;
+        let topic = self.topics.upstream(&record.device, &record.topic);
         let properties = PublishProperties {
             user_properties: vec![
                 ("wardgate-seq".into(), key.seq.to_string()),
@@ -290,22 +306,34 @@ impl Uplink {
             ],
             ..PublishProperties::default()
         };
-        client
-            .try_publish_with_properties(
-                topic,
-                QoS::AtLeastOnce,
-                false,
-                record.payload.clone(),
-                properties,
-            )
-            .map_err(|e| e.to_string())
+        let publish = Publish::new(
+            topic,
+            QoS::AtLeastOnce,
+            record.payload.clone(),
+            Some(properties),
+        );
+        // `size()` leaves out the packet id, not assigned yet.
+        let size = publish.size() + 2;
+        if size > max_packet {
+            return Err(format!(
+                "its upstream packet would be {size} bytes, over the upstream's maximum of {max_packet}"
+            ));
+        }
+        Ok(publish)
     }
 }
 
-async fn wait_connack(eventloop: &mut EventLoop) -> Result<(), rumqttc::v5::ConnectionError> {
+/// Waits for the CONNACK; returns the largest packet the upstream accepts.
+async fn wait_connack(eventloop: &mut EventLoop) -> Result<usize, rumqttc::v5::ConnectionError> {
     loop {
-        if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
-            return Ok(());
+        if let Event::Incoming(Packet::ConnAck(ack)) = eventloop.poll().await? {
+            let max = ack
+                .properties
+                .and_then(|p| p.max_packet_size)
+                .map_or(MQTT_MAX_PACKET, |m| {
+                    usize::try_from(m).unwrap_or(MQTT_MAX_PACKET)
+                });
+            return Ok(max);
         }
     }
 }
@@ -315,23 +343,5 @@ async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => true,
         _ = tokio::time::sleep(delay) => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_map_under_site_gateway_and_device() {
-        let d = DeviceId::parse("pump-1").unwrap();
-        assert_eq!(
-            upstream_topic("h", "st-mary", "gw1", &d, "ward/pump-1/vitals/hr"),
-            "h/st-mary/gw1/pump-1/vitals/hr"
-        );
-        assert_eq!(
-            upstream_topic("h", "st-mary", "gw1", &d, "ward/shared/x"),
-            "h/st-mary/gw1/pump-1/ward/shared/x"
-        );
     }
 }

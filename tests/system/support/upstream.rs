@@ -40,6 +40,19 @@ impl Upstream {
         }
     }
 
+    /// Like [`Upstream::start`], with mosquitto enforcing `acl` (see `acl_file` in
+    /// mosquitto.conf(5); users are the clients' certificate CNs).
+    pub async fn start_with_acl(dir: &Path, gateway_id: &str, acl: &str) -> Upstream {
+        require("mosquitto", "mosquitto");
+        let hospital = wardgate::demo::upstream::start_with_acl(dir, gateway_id, Some(acl))
+            .await
+            .unwrap();
+        Upstream {
+            port: hospital.port,
+            hospital,
+        }
+    }
+
     /// The `[uplink]` section for a gateway reaching this broker at `port` (the link's).
     pub fn uplink_section(&self, gateway_id: &str, port: u16, extra: &str) -> String {
         let (ca, cert, key) = self.hospital.client_files(gateway_id);
