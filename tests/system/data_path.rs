@@ -172,3 +172,96 @@ async fn a_device_cannot_forge_commands_through_the_upstream() {
     gw.stop().await;
     assert_eq!(site.audit_count("uplink.command_delivered", "pump-1"), 1);
 }
+
+/// Issue 12, item 7: what the upstream has seen is durable here first. An audit record is
+/// forwarded only once it is on disk in the local log, and a spool record only once a group
+/// commit covers it, so a `kill -9` right after the upstream received them never makes the
+/// restarted gateway give the same audit index, or the same sequence number, to another
+/// record (a fork in the chain, or a "duplicate" the upstream would drop).
+#[tokio::test]
+async fn a_crash_right_after_forwarding_never_reuses_an_index_or_a_sequence_number() {
+    let mut site = Site::ward();
+    site.issue("stranger-1");
+    let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
+    site.extra = upstream.uplink_section("gw-test", upstream.port, "");
+    let mut consumer = upstream.consumer_with_audit("hospital/#").await;
+    let config = site.write_config();
+    let mut seen = Seen::default();
+    for round in 0..4 {
+        let gw = Gateway::start(&config).await;
+        let pump = Client::connect(&site, "pump-1", gw.port()).await;
+        let payload = format!("round-{round}");
+        pump.client
+            .publish(
+                "ward/pump-1/status",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                payload.clone().into_bytes(),
+            )
+            .await
+            .unwrap();
+        // A fresh audit record: the stranger's refusal. Killed the moment both arrived.
+        let (_c, el) = rumqttc::AsyncClient::new(
+            crate::support::clients::options(
+                "stranger-1",
+                gw.port(),
+                crate::support::clients::device_tls(&site, "stranger-1"),
+            ),
+            8,
+        );
+        crate::support::clients::expect_connack_refusal(
+            el,
+            rumqttc::ConnectReturnCode::NotAuthorized,
+        )
+        .await;
+        let mut seen_payload = false;
+        while seen.refusals.len() <= round || !seen_payload {
+            let p = consumer.next().await;
+            seen.note(&p);
+            seen_payload |= p.payload == payload.as_bytes();
+        }
+        gw.kill9().await;
+    }
+    // The last run's records (its start among them) come through too, none reusing an index.
+    let mut gw = Gateway::start(&config).await;
+    gw.wait_log("uplink.connected", &[]).await;
+    let out = site.admin_ok(&["audit", "tail", "-n", "1", "--json"]);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let records = last["index"].as_u64().unwrap() + 1;
+    while (seen.chain.len() as u64) < records {
+        seen.note(&consumer.next().await);
+    }
+    assert_eq!(seen.seqs.len(), 4, "{:?}", seen.seqs);
+}
+
+/// What the upstream has seen: index → hash of every audit record, seq → payload of every
+/// device record; a second, different record under either is a failure.
+#[derive(Default)]
+struct Seen {
+    chain: std::collections::BTreeMap<u64, String>,
+    seqs: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// Indexes of the stranger's refusals.
+    refusals: std::collections::BTreeSet<u64>,
+}
+
+impl Seen {
+    fn note(&mut self, p: &rumqttc::v5::mqttbytes::v5::Publish) {
+        if p.topic.ends_with(b"/_gateway/audit") {
+            let e: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            let index = e["index"].as_u64().unwrap();
+            let hash = e["hash"].as_str().unwrap().to_owned();
+            let known = self.chain.entry(index).or_insert_with(|| hash.clone());
+            assert_eq!(
+                *known, hash,
+                "audit index {index} reused for another record: {e}"
+            );
+            if e["event"] == "edge.connect_refused" && e["device"] == "stranger-1" {
+                self.refusals.insert(index);
+            }
+        } else {
+            let seq: u64 = property(p, "wardgate-seq").unwrap().parse().unwrap();
+            let known = self.seqs.entry(seq).or_insert_with(|| p.payload.to_vec());
+            assert_eq!(known, &p.payload[..], "sequence number {seq} reused");
+        }
+    }
+}

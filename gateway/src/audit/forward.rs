@@ -3,7 +3,10 @@
 //! Each record becomes a spool record of the gateway's own stream ([`DeviceId::gateway`],
 //! upstream topic `{prefix}/{site}/{gateway}/_gateway/audit`, priority vital, QoS 1) whose
 //! payload is the record's JSON, hash and index included, so the upstream can check the
-//! chain and see gaps. The position is persisted in the audit store (`meta/forwarded`)
+//! chain and see gaps. A record is forwarded only once it is durable in the local log
+//! ([`AuditLog::durable_unforwarded`]): otherwise a crash right after forwarding could lose
+//! it locally, and the restarted gateway would write another record under the same index —
+//! a fork in the chain the upstream holds. The position is persisted in the audit store (`meta/forwarded`)
 //! once the spool records are durable: after a crash, records are forwarded again, never
 //! skipped (the upstream drops duplicates by index).
 //!
@@ -58,8 +61,12 @@ pub async fn run(log: &'static AuditLog, spool: Spool, shutdown: CancellationTok
 }
 
 /// Appends the next batch to the spool; returns how many records it covered.
-async fn forward_batch(log: &AuditLog, spool: &Spool) -> Result<usize, String> {
-    let batch = log.unforwarded(BATCH).map_err(|e| e.to_string())?;
+async fn forward_batch(log: &'static AuditLog, spool: &Spool) -> Result<usize, String> {
+    // The flush is disk work: off the async workers.
+    let batch = tokio::task::spawn_blocking(move || log.durable_unforwarded(BATCH))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let Some(last) = batch.last().map(|e| e.index) else {
         return Ok(0);
     };

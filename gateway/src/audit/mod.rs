@@ -238,8 +238,11 @@ impl AuditLog {
         self.appended.notified()
     }
 
-    /// Up to `max` records not yet forwarded upstream, oldest first.
-    pub fn unforwarded(&self, max: usize) -> Result<Vec<Entry>, AuditError> {
+    /// Up to `max` records not yet forwarded upstream, oldest first, each durable: the log
+    /// is flushed first (blocking disk work), so no index the upstream sees can be lost
+    /// locally and given to another record after a crash.
+    pub fn durable_unforwarded(&self, max: usize) -> Result<Vec<Entry>, AuditError> {
+        self.db.flush()?;
         let from = self
             .meta
             .get(FORWARDED)?

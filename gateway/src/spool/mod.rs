@@ -16,6 +16,10 @@
 //!   device and logged (`spool.evicted`, `spool.expired`, `spool.refused`).
 //! - Sequence numbers never repeat, across restarts too: blocks of [`SEQ_BLOCK`] are
 //!   reserved in the meta tree before use.
+//! - A record is handed to the uplink ([`Spool::next_batch`]) only once a group commit has
+//!   covered it, whatever its QoS: what the upstream has seen is on disk here, so a crash
+//!   can never give its sequence number (with its block reservation, flushed by the same
+//!   commit) to another record.
 //! - A record that cannot be read back (corrupt, wrong version) is reported
 //!   (`spool.corrupt_record`), moved to the `corrupt` tree for inspection, and skipped.
 //! - A record the upstream refuses, or that cannot be published upstream at all, is moved
@@ -40,6 +44,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -264,7 +269,8 @@ enum Room {
     OwnOnly,
 }
 
-type FlushWaiter = oneshot::Sender<Result<(), String>>;
+/// A record waiting for a group commit: who to tell, and its sequence number.
+type FlushWaiter = (oneshot::Sender<Result<(), String>>, u64);
 
 struct Inner {
     path: PathBuf,
@@ -279,6 +285,15 @@ struct Inner {
     /// `None` once dropping: closing it stops the flush thread.
     flush_tx: Mutex<Option<mpsc::Sender<FlushWaiter>>>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    durable: Arc<Durability>,
+}
+
+/// What the group commits have made durable, shared with the flush thread.
+#[derive(Debug, Default)]
+struct Durability {
+    /// Every record with a lower sequence number is on disk (or gone).
+    below: AtomicU64,
+    /// Woken after each commit that made records durable.
     wake: Notify,
 }
 
@@ -446,9 +461,15 @@ impl Spool {
 
         let (flush_tx, flush_rx) = mpsc::channel::<FlushWaiter>();
         let flusher = db.clone();
+        // Everything read back at open is on disk.
+        let durable = Arc::new(Durability {
+            below: AtomicU64::new(state.next_seq),
+            wake: Notify::new(),
+        });
+        let progress = durable.clone();
         let flusher = std::thread::Builder::new()
             .name("wardgate-spool-flush".into())
-            .spawn(move || group_commit(flusher, flush_rx))
+            .spawn(move || group_commit(flusher, flush_rx, &progress))
             .map_err(|source| SpoolError::KeyFile {
                 path: path.clone(),
                 source,
@@ -475,7 +496,7 @@ impl Spool {
                 state: Mutex::new(state),
                 flush_tx: Mutex::new(Some(flush_tx)),
                 flusher: Mutex::new(Some(flusher)),
-                wake: Notify::new(),
+                durable,
             }),
         })
     }
@@ -581,7 +602,6 @@ impl Spool {
         st.counters(&record.device).stored += 1;
         st.next_seq += 1;
         drop(st);
-        inner.wake.notify_waiters();
         let (tx, rx) = oneshot::channel();
         // If the flush thread is gone, `tx` is dropped and the Durable reports the failure.
         if let Some(queue) = inner
@@ -590,23 +610,25 @@ impl Spool {
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
         {
-            let _ = queue.send(tx);
+            let _ = queue.send((tx, seq));
         }
         Ok(Durable(rx))
     }
 
-    /// Up to `max` records in drain order (alarms first, oldest first), skipping `skip`.
+    /// Up to `max` durable records in drain order (alarms first, oldest first), skipping
+    /// `skip`.
     /// Records past their class's `max_age` are expired instead of returned; unreadable
     /// ones are reported and moved aside.
     pub fn next_batch(&self, max: usize, skip: &HashSet<Key>) -> Vec<(Key, Record)> {
         let now = now_ms();
         let mut out = Vec::new();
         let mut stale = Vec::new();
+        let durable = self.inner.durable.below.load(Ordering::Acquire);
         let keys: Vec<(Key, u64)> = {
             let st = self.state();
             st.index
                 .iter()
-                .filter(|(k, _)| !skip.contains(k))
+                .filter(|(k, _)| k.seq < durable && !skip.contains(k))
                 .take(max)
                 .map(|(k, e)| (*k, e.received_at_ms))
                 .collect()
@@ -784,10 +806,11 @@ impl Spool {
         }
     }
 
-    /// A future that resolves when a record is appended after it was enabled (call
-    /// `enable` on it before looking at the spool, so no append is missed).
+    /// A future that resolves when records have become durable (and so can be forwarded)
+    /// after it was enabled (call `enable` on it before looking at the spool, so that none
+    /// is missed).
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
-        self.inner.wake.notified()
+        self.inner.durable.wake.notified()
     }
 
     pub fn stats(&self) -> SpoolStats {
@@ -839,12 +862,19 @@ fn quarantine(
 }
 
 /// The flush thread: one `flush` for every waiter queued while the previous one ran.
-fn group_commit(db: sled::Db, rx: mpsc::Receiver<FlushWaiter>) {
+/// Records are inserted in sequence order under the spool's lock before their waiter is
+/// queued, so a flush covers every sequence number up to the highest in its batch.
+fn group_commit(db: sled::Db, rx: mpsc::Receiver<FlushWaiter>, durable: &Durability) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-        for waiter in batch {
+        if result.is_ok() {
+            let highest = batch.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+            durable.below.fetch_max(highest + 1, Ordering::Release);
+            durable.wake.notify_waiters();
+        }
+        for (waiter, _) in batch {
             let _ = waiter.send(result.clone());
         }
     }

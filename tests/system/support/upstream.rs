@@ -66,7 +66,15 @@ impl Upstream {
     /// Connects the consumer, subscribed to `filter`, and returns what it receives. The
     /// gateway's own audit stream (`…/_gateway/audit`) is left out unless `filter` names it.
     pub async fn consumer(&self, filter: &str) -> Consumer {
-        let audit = filter.contains("_gateway");
+        self.consumer_of(filter, filter.contains("_gateway")).await
+    }
+
+    /// Like [`Upstream::consumer`], keeping the gateway's audit stream too.
+    pub async fn consumer_with_audit(&self, filter: &str) -> Consumer {
+        self.consumer_of(filter, true).await
+    }
+
+    async fn consumer_of(&self, filter: &str, audit: bool) -> Consumer {
         let (ca, cert, key) = self.hospital.client_files("hospital-consumer");
         let tls = wardgate::pki::cert::client_config(&ca, &cert, &key).unwrap();
         let mut o = MqttOptions::new("hospital-consumer", "127.0.0.1", self.port);
