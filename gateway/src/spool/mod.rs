@@ -825,6 +825,20 @@ impl Spool {
         }
     }
 
+    /// Waits until every record appended so far is durable (and so in `next_batch`).
+    #[cfg(test)]
+    async fn settle(&self) {
+        loop {
+            let committed = self.inner.durable.wake.notified();
+            tokio::pin!(committed);
+            committed.as_mut().enable();
+            if self.inner.durable.below.load(Ordering::Acquire) >= self.state().next_seq {
+                return;
+            }
+            committed.await;
+        }
+    }
+
     /// Flushes everything now (used at shutdown).
     pub fn flush(&self) -> Result<(), SpoolError> {
         self.inner.db.flush()?;

@@ -28,7 +28,9 @@ fn unit(dir: &Path) -> u64 {
     s.stats().bytes
 }
 
-fn payloads(s: &Spool) -> Vec<(Priority, String)> {
+/// What the uplink would be handed, once every append so far is durable.
+async fn payloads(s: &Spool) -> Vec<(Priority, String)> {
+    s.settle().await;
     s.next_batch(usize::MAX, &HashSet::new())
         .into_iter()
         .map(|(k, r)| (k.priority, String::from_utf8(r.payload.to_vec()).unwrap()))
@@ -52,7 +54,7 @@ async fn drains_alarms_first_then_vitals_then_routine_oldest_first() {
             .await
             .unwrap();
     }
-    let order: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    let order: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(
         order,
         ["00000003", "00000005", "00000002", "00000001", "00000004"]
@@ -81,7 +83,7 @@ async fn full_spool_evicts_routine_then_vital_never_alarms() {
     // Full. A vital record evicts the oldest routine one.
     s.append(&rec("pump-3", 5), Priority::Vital).unwrap();
     assert_eq!(
-        payloads(&s),
+        payloads(&s).await,
         [
             (Priority::Alarm, "00000004".into()),
             (Priority::Vital, "00000002".into()),
@@ -93,7 +95,7 @@ async fn full_spool_evicts_routine_then_vital_never_alarms() {
     s.append(&rec("pump-3", 6), Priority::Alarm).unwrap();
     s.append(&rec("pump-3", 7), Priority::Alarm).unwrap();
     assert_eq!(
-        payloads(&s),
+        payloads(&s).await,
         [
             (Priority::Alarm, "00000004".into()),
             (Priority::Alarm, "00000006".into()),
@@ -145,7 +147,7 @@ async fn device_over_its_quota_evicts_its_own_records_first() {
     s.append(&rec("pump-1", 2), Priority::Routine).unwrap();
     s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
     s.append(&rec("pump-1", 4), Priority::Routine).unwrap();
-    let left: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     // pump-2's older record stays; pump-1 lost its own oldest.
     assert_eq!(left, ["00000001", "00000003", "00000004"]);
     // Alarms of a device are never evicted, even for its own alarms.
@@ -208,7 +210,7 @@ async fn records_survive_reopen_and_corrupt_ones_are_set_aside() {
         s.flush().unwrap();
     }
     let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
-    let left: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(left, ["00000000", "00000001", "00000003", "00000004"]);
     assert_eq!(s.stats().corrupt, 1);
     assert_eq!(s.inner.corrupt.len(), 1);
@@ -228,7 +230,7 @@ async fn old_records_expire_per_class() {
     s.append(&old_alarm, Priority::Alarm).unwrap();
     s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
     assert_eq!(s.expire(), 1);
-    let left: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(left, ["00000002", "00000003"]);
     assert_eq!(
         s.stats().devices[&DeviceId::parse("pump-1").unwrap()].expired,
@@ -280,7 +282,7 @@ async fn the_gateways_own_stream_makes_room_only_from_its_own_records() {
     s.append(&rec("pump-2", 3), Priority::Routine).unwrap();
     // Full: the next audit record evicts the older audit record, not device data.
     s.append_own(&own(4), Priority::Vital).unwrap();
-    let got: Vec<String> = payloads(&s).into_iter().map(|(_, p)| p).collect();
+    let got: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(got, ["00000004", "00000002", "00000003"]);
     // With no audit record left to evict, it is refused rather than displacing a device's.
     let only_devices = Spool::open(&dir.path().join("t"), limits(2 * u, 100 * u)).unwrap();
@@ -292,4 +294,43 @@ async fn the_gateways_own_stream_makes_room_only_from_its_own_records() {
         .unwrap();
     assert!(only_devices.append_own(&own(7), Priority::Vital).is_err());
     assert_eq!(only_devices.stats().records, 2);
+}
+
+#[tokio::test]
+async fn rejected_records_leave_the_drain_order_and_are_kept_within_max_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = unit(dir.path());
+    // Room for two rejected records (each a little larger than in `records`: the
+    // rejection number is part of its key).
+    let mut l = limits(1 << 20, 1 << 20);
+    l.max_rejected = 2 * (one + 8);
+    let s = Spool::open(dir.path(), l.clone()).unwrap();
+    for n in 1..=4 {
+        s.append(&rec("pump-1", n), Priority::Alarm).unwrap();
+    }
+    let batch: Vec<Key> = {
+        s.settle().await;
+        s.next_batch(usize::MAX, &HashSet::new())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    for key in &batch[..3] {
+        s.reject(*key, "upstream answered PUBACK NotAuthorized");
+    }
+    // Only the fourth is left to forward; the first rejected one was deleted for room.
+    let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(left, ["00000004"]);
+    let stats = s.stats();
+    assert_eq!((stats.rejected, stats.records), (2, 1));
+    assert_eq!(
+        stats.devices[&DeviceId::parse("pump-1").unwrap()].rejected,
+        3
+    );
+    drop(s);
+    // Kept across a restart, and still out of the drain order.
+    let s = Spool::open(dir.path(), l).unwrap();
+    assert_eq!(s.stats().rejected, 2);
+    let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(left, ["00000004"]);
 }
