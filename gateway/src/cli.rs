@@ -600,7 +600,9 @@ pub fn print_device_list(views: &[DeviceView]) {
             v.counters.edge.accepted,
             v.counters.edge.throttled,
             v.counters.edge.refused,
-            v.counters.edge.acl_violations + v.counters.edge.protocol_violations,
+            v.counters.edge.acl_violations
+                + v.counters.edge.protocol_violations
+                + v.counters.edge.subscription_limit,
         );
     }
 }
@@ -665,6 +667,7 @@ fn print_device(v: &DeviceView) {
         ("  refused", c.edge.refused),
         ("  acl violations", c.edge.acl_violations),
         ("  other violations", c.edge.protocol_violations),
+        ("  subscription limit", c.edge.subscription_limit),
         ("  evicted", c.evicted),
         ("  expired", c.expired),
         ("  spool refused", c.spool_refused),

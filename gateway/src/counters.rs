@@ -23,6 +23,9 @@ pub struct EdgeCounters {
     pub acl_violations: u64,
     /// Other policy violations: oversized, malformed, wildcard or invalid topics.
     pub protocol_violations: u64,
+    /// SUBSCRIBEs refused for taking the device past its `max_subscriptions`.
+    #[serde(default)]
+    pub subscription_limit: u64,
     /// Modbus: completed polls, and requests that timed out, got an exception code, or
     /// failed otherwise (connection, CRC, framing).
     #[serde(default)]

@@ -124,6 +124,10 @@ pub enum Violation {
         size: usize,
         max: usize,
     },
+    /// A SUBSCRIBE that would take the device past its class's `max_subscriptions`.
+    TooManySubscriptions {
+        max: usize,
+    },
     /// A packet the protocol does not allow here, or one that cannot be parsed.
     Protocol(String),
 }
@@ -136,6 +140,7 @@ impl Violation {
                 "edge.acl_violation"
             }
             Violation::OversizedPacket { .. } => "edge.oversized_packet",
+            Violation::TooManySubscriptions { .. } => "edge.subscription_limit",
             _ => "edge.protocol_violation",
         }
     }
@@ -147,6 +152,7 @@ impl Violation {
             Violation::WildcardPublish { .. } => "wildcard_publish",
             Violation::InvalidTopic { .. } => "invalid_topic",
             Violation::OversizedPacket { .. } => "oversized_packet",
+            Violation::TooManySubscriptions { .. } => "too_many_subscriptions",
             Violation::Protocol(_) => "protocol",
         }
     }
@@ -169,6 +175,9 @@ impl fmt::Display for Violation {
             }
             Violation::OversizedPacket { size, max } => {
                 write!(f, "packet of {size} bytes exceeds the limit of {max} bytes")
+            }
+            Violation::TooManySubscriptions { max } => {
+                write!(f, "subscription beyond the limit of {max} filters")
             }
             Violation::Protocol(e) => write!(f, "protocol error: {e}"),
         }
@@ -235,6 +244,8 @@ pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
     crate::counters::bump(device, |c| {
         if v.event() == "edge.acl_violation" {
             c.acl_violations += 1;
+        } else if let Violation::TooManySubscriptions { .. } = v {
+            c.subscription_limit += 1;
         } else {
             c.protocol_violations += 1;
         }

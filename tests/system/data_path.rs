@@ -2,7 +2,12 @@
 //! starve or exhaust the gateway. Each test is named after the promise it protects and
 //! runs against a real mosquitto upstream and real clients.
 
-use crate::support::clients::Client;
+use rumqttc::mqttbytes::v4::{
+    Connect, Packet as RawPacket, Subscribe, SubscribeFilter, Unsubscribe,
+};
+use rumqttc::{ConnectReturnCode, QoS};
+
+use crate::support::clients::{Client, Raw};
 use crate::support::upstream::{property, Link, Upstream};
 use crate::support::{Gateway, Site};
 
@@ -107,7 +112,7 @@ async fn a_record_too_long_for_the_upstream_never_blocks_the_alarm_behind_it() {
     // Under this prefix the edge refuses the topic outright, and says why.
     let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
     pump.client
-        .publish(&long, rumqttc::QoS::AtLeastOnce, false, b"x".to_vec())
+        .publish(&long, QoS::AtLeastOnce, false, b"x".to_vec())
         .await
         .unwrap();
     pump.closed().await;
@@ -141,7 +146,7 @@ async fn a_device_cannot_forge_commands_through_the_upstream() {
     pump.client
         .publish(
             "ward/pump-1/cmd/bolus",
-            rumqttc::QoS::AtLeastOnce,
+            QoS::AtLeastOnce,
             false,
             b"forged".to_vec(),
         )
@@ -194,7 +199,7 @@ async fn a_crash_right_after_forwarding_never_reuses_an_index_or_a_sequence_numb
         pump.client
             .publish(
                 "ward/pump-1/status",
-                rumqttc::QoS::AtMostOnce,
+                QoS::AtMostOnce,
                 false,
                 payload.clone().into_bytes(),
             )
@@ -209,11 +214,7 @@ async fn a_crash_right_after_forwarding_never_reuses_an_index_or_a_sequence_numb
             ),
             8,
         );
-        crate::support::clients::expect_connack_refusal(
-            el,
-            rumqttc::ConnectReturnCode::NotAuthorized,
-        )
-        .await;
+        crate::support::clients::expect_connack_refusal(el, ConnectReturnCode::NotAuthorized).await;
         let mut seen_payload = false;
         while seen.refusals.len() <= round || !seen_payload {
             let p = consumer.next().await;
@@ -264,4 +265,136 @@ impl Seen {
             assert_eq!(known, &p.payload[..], "sequence number {seq} reused");
         }
     }
+}
+
+/// Connects `device` with the raw client and a CONNECT of the given clean-session flag.
+async fn raw_session(site: &Site, gw: &Gateway, device: &str, clean: bool) -> Raw {
+    let mut raw = Raw::open(site, device, gw.edge, None).await;
+    let mut connect = Connect::new(device);
+    connect.clean_session = clean;
+    raw.send(&RawPacket::Connect(connect)).await;
+    match raw.recv().await {
+        Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => raw,
+        other => panic!("CONNECT of {device} refused: {other:?}"),
+    }
+}
+
+/// One SUBSCRIBE of `n` distinct filters under pump-1's command space, from `first`.
+fn subscribe(pkid: u16, first: usize, n: usize) -> RawPacket {
+    let mut s = Subscribe::new_many(
+        (first..first + n)
+            .map(|i| SubscribeFilter::new(format!("ward/pump-1/cmd/f{i}"), QoS::AtLeastOnce)),
+    );
+    s.pkid = pkid;
+    RawPacket::Subscribe(s)
+}
+
+/// Sends `packet` and expects its SUBACK.
+async fn expect_suback(raw: &mut Raw, packet: RawPacket) {
+    raw.send(&packet).await;
+    match raw.recv().await {
+        Some(RawPacket::SubAck(_)) => {}
+        other => panic!("expected a SUBACK, got {other:?}"),
+    }
+}
+
+/// Issue 12, item 1: one device cannot grow the broker's state without bound by
+/// subscribing. The embedded broker keeps state for every distinct filter it has seen until
+/// the gateway restarts, so the class's `max_subscriptions` (default 16) caps the distinct
+/// filters a device subscribes to since start — across connections and clean sessions, and
+/// an UNSUBSCRIBE frees no room. Beyond it the device is disconnected for a violation
+/// (audited, counted, a quarantine strike), and the issue's probe — 20,000 distinct filters
+/// in 40 SUBSCRIBE packets — leaves the gateway's memory where it was. (Quarantine after
+/// `acl_violations` strikes is raised out of the way, so that the cap alone bounds it.)
+#[tokio::test]
+async fn a_subscription_flood_cannot_exhaust_the_gateway() {
+    let mut site = Site::ward();
+    site.extra = "[policy]\nacl_violations = 1000\n".into();
+    let mut gw = site.start().await;
+    let rss_before = gw.rss_kib();
+
+    // 16 filters in two packets fit, and the same again is free; a 17th does not.
+    let mut raw = raw_session(&site, &gw, "pump-1", true).await;
+    expect_suback(&mut raw, subscribe(1, 0, 8)).await;
+    expect_suback(&mut raw, subscribe(2, 8, 8)).await;
+    expect_suback(&mut raw, subscribe(3, 0, 16)).await;
+    let mut unsubscribe = Unsubscribe::new("ward/pump-1/cmd/f0");
+    unsubscribe.pkid = 4;
+    raw.send(&RawPacket::Unsubscribe(unsubscribe)).await;
+    assert!(matches!(raw.recv().await, Some(RawPacket::UnsubAck(_))));
+    raw.send(&subscribe(5, 16, 1)).await;
+    raw.expect_closed().await;
+    gw.wait_log(
+        "edge.subscription_limit",
+        &["device=pump-1", "code=\"too_many_subscriptions\""],
+    )
+    .await;
+
+    // A new connection with a clean session has no more room: the broker still holds
+    // what the last one asked for. Its known filters remain free.
+    let mut raw = raw_session(&site, &gw, "pump-1", true).await;
+    expect_suback(&mut raw, subscribe(1, 0, 16)).await;
+    raw.send(&subscribe(2, 16, 1)).await;
+    raw.expect_closed().await;
+
+    // The issue's probe: 40 SUBSCRIBE packets of 500 new filters each, sent at once.
+    let mut raw = raw_session(&site, &gw, "pump-1", true).await;
+    for i in 0..40 {
+        raw.send(&subscribe(i + 1, 1000 + usize::from(i) * 500, 500))
+            .await;
+    }
+    raw.expect_closed().await;
+    gw.wait_count("edge.subscription_limit", &["device=pump-1"], 3)
+        .await;
+    let rss_after = gw.rss_kib();
+    println!("gateway RSS before the flood {rss_before} KiB, after {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "memory grew by {} KiB",
+        rss_after - rss_before
+    );
+
+    // Everyone else is served, and so are pump-1's commands within its limit.
+    crate::edge::assert_serving(&site, gw.port()).await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.subscribe("ward/pump-1/cmd/f3").await;
+
+    let shown = site.device_json("pump-1");
+    assert_eq!(shown["counters"]["subscription_limit"], 3, "{shown}");
+    drop(pump);
+    gw.stop().await;
+    assert_eq!(site.audit_count("edge.subscription_limit", "pump-1"), 3);
+}
+
+/// Issue 12, item 1: SUBSCRIBE and UNSUBSCRIBE count against the class's rate like
+/// PUBLISH, so a device cannot churn the broker's subscription state at any speed.
+#[tokio::test]
+async fn subscribe_and_unsubscribe_count_against_the_rate() {
+    let mut site = Site::ward();
+    site.classes[0].extra = "messages_per_sec = 5\nburst = \"1s\"";
+    let mut gw = site.start().await;
+    let mut raw = raw_session(&site, &gw, "pump-1", true).await;
+    for i in 0..6u16 {
+        raw.send(&subscribe(2 * i + 1, 0, 1)).await;
+        let mut u = Unsubscribe::new("ward/pump-1/cmd/f0");
+        u.pkid = 2 * i + 2;
+        raw.send(&RawPacket::Unsubscribe(u)).await;
+    }
+    gw.wait_log("edge.throttled", &["device=pump-1"]).await;
+    // Nothing is dropped: every one is answered, in order, just later.
+    for i in 0..6u16 {
+        match raw.recv().await {
+            Some(RawPacket::SubAck(a)) => assert_eq!(a.pkid, 2 * i + 1),
+            other => panic!("expected SUBACK {}, got {other:?}", 2 * i + 1),
+        }
+        match raw.recv().await {
+            Some(RawPacket::UnsubAck(a)) => assert_eq!(a.pkid, 2 * i + 2),
+            other => panic!("expected UNSUBACK {}, got {other:?}", 2 * i + 2),
+        }
+    }
+    let shown = site.device_json("pump-1");
+    assert!(
+        shown["counters"]["throttled"].as_u64().unwrap() > 0,
+        "{shown}"
+    );
 }

@@ -38,6 +38,10 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 pub const DEFAULT_SEGMENT_COUNT: usize = 4;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
 pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
+/// Distinct filters a device may subscribe to while the gateway runs, unless its class says
+/// otherwise. The embedded broker keeps a log for each filter it has seen until it restarts
+/// (see `edge::subscriptions`), so this bounds what one device can make it hold.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 16;
 /// How much of its rate a device may send at once, as time at that rate.
 pub const DEFAULT_BURST: Duration = Duration::from_secs(1);
 pub const DEFAULT_ACL_VIOLATIONS: usize = 3;
@@ -155,6 +159,8 @@ pub struct DeviceClass {
     pub alarm: Vec<FilterTemplate>,
     pub vital: Vec<FilterTemplate>,
     pub max_payload: u64,
+    /// Distinct topic filters one device may subscribe to while the gateway runs.
+    pub max_subscriptions: usize,
     pub rate: crate::policy::RateLimits,
 }
 
@@ -533,6 +539,11 @@ impl Validator<'_> {
                     );
                 }
             }
+            let max_subscriptions = self.count(
+                c.max_subscriptions.as_ref(),
+                DEFAULT_MAX_SUBSCRIPTIONS,
+                "max_subscriptions",
+            );
             let messages_per_sec = c
                 .messages_per_sec
                 .as_ref()
@@ -558,6 +569,7 @@ impl Validator<'_> {
                 alarm,
                 vital,
                 max_payload,
+                max_subscriptions,
             };
             if classes.insert(name.clone(), class).is_some() {
                 self.error(

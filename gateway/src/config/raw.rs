@@ -89,6 +89,7 @@ pub struct RawDeviceClass {
     #[serde(default)]
     pub vital: Vec<S<String>>,
     pub max_payload: Option<S<RawSize>>,
+    pub max_subscriptions: Option<S<i64>>,
     pub messages_per_sec: Option<S<i64>>,
     pub bytes_per_sec: Option<S<RawSize>>,
     pub burst: Option<S<String>>,

@@ -17,6 +17,7 @@
 //! Tested by the system tests in `tests/system/edge.rs` against real clients.
 
 mod session;
+mod subscriptions;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -66,6 +67,7 @@ struct EdgeShared {
     /// A device throttled without pause for this long is quarantined.
     throttle_limit: Option<std::time::Duration>,
     rates: crate::policy::DeviceRates,
+    subscriptions: subscriptions::Subscriptions,
     live: Mutex<HashMap<u64, LiveConn>>,
     next_id: AtomicU64,
 }
@@ -174,6 +176,7 @@ impl Edge {
                 topics,
                 throttle_limit,
                 rates: crate::policy::DeviceRates::default(),
+                subscriptions: subscriptions::Subscriptions::default(),
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),

@@ -310,16 +310,29 @@ async fn relay(
                 }
             };
             inspect(&packet, device, grant, &shared.topics).map_err(Stop::Violation)?;
+            if let Packet::Subscribe(s) = &packet {
+                shared
+                    .subscriptions
+                    .subscribe(
+                        device,
+                        s.filters.iter().map(|f| f.path.as_str()),
+                        grant.max_subscriptions,
+                    )
+                    .map_err(|max| Stop::Violation(Violation::TooManySubscriptions { max }))?;
+            }
             // Over its rate, the device waits before its next packet is read (backpressure).
-            let admission = match &packet {
-                Packet::Publish(p) => Some(shared.rates.admit(
-                    device,
-                    &grant.rate,
-                    p.payload.len() + p.topic.len(),
-                    std::time::Instant::now(),
-                )),
+            // Each PUBLISH, SUBSCRIBE and UNSUBSCRIBE is one message of its topics' size.
+            let cost = match &packet {
+                Packet::Publish(p) => Some(p.payload.len() + p.topic.len()),
+                Packet::Subscribe(s) => Some(s.filters.iter().map(|f| f.path.len()).sum()),
+                Packet::Unsubscribe(u) => Some(u.topics.iter().map(String::len).sum()),
                 _ => None,
             };
+            let admission = cost.map(|size| {
+                shared
+                    .rates
+                    .admit(device, &grant.rate, size, std::time::Instant::now())
+            });
             let durable = match &packet {
                 Packet::Publish(p) => match spool_publish(&shared.spool, device, grant, p) {
                     Ok(d) => {
@@ -438,7 +451,9 @@ fn stopped(
             events::violation(peer, device, &v);
             if matches!(
                 v,
-                Violation::PublishDenied { .. } | Violation::SubscribeDenied { .. }
+                Violation::PublishDenied { .. }
+                    | Violation::SubscribeDenied { .. }
+                    | Violation::TooManySubscriptions { .. }
             ) {
                 match shared
                     .quarantine

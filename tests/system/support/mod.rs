@@ -368,6 +368,17 @@ impl Gateway {
         gw
     }
 
+    /// The gateway's resident memory now, in KiB (`VmRSS`), for tests to print.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("gateway running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
     pub fn port(&self) -> u16 {
         self.edge.port()
     }
