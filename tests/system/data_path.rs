@@ -3,7 +3,7 @@
 //! runs against a real mosquitto upstream and real clients.
 
 use rumqttc::mqttbytes::v4::{
-    Connect, Packet as RawPacket, Subscribe, SubscribeFilter, Unsubscribe,
+    Connect, LastWill, Packet as RawPacket, Publish, Subscribe, SubscribeFilter, Unsubscribe,
 };
 use rumqttc::{ConnectReturnCode, QoS};
 
@@ -396,5 +396,91 @@ async fn subscribe_and_unsubscribe_count_against_the_rate() {
     assert!(
         shown["counters"]["throttled"].as_u64().unwrap() > 0,
         "{shown}"
+    );
+}
+
+/// Connects `device` with the raw client and a last will on `topic`.
+async fn raw_with_will(site: &Site, gw: &Gateway, device: &str, topic: &str) -> Raw {
+    let mut raw = Raw::open(site, device, gw.edge, None).await;
+    let mut connect = Connect::new(device);
+    connect.last_will = Some(LastWill::new(
+        topic,
+        b"gone".to_vec(),
+        QoS::AtLeastOnce,
+        false,
+    ));
+    raw.send(&RawPacket::Connect(connect)).await;
+    match raw.recv().await {
+        Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => raw,
+        other => panic!("CONNECT of {device} refused: {other:?}"),
+    }
+}
+
+/// Issue 12, item 8: a device's last will reaches the hospital, not just local
+/// subscribers. It is stored (encrypted) at CONNECT but not forwarded while the device is
+/// connected; a connection that ends without DISCONNECT releases it upstream, a clean
+/// DISCONNECT deletes it, and so does a gateway crash (the device did not fail: it will
+/// reconnect with its will).
+#[tokio::test]
+async fn a_failed_devices_last_will_reaches_the_hospital() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start_with_acl(&site.path("upstream"), "gw-test", UPSTREAM_ACL).await;
+    site.extra = upstream.uplink_section("gw-test", upstream.port, "");
+    let mut consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.commands_subscribed", &[]).await;
+    let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
+    nurse.subscribe("ward/+/alarm/#").await;
+
+    // Held while the pump is connected: what it publishes after CONNECT arrives first.
+    let mut pump = raw_with_will(&site, &gw, "pump-1", "ward/pump-1/alarm/offline").await;
+    let mut alarm = Publish::new("ward/pump-1/alarm/online", QoS::AtLeastOnce, b"up".to_vec());
+    alarm.pkid = 1;
+    pump.send(&RawPacket::Publish(alarm)).await;
+    assert!(matches!(pump.recv().await, Some(RawPacket::PubAck(_))));
+    let up = "hospital/st-mary/gw-test/pump-1/alarm";
+    assert_eq!(
+        consumer.next().await.topic,
+        format!("{up}/online").as_bytes()
+    );
+    assert_eq!(nurse.next_publish().await.topic, "ward/pump-1/alarm/online");
+
+    // The pump's connection dies: its will reaches the hospital and the local display.
+    drop(pump);
+    let will = consumer.next().await;
+    assert_eq!(will.topic, format!("{up}/offline").as_bytes());
+    assert_eq!(&will.payload[..], b"gone");
+    assert_eq!(property(&will, "wardgate-priority"), Some("alarm"));
+    assert_eq!(
+        nurse.next_publish().await.topic,
+        "ward/pump-1/alarm/offline"
+    );
+    gw.wait_log("edge.will_released", &["device=pump-1"]).await;
+
+    // A clean DISCONNECT deletes the will: the next record upstream is pump-2's marker.
+    let mut pump2 = raw_with_will(&site, &gw, "pump-2", "ward/pump-2/alarm/offline").await;
+    pump2.send(&RawPacket::Disconnect).await;
+    pump2.expect_closed().await;
+    gw.wait_log("edge.disconnected", &["device=pump-2", "DISCONNECT"])
+        .await;
+    let mut pump2 = Client::connect(&site, "pump-2", gw.port()).await;
+    pump2.publish("ward/pump-2/alarm/marker", b"m").await;
+    assert_eq!(
+        consumer.next().await.topic,
+        "hospital/st-mary/gw-test/pump-2/alarm/marker".as_bytes()
+    );
+    drop(pump2);
+
+    // A gateway crash with a will held: the restarted gateway deletes it, never sends it.
+    let _pump = raw_with_will(&site, &gw, "pump-1", "ward/pump-1/alarm/offline").await;
+    gw.kill9().await;
+    let mut gw = site.start().await;
+    gw.wait_log("spool.wills_dropped", &["count=1"]).await;
+    gw.wait_log("uplink.commands_subscribed", &[]).await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.publish("ward/pump-1/alarm/marker", b"m").await;
+    assert_eq!(
+        consumer.next().await.topic,
+        format!("{up}/marker").as_bytes()
     );
 }

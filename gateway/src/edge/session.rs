@@ -117,10 +117,14 @@ pub(super) async fn serve(
         }
     };
 
+    let will = connect
+        .last_will
+        .as_ref()
+        .and_then(|w| hold_will(&shared.spool, &device, &grant, w));
     let close_token = shutdown.child_token();
     let _live = shared.register(device.clone(), peer, chain, close_token.clone());
     events::device_connected(peer, &device, &grant.class);
-    let reason = relay(
+    let (reason, clean) = relay(
         tls,
         buf,
         broker,
@@ -131,7 +135,59 @@ pub(super) async fn serve(
         close_token,
     )
     .await;
+    if let Some(key) = will {
+        end_will(
+            &shared.spool,
+            key,
+            &device,
+            clean || shutdown.is_cancelled(),
+        );
+    }
     events::device_disconnected(peer, &device, &reason);
+}
+
+/// Stores the will of a CONNECT (already checked by [`admit`]) in the spool, held until
+/// the session ends. A will the spool has no room for is not held: the spool has refused
+/// and logged it, and the device is still served (its data matters more than its will).
+fn hold_will(
+    spool: &Spool,
+    device: &DeviceId,
+    grant: &Grant,
+    will: &rumqttc::mqttbytes::v4::LastWill,
+) -> Option<crate::spool::Key> {
+    let record = received(device, &will.topic, &will.message, will.qos);
+    spool.hold_will(&record, grant.priority(&will.topic)).ok()
+}
+
+/// The record of a message `device` sent now.
+fn received(device: &DeviceId, topic: &str, payload: &bytes::Bytes, qos: QoS) -> Record {
+    Record {
+        device: device.clone(),
+        topic: topic.to_owned(),
+        payload: payload.clone(),
+        qos: qos as u8,
+        received_at_ms: now_ms(),
+    }
+}
+
+/// The end of a session with a held will: a clean DISCONNECT (or the gateway stopping,
+/// which is no failure of the device) deletes it; any other end releases it upstream, as
+/// the embedded broker publishes it to local subscribers.
+fn end_will(spool: &Spool, key: crate::spool::Key, device: &DeviceId, clean: bool) {
+    if clean {
+        spool.drop_will(key);
+        return;
+    }
+    match spool.release_will(key) {
+        Some(Ok(_)) => {
+            tracing::info!(event = "edge.will_released", %device, "last will released upstream");
+        }
+        Some(Err(e)) => {
+            tracing::error!(event = "edge.will_lost", %device, error = %e, "last will could not be released upstream");
+        }
+        // Evicted meanwhile to make room: the spool has logged it.
+        None => {}
+    }
 }
 
 /// Reads the CONNECT, refusing anything but a well-formed MQTT 3.1.1 one.
@@ -263,7 +319,8 @@ async fn connect_broker(
 const PIPELINE_DEPTH: usize = 64;
 
 /// Relays between device and broker until one side ends, a violation, or `close`.
-/// Returns the reason the session ended.
+/// Returns the reason the session ended, and whether it ended cleanly (the device's
+/// DISCONNECT reached the broker).
 ///
 /// Every PUBLISH that passes [`inspect`] is appended to the spool. It is written to the
 /// broker — which acknowledges it to the device — only after its record is durable if it
@@ -279,7 +336,7 @@ async fn relay(
     peer: SocketAddr,
     grant: &Grant,
     close: CancellationToken,
-) -> String {
+) -> (String, bool) {
     let (broker, connack) = broker;
     let (mut dev_rd, mut dev_wr) = tokio::io::split(tls);
     let (mut br_rd, mut br_wr) = broker.into_split();
@@ -287,8 +344,9 @@ async fn relay(
     let mut out = BytesMut::new();
     let _ = connack.write(&mut out, MAX_CONNECT);
     if let Err(e) = dev_wr.write_all(&out).await {
-        return format!("device write failed: {e}");
+        return (format!("device write failed: {e}"), false);
     }
+    let clean = std::sync::atomic::AtomicBool::new(false);
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Packet, Option<Durable>)>(PIPELINE_DEPTH);
     let mut throttled: u64 = 0;
@@ -392,6 +450,7 @@ async fn relay(
             if matches!(packet, Packet::Disconnect) {
                 // Let the broker see the clean DISCONNECT before the socket closes.
                 let _ = br_wr.shutdown().await;
+                clean.store(true, std::sync::atomic::Ordering::Relaxed);
                 return "device sent DISCONNECT".to_owned();
             }
         }
@@ -415,11 +474,12 @@ async fn relay(
         },
     };
     let _ = timeout(CLOSE_TIMEOUT, dev_wr.shutdown()).await;
-    if throttled > 0 {
+    let reason = if throttled > 0 {
         format!("{reason} (held back by its rate {throttled} times)")
     } else {
         reason
-    }
+    };
+    (reason, clean.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Why the inbound half of a relay stopped a session.
@@ -498,13 +558,7 @@ fn spool_publish(
     grant: &Grant,
     p: &rumqttc::mqttbytes::v4::Publish,
 ) -> Result<Durable, crate::spool::SpoolError> {
-    let record = Record {
-        device: device.clone(),
-        topic: p.topic.clone(),
-        payload: p.payload.clone(),
-        qos: p.qos as u8,
-        received_at_ms: now_ms(),
-    };
+    let record = received(device, &p.topic, &p.payload, p.qos);
     spool.append(&record, grant.priority(&p.topic))
 }
 

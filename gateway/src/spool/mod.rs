@@ -28,10 +28,19 @@
 //!   tree keeps the newest `max_rejected` bytes for an engineer to inspect; older ones are
 //!   deleted, each deletion audited (`spool.rejected_dropped`). Rejected records are not
 //!   retried: the upstream's answer (not authorised, quota, topic invalid) would not change.
+//! - A device's last will is stored at its CONNECT ([`Spool::hold_will`]): encrypted and
+//!   counted against the quotas like any record, but held out of the drain order and
+//!   expiry. Its session's end decides: released as a new record stamped with the time of
+//!   the abnormal close ([`Spool::release_will`]), or deleted after a clean DISCONNECT
+//!   ([`Spool::drop_will`]). Wills still held when the spool opens belong to sessions a
+//!   stopped gateway ended, not failed devices: they are deleted (`spool.wills_dropped`).
 //!
 //! On disk (`data_dir/spool/`, sled 0.34): tree `records` (key → sealed value, see
 //! [`record`]), tree `meta` (`format` = [`FORMAT_VERSION`], `seq_limit`), tree `corrupt`,
-//! tree `rejected` (rejection number u64 BE ‖ key → sealed value, oldest first).
+//! tree `rejected` (rejection number u64 BE ‖ key → sealed value, oldest first), tree `held`
+//! (key → empty: the records of `records` that are held wills). A gateway older than the
+//! `held` tree would forward a held will it finds as a record: format 1 is kept so that an
+//! update can still be rolled back.
 //! An in-memory index of keys, devices and sizes is rebuilt at open by reading every
 //! record (which also finds corrupt ones before the uplink does).
 //!
@@ -139,6 +148,8 @@ struct Entry {
     device: DeviceId,
     size: u64,
     received_at_ms: u64,
+    /// A held last will: not forwarded, not expired.
+    held: bool,
 }
 
 #[derive(Debug, Default)]
@@ -279,6 +290,7 @@ struct Inner {
     meta: sled::Tree,
     corrupt: sled::Tree,
     rejected: sled::Tree,
+    held: sled::Tree,
     sealer: Sealer,
     limits: SpoolLimits,
     state: Mutex<State>,
@@ -392,6 +404,7 @@ impl Spool {
         let meta = db.open_tree("meta").map_err(store_err)?;
         let corrupt = db.open_tree("corrupt").map_err(store_err)?;
         let rejected = db.open_tree("rejected").map_err(store_err)?;
+        let held = db.open_tree("held").map_err(store_err)?;
         let secret =
             load_or_make_secret(&data_dir.join("spool.key"), existed && !records.is_empty())?;
         let sealer = Sealer::new(&secret);
@@ -424,6 +437,7 @@ impl Spool {
                         device: rec.device,
                         size: (v.len() + KEY_LEN) as u64,
                         received_at_ms: rec.received_at_ms,
+                        held: false,
                     },
                 ),
                 Some((key, Err(e))) => {
@@ -442,6 +456,24 @@ impl Spool {
                     state.corrupt += 1;
                 }
             }
+        }
+        let mut wills_dropped = 0;
+        for item in held.iter() {
+            let (k, _) = item.map_err(store_err)?;
+            if let Some(key) = Key::from_bytes(&k) {
+                if state.take(key).is_some() {
+                    records.remove(&k).map_err(store_err)?;
+                    wills_dropped += 1;
+                }
+            }
+        }
+        held.clear().map_err(store_err)?;
+        if wills_dropped > 0 {
+            tracing::info!(
+                event = "spool.wills_dropped",
+                count = wills_dropped,
+                "last wills of sessions the previous run ended deleted, not forwarded"
+            );
         }
         for item in rejected.iter() {
             let (k, v) = item.map_err(store_err)?;
@@ -491,6 +523,7 @@ impl Spool {
                 meta,
                 corrupt,
                 rejected,
+                held,
                 sealer,
                 limits,
                 state: Mutex::new(state),
@@ -511,13 +544,67 @@ impl Spool {
     /// Stores `record`. Returns a [`Durable`] that resolves once it is on disk, or a
     /// refusal when no room can be made for it.
     pub fn append(&self, record: &Record, priority: Priority) -> Result<Durable, SpoolError> {
-        self.append_in(record, priority, Room::Any)
+        self.append_in(record, priority, Room::Any, false)
+            .map(|(_, d)| d)
     }
 
     /// Like [`Spool::append`], but room is made only by evicting the same device's records:
     /// for the gateway's own stream, which must never displace device data.
     pub fn append_own(&self, record: &Record, priority: Priority) -> Result<Durable, SpoolError> {
-        self.append_in(record, priority, Room::OwnOnly)
+        self.append_in(record, priority, Room::OwnOnly, false)
+            .map(|(_, d)| d)
+    }
+
+    /// Stores a device's last will at its CONNECT, held: counted against the quotas (room
+    /// is made as for any record), but neither forwarded nor expired until
+    /// [`Spool::release_will`]. Returns its key, for the session's end.
+    pub fn hold_will(&self, record: &Record, priority: Priority) -> Result<Key, SpoolError> {
+        self.append_in(record, priority, Room::Any, true)
+            .map(|(k, _)| k)
+    }
+
+    /// Releases a held will after its session ended abnormally: it becomes a record like
+    /// any other, stamped with the time of release, and is forwarded once durable. `None`
+    /// if it is no longer held (evicted to make room, or already released).
+    pub fn release_will(&self, key: Key) -> Option<Result<Durable, SpoolError>> {
+        let mut record = match self.take_will(key)? {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        record.received_at_ms = now_ms();
+        Some(
+            self.append_in(&record, key.priority, Room::Any, false)
+                .map(|(_, d)| d),
+        )
+    }
+
+    /// Deletes a held will: its session ended with a DISCONNECT.
+    pub fn drop_will(&self, key: Key) {
+        let _ = self.take_will(key);
+    }
+
+    /// Takes a held will out of the store; `None` if it is not there.
+    fn take_will(&self, key: Key) -> Option<Result<Record, SpoolError>> {
+        let inner = &self.inner;
+        let mut st = self.state();
+        if !st.index.get(&key).is_some_and(|e| e.held) {
+            return None;
+        }
+        let value = match inner.records.get(key.to_bytes()) {
+            Ok(Some(v)) => v,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e.into())),
+        };
+        st.take(key);
+        let removed = inner
+            .records
+            .remove(key.to_bytes())
+            .and_then(|_| inner.held.remove(key.to_bytes()));
+        if let Err(e) = removed {
+            return Some(Err(e.into()));
+        }
+        drop(st);
+        Some(inner.sealer.open(key, &value).map_err(SpoolError::from))
     }
 
     fn append_in(
@@ -525,7 +612,8 @@ impl Spool {
         record: &Record,
         priority: Priority,
         room: Room,
-    ) -> Result<Durable, SpoolError> {
+        held: bool,
+    ) -> Result<(Key, Durable), SpoolError> {
         let inner = &self.inner;
         let mut st = self.state();
         let seq = st.next_seq;
@@ -568,6 +656,9 @@ impl Spool {
         for victim in victims {
             if let Some(entry) = st.take(victim) {
                 inner.records.remove(victim.to_bytes())?;
+                if entry.held {
+                    inner.held.remove(victim.to_bytes())?;
+                }
                 let c = st.counters(&entry.device);
                 c.evicted += 1;
                 let evicted = c.evicted;
@@ -590,6 +681,10 @@ impl Spool {
                 );
             }
         }
+        if held {
+            // Marked first: a crash in between leaves a mark without a record, harmless.
+            inner.held.insert(key.to_bytes(), &[])?;
+        }
         inner.records.insert(key.to_bytes(), value)?;
         st.insert(
             key,
@@ -597,9 +692,12 @@ impl Spool {
                 device: record.device.clone(),
                 size,
                 received_at_ms: record.received_at_ms,
+                held,
             },
         );
-        st.counters(&record.device).stored += 1;
+        if !held {
+            st.counters(&record.device).stored += 1;
+        }
         st.next_seq += 1;
         drop(st);
         let (tx, rx) = oneshot::channel();
@@ -612,7 +710,7 @@ impl Spool {
         {
             let _ = queue.send((tx, seq));
         }
-        Ok(Durable(rx))
+        Ok((key, Durable(rx)))
     }
 
     /// Up to `max` durable records in drain order (alarms first, oldest first), skipping
@@ -628,7 +726,7 @@ impl Spool {
             let st = self.state();
             st.index
                 .iter()
-                .filter(|(k, _)| k.seq < durable && !skip.contains(k))
+                .filter(|(k, e)| k.seq < durable && !e.held && !skip.contains(k))
                 .take(max)
                 .map(|(k, e)| (*k, e.received_at_ms))
                 .collect()
@@ -671,7 +769,7 @@ impl Spool {
             .state()
             .index
             .iter()
-            .filter(|(k, e)| self.too_old(k.priority, e.received_at_ms, now))
+            .filter(|(k, e)| !e.held && self.too_old(k.priority, e.received_at_ms, now))
             .map(|(k, _)| *k)
             .collect();
         self.expire_keys(&stale)

@@ -334,3 +334,42 @@ async fn rejected_records_leave_the_drain_order_and_are_kept_within_max_rejected
     let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(left, ["00000004"]);
 }
+
+#[tokio::test]
+async fn a_held_will_takes_room_but_is_neither_forwarded_nor_expired_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = limits(1 << 20, 1 << 20);
+    l.max_age = [Duration::from_millis(1); 3];
+    let s = Spool::open(dir.path(), l).unwrap();
+    let mut will = rec("pump-1", 1);
+    will.received_at_ms = 0; // long past every max_age
+    let held = s.hold_will(&will, Priority::Alarm).unwrap();
+    let dropped = s.hold_will(&rec("pump-2", 2), Priority::Alarm).unwrap();
+    assert_eq!(s.stats().records, 2, "held wills take room");
+    assert_eq!(s.expire(), 0);
+    assert!(payloads(&s).await.is_empty(), "held wills are not forwarded");
+
+    s.drop_will(dropped);
+    assert_eq!(s.stats().records, 1);
+    s.release_will(held).unwrap().unwrap().wait().await.unwrap();
+    assert!(s.release_will(held).is_none(), "released once");
+    assert_eq!(payloads(&s).await, [(Priority::Alarm, "00000001".into())]);
+    assert_eq!(s.stats().devices[&DeviceId::parse("pump-1").unwrap()].stored, 1);
+}
+
+#[tokio::test]
+async fn wills_held_when_the_spool_closed_are_deleted_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        s.hold_will(&rec("pump-1", 1), Priority::Alarm).unwrap();
+        s.append(&rec("pump-1", 2), Priority::Routine)
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    assert_eq!(s.stats().records, 1);
+    assert_eq!(payloads(&s).await, [(Priority::Routine, "00000002".into())]);
+}
