@@ -90,7 +90,7 @@ impl Agent {
         let reporter = cfg
             .report
             .broker
-            .map(|b| Reporter::start(b, &cfg.report.client_id, commands));
+            .map(|b| Reporter::start(b, &cfg.report, commands));
         Ok(Agent {
             cfg,
             appliance,
@@ -604,6 +604,25 @@ pub fn minutes_to_window(windows: &[Window], m: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// Sets the credentials the gateway wrote for the agent (`username:password`) on `o`. Read
+/// before every connection attempt: they change with every start of the gateway. Without
+/// them the attempt is made anyway, and refused.
+fn set_credentials(o: &mut rumqttc::MqttOptions, path: &std::path::Path) {
+    match std::fs::read_to_string(path) {
+        Ok(s) => match s.trim_end().split_once(':') {
+            Some((user, password)) => {
+                o.set_credentials(user, password);
+            }
+            None => {
+                tracing::warn!(event = "update.broker_credentials", path = %path.display(), "broker credentials unreadable: no `user:password`");
+            }
+        },
+        Err(e) => {
+            tracing::warn!(event = "update.broker_credentials", path = %path.display(), error = %e, "broker credentials unreadable");
+        }
+    }
+}
+
 /// The agent's MQTT session with the gateway's embedded broker.
 #[derive(Debug)]
 struct Reporter {
@@ -615,11 +634,14 @@ struct Reporter {
 impl Reporter {
     fn start(
         broker: std::net::SocketAddr,
-        client_id: &str,
+        report: &crate::config::Report,
         commands: Option<mpsc::Sender<CheckNow>>,
     ) -> Reporter {
-        let mut o = rumqttc::MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+        let mut o =
+            rumqttc::MqttOptions::new(&report.client_id, broker.ip().to_string(), broker.port());
         o.set_keep_alive(Duration::from_secs(30));
+        let credentials = report.credentials.clone();
+        set_credentials(&mut o, &credentials);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 64);
         let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
         let sub = client.clone();
@@ -649,8 +671,9 @@ impl Reporter {
                     Err(e) => {
                         tracing::warn!(event = "update.broker_link", error = %e, "gateway broker unreachable; retrying");
                         // rumqttc reconnects on the next poll; pause so a stopped gateway
-                        // is not spun on.
+                        // is not spun on. A restarted gateway has made new credentials.
                         tokio::time::sleep(Duration::from_millis(500)).await;
+                        set_credentials(&mut eventloop.mqtt_options, &credentials);
                     }
                 }
             }

@@ -128,6 +128,14 @@ struct RawReport {
     broker: Option<String>,
     #[serde(default = "d_client_id")]
     client_id: String,
+    #[serde(default = "d_credentials")]
+    credentials: PathBuf,
+}
+
+/// Where the gateway writes the agent's broker credentials at each start (beside its
+/// admin socket, by default).
+fn d_credentials() -> PathBuf {
+    "/run/wardgate/broker-agent.secret".into()
 }
 
 fn d_client_id() -> String {
@@ -244,7 +252,10 @@ pub struct Health {
 pub struct Report {
     /// The gateway's embedded broker (loopback), for status messages and "check now".
     pub broker: Option<std::net::SocketAddr>,
+    /// Must start with `_`: the gateway refuses the agent's credentials with any other.
     pub client_id: String,
+    /// The gateway's `username:password` for the agent, made afresh at each of its starts.
+    pub credentials: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -395,6 +406,12 @@ impl Config {
             e.push("health.commands: an empty command".into());
         }
 
+        if raw.report.broker.is_some() && !raw.report.client_id.starts_with('_') {
+            e.push(format!(
+                "report.client_id: {:?} must start with `_` (no device id can)",
+                raw.report.client_id
+            ));
+        }
         let broker = match &raw.report.broker {
             None => None,
             Some(s) => match s.parse::<std::net::SocketAddr>() {
@@ -455,6 +472,7 @@ impl Config {
             report: Report {
                 broker,
                 client_id: raw.report.client_id.clone(),
+                credentials: raw.report.credentials.clone(),
             },
         })
     }
@@ -492,6 +510,7 @@ windows = ["25:00-03:00"]
 nft_tables = ["wardgate"]
 [report]
 broker = "10.0.0.1:1883"
+client_id = "pump-1"
 "#;
         let e = Config::parse(Path::new("agent.toml"), text)
             .unwrap_err()
@@ -504,6 +523,7 @@ broker = "10.0.0.1:1883"
             "maintenance.windows",
             "health.nft_tables",
             "report.broker",
+            "report.client_id",
         ] {
             assert!(e.contains(want), "{want} missing from: {e}");
         }

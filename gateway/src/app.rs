@@ -98,7 +98,7 @@ impl Gateway {
             config.edge.clone(),
             config.topic_map(),
             registry.clone(),
-            broker.addr,
+            broker.clone(),
             spool.clone(),
             quarantine.clone(),
             config.throttle_limit,
@@ -166,7 +166,7 @@ impl Gateway {
             let sink = crate::modbus::Sink {
                 spool: self.spool.clone(),
                 registry: self.registry.clone(),
-                local: crate::modbus::local_client(self.broker.addr, shutdown.clone()),
+                local: crate::modbus::local_client(&self.broker, shutdown.clone()),
             };
             crate::modbus::start(&self.config.modbus, sink, shutdown.clone(), &tracker)
         };
@@ -186,7 +186,7 @@ impl Gateway {
                     topics: self.config.topic_map(),
                     spool: self.spool.clone(),
                     registry: self.registry.clone(),
-                    broker: self.broker.addr,
+                    broker: self.broker.clone(),
                 };
                 tracker.spawn(uplink.run(shutdown.clone()));
             }
@@ -197,7 +197,7 @@ impl Gateway {
         }
         // The update agent's reports, audited and forwarded (see `updates`).
         tracker.spawn(crate::updates::run(
-            self.broker.addr,
+            &self.broker,
             self.spool.clone(),
             shutdown.clone(),
         ));

@@ -9,13 +9,25 @@
 //! binding and releasing it, then confirmed by an MQTT handshake with what listens there,
 //! so traffic is never relayed to something that is not a broker.
 //!
+//! Only the gateway's own clients and the update agent may connect: credentials are made
+//! afresh at every start. The gateway's clients (the edge's device sessions, command
+//! delivery, Modbus, the update relay) share one that never leaves the process
+//! ([`EmbeddedBroker::login`]); the agent's is written to `[broker] agent_credentials`
+//! (0600, replaced atomically) and may only open sessions whose client id starts with `_`,
+//! which no device id can, so it can never take over a device's session. Any other CONNECT
+//! is refused (the connection is closed without a CONNACK) and audited
+//! (`broker.auth_refused`, at most one record per [`REFUSAL_AUDIT_INTERVAL`] with the count
+//! of the others), whether or not `[firewall]` is configured.
+//!
 //! Tested end to end by every system test (all device traffic crosses it).
 
 use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login as MqttLogin, Packet};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -31,6 +43,12 @@ const READY_DEADLINE: Duration = Duration::from_secs(10);
 const PROBE_CLIENT_ID: &str = "_wardgate-probe";
 /// Slack over the largest payload for topic and header bytes.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 8;
+/// The username of the gateway's own clients.
+const GATEWAY_USER: &str = "_wardgate";
+/// The username of the update agent.
+pub const AGENT_USER: &str = "_wardgate-agent";
+/// Refused CONNECTs are audited at most once in this interval, with a count of the others.
+pub const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -40,12 +58,143 @@ pub enum BrokerError {
     Thread(#[source] std::io::Error),
     #[error("the embedded broker at {addr} did not become ready: {detail}")]
     NotReady { addr: SocketAddr, detail: String },
+    #[error("cannot make the broker's credentials: {0}")]
+    Random(String),
+    #[error("cannot write the update agent's broker credentials to {path}")]
+    AgentCredentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A username and the password made for it at this start.
+#[derive(Clone)]
+pub struct Login {
+    username: &'static str,
+    password: Arc<str>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Login({}, <redacted>)", self.username)
+    }
+}
+
+impl Login {
+    fn make(username: &'static str) -> Result<Login, BrokerError> {
+        use ring::rand::SecureRandom;
+        let mut secret = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| BrokerError::Random("no randomness".into()))?;
+        let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Login {
+            username,
+            password: password.into(),
+        })
+    }
+
+    /// The CONNECT login field for this user.
+    pub fn mqtt(&self) -> MqttLogin {
+        MqttLogin::new(self.username, &*self.password)
+    }
+
+    /// Whether `password` is this user's, in constant time.
+    fn verifies(&self, password: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.password.as_bytes().ct_eq(password.as_bytes()).into()
+    }
 }
 
 /// A running embedded broker.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
+    /// The credentials of the gateway's own clients.
+    pub login: Login,
+}
+
+/// Who may connect: the gateway's clients, and the agent with a `_` client id.
+#[derive(Debug)]
+struct Gatekeeper {
+    gateway: Login,
+    agent: Login,
+    refusals: Mutex<Refusals>,
+}
+
+/// Refusals since the last audit record about them.
+#[derive(Debug, Default)]
+struct Refusals {
+    last_audit: Option<Instant>,
+    unaudited: u64,
+}
+
+impl Gatekeeper {
+    fn admits(&self, client_id: &str, username: &str, password: &str) -> bool {
+        let ok = if username == self.gateway.username {
+            self.gateway.verifies(password)
+        } else if username == self.agent.username {
+            self.agent.verifies(password) && client_id.starts_with('_')
+        } else {
+            false
+        };
+        if !ok {
+            self.refused(client_id, username);
+        }
+        ok
+    }
+
+    fn refused(&self, client_id: &str, username: &str) {
+        let mut r = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let due = r
+            .last_audit
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_AUDIT_INTERVAL);
+        let shown = crate::events::shown(client_id);
+        if !due {
+            r.unaudited += 1;
+            tracing::debug!(event = "broker.auth_refused", client_id = %shown, "embedded broker refused a CONNECT");
+            return;
+        }
+        let others = std::mem::take(&mut r.unaudited);
+        r.last_audit = Some(now);
+        drop(r);
+        let user = crate::events::shown(username);
+        crate::audit::record(
+            "broker.auth_refused",
+            None,
+            &format!("client_id={shown} username={user} others_since_last={others}"),
+        );
+        tracing::warn!(
+            event = "broker.auth_refused",
+            client_id = %shown,
+            username = %user,
+            others_since_last = others,
+            "embedded broker refused a CONNECT without the gateway's credentials"
+        );
+    }
+}
+
+/// Writes the agent's credentials (`username:password`) to `path`, replacing any
+/// previous ones atomically, readable by the owner only.
+fn write_agent_credentials(path: &Path, login: &Login) -> Result<(), BrokerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |source| BrokerError::AgentCredentials {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(err)?;
+        }
+    }
+    let line = format!("{}:{}\n", login.username, login.password);
+    crate::fsutil::write_private(path, line.as_bytes()).map_err(err)
 }
 
 /// Starts rumqttd and waits until it answers an MQTT CONNECT.
@@ -55,8 +204,23 @@ pub async fn start(cfg: &BrokerConfig, max_payload: u64) -> Result<EmbeddedBroke
         let l = TcpListener::bind(addr).map_err(BrokerError::Reserve)?;
         addr = l.local_addr().map_err(BrokerError::Reserve)?;
     }
+    let gatekeeper = Arc::new(Gatekeeper {
+        gateway: Login::make(GATEWAY_USER)?,
+        agent: Login::make(AGENT_USER)?,
+        refusals: Mutex::default(),
+    });
+    write_agent_credentials(&cfg.agent_credentials, &gatekeeper.agent)?;
+    let login = gatekeeper.gateway.clone();
     let max_payload = usize::try_from(max_payload).unwrap_or(usize::MAX);
-    let config = rumqttd_config(cfg, addr, max_payload.saturating_add(PACKET_OVERHEAD));
+    let mut config = rumqttd_config(cfg, addr, max_payload.saturating_add(PACKET_OVERHEAD));
+    for server in config.v4.iter_mut().flat_map(|s| s.values_mut()) {
+        let gatekeeper = gatekeeper.clone();
+        server.set_auth_handler(
+            move |client_id: String, username: String, password: String| {
+                std::future::ready(gatekeeper.admits(&client_id, &username, &password))
+            },
+        );
+    }
     std::thread::Builder::new()
         .name("wardgate-broker".into())
         .spawn(move || {
@@ -69,9 +233,9 @@ pub async fn start(cfg: &BrokerConfig, max_payload: u64) -> Result<EmbeddedBroke
             std::process::exit(BROKER_DIED_EXIT);
         })
         .map_err(BrokerError::Thread)?;
-    wait_ready(addr).await?;
+    wait_ready(addr, &login).await?;
     tracing::info!(event = "broker.ready", %addr, "embedded broker ready on loopback");
-    Ok(EmbeddedBroker { addr })
+    Ok(EmbeddedBroker { addr, login })
 }
 
 fn rumqttd_config(cfg: &BrokerConfig, listen: SocketAddr, max_packet: usize) -> Config {
@@ -105,11 +269,11 @@ fn rumqttd_config(cfg: &BrokerConfig, listen: SocketAddr, max_packet: usize) -> 
 }
 
 /// Retries an MQTT handshake with the broker until it succeeds or the deadline passes.
-async fn wait_ready(addr: SocketAddr) -> Result<(), BrokerError> {
+async fn wait_ready(addr: SocketAddr, login: &Login) -> Result<(), BrokerError> {
     let deadline = tokio::time::Instant::now() + READY_DEADLINE;
     let mut pause = Duration::from_millis(5);
     loop {
-        let last = match probe(addr).await {
+        let last = match probe(addr, login).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -122,12 +286,12 @@ async fn wait_ready(addr: SocketAddr) -> Result<(), BrokerError> {
     }
 }
 
-async fn probe(addr: SocketAddr) -> Result<(), String> {
+async fn probe(addr: SocketAddr, login: &Login) -> Result<(), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
-    Connect::new(PROBE_CLIENT_ID)
-        .write(&mut out)
-        .map_err(|e| e.to_string())?;
+    let mut connect = Connect::new(PROBE_CLIENT_ID);
+    connect.login = Some(login.mqtt());
+    connect.write(&mut out).map_err(|e| e.to_string())?;
     s.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::new();
     let answer = tokio::time::timeout(
@@ -153,7 +317,7 @@ async fn probe(addr: SocketAddr) -> Result<(), String> {
 /// polled values), kept and re-made by a task until `shutdown`. `client_id` must start
 /// with `_`, which no device id can.
 pub fn local_session(
-    broker: SocketAddr,
+    broker: &EmbeddedBroker,
     client_id: &str,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> rumqttc::AsyncClient {
@@ -163,7 +327,7 @@ pub fn local_session(
 /// Like [`local_session`], subscribed (again after every reconnect) to `filter` at QoS 1;
 /// what arrives comes out of the receiver.
 pub fn local_subscriber(
-    broker: SocketAddr,
+    broker: &EmbeddedBroker,
     client_id: &str,
     filter: &str,
     shutdown: tokio_util::sync::CancellationToken,
@@ -172,7 +336,7 @@ pub fn local_subscriber(
 }
 
 fn session(
-    broker: SocketAddr,
+    broker: &EmbeddedBroker,
     client_id: &str,
     filter: Option<String>,
     shutdown: tokio_util::sync::CancellationToken,
@@ -181,7 +345,9 @@ fn session(
     tokio::sync::mpsc::Receiver<rumqttc::Publish>,
 ) {
     use rumqttc::{Event, Packet};
-    let mut o = rumqttc::MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+    let addr = broker.addr;
+    let mut o = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    o.set_credentials(broker.login.username, &*broker.login.password);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 256);

@@ -188,6 +188,12 @@ impl fmt::Display for Violation {
 /// which would swamp both; past [`SHOWN_TOPIC`] bytes only the start and the length show.
 struct Shown<'a>(&'a str);
 
+/// A string a peer controls as logs and audit records show it: quoted, escaped, and cut
+/// after 200 bytes.
+pub fn shown(s: &str) -> String {
+    format!("{:?}", Shown(s))
+}
+
 /// Bytes of a topic that logs and audit records show.
 const SHOWN_TOPIC: usize = 200;
 
@@ -262,6 +268,24 @@ pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
         code = v.code(),
         reason = %v,
         "device disconnected for a policy violation"
+    );
+}
+
+/// A device's persistent broker session, opened under rights it no longer has, was ended
+/// before it could resume it.
+pub fn session_purged(device: &DeviceId, class: &str, error: Option<&String>) {
+    let outcome = error.map_or_else(|| "ok".to_owned(), |e| format!("failed: {e}"));
+    audit(
+        "edge.session_purged",
+        Some(device),
+        format!("class={class} outcome={outcome}"),
+    );
+    tracing::warn!(
+        event = "edge.session_purged",
+        %device,
+        class,
+        outcome,
+        "persistent session from before the device's class changed ended"
     );
 }
 

@@ -15,6 +15,7 @@ pub mod device;
 pub mod edge;
 pub mod events;
 pub mod firewall;
+pub mod fsutil;
 pub mod modbus;
 pub mod mqtt;
 pub mod pki;

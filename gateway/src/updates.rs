@@ -16,7 +16,6 @@
 //!
 //! Tested end to end by `tests/system/updates.rs` with the real agent.
 
-use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
 use crate::device::DeviceId;
@@ -40,17 +39,23 @@ const AUDITED: [&str; 5] = [
 ];
 
 /// Relays the agent's reports until `shutdown`.
-pub async fn run(broker: SocketAddr, spool: Spool, shutdown: CancellationToken) {
+pub fn run(
+    broker: &crate::broker::EmbeddedBroker,
+    spool: Spool,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
     let mut reports =
         crate::broker::local_subscriber(broker, CLIENT_ID, STATUS_TOPIC, shutdown.clone());
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = reports.recv() => match p {
-                Some(p) if p.topic == STATUS_TOPIC => relay(&spool, &p.payload),
-                Some(_) => {}
-                None => return,
-            },
+    async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = reports.recv() => match p {
+                    Some(p) if p.topic == STATUS_TOPIC => relay(&spool, &p.payload),
+                    Some(_) => {}
+                    None => return,
+                },
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use rumqttc::{ConnectReturnCode, QoS};
 
 use crate::support::clients::{Client, Raw};
 use crate::support::upstream::{property, Link, Upstream};
-use crate::support::{Gateway, Site};
+use crate::support::{require, Gateway, Site};
 
 /// The upstream's ACL: the gateway may write alarms, vitals, status and its own stream,
 /// and read everything (its command subscription); `…/forbidden/…` is refused (PUBACK
@@ -483,4 +483,190 @@ async fn a_failed_devices_last_will_reaches_the_hospital() {
         consumer.next().await.topic,
         format!("{up}/marker").as_bytes()
     );
+}
+
+/// mosquitto_pub straight to the embedded broker (no TLS, as any local user could);
+/// `Some(stderr)` if it failed.
+fn local_pub(broker: std::net::SocketAddr, args: &[&str]) -> Option<String> {
+    require("mosquitto_pub", "mosquitto-clients");
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+        .args(["-q", "1"])
+        .args(args)
+        .output()
+        .expect("run mosquitto_pub");
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Issue 12, item 5: the embedded broker's port admits only the gateway's own clients and
+/// its update agent, with credentials made at this start — whatever `[firewall]` says.
+/// A local user cannot command a pump, read vitals or forge an update report there; each
+/// refusal is audited (aggregated: one record per minute with the count of the others).
+#[tokio::test]
+async fn only_the_gateway_and_its_agent_may_use_the_embedded_broker() {
+    let site = Site::ward();
+    let mut gw = site.start().await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.subscribe("ward/pump-1/cmd/#").await;
+    let broker = gw.broker;
+    let pub_as = |who: &[&str], what: &[&str]| -> Option<String> {
+        let args: Vec<&str> = who.iter().chain(what).copied().collect();
+        local_pub(broker, &args)
+    };
+
+    // No credentials, a guessed password: refused. Neither a command to the pump nor a
+    // forged update report gets in.
+    let command = ["-t", "ward/pump-1/cmd/rate", "-m", "999"];
+    let forged = [
+        "-t",
+        "_gateway/update/status",
+        "-m",
+        r#"{"event":"committed"}"#,
+    ];
+    for who in [
+        &["-i", "intruder"][..],
+        &["-i", "intruder", "-u", "_wardgate", "-P", "guess"],
+    ] {
+        assert!(pub_as(who, &command).is_some(), "{who:?} was let in");
+        assert!(pub_as(who, &forged).is_some(), "{who:?} forged a report");
+    }
+    gw.wait_log("broker.auth_refused", &["client_id=\"intruder\""])
+        .await;
+
+    // The agent's credentials (made at this start, beside the admin socket) with a guessed
+    // password, or under a device's client id (a session takeover): refused.
+    let creds = std::fs::read_to_string(site.path("admin/broker-agent.secret"))
+        .expect("the agent's credentials beside the admin socket");
+    let (user, password) = creds.trim_end().split_once(':').unwrap();
+    assert_eq!(user, "_wardgate-agent");
+    for who in [
+        &["-i", "intruder", "-u", user, "-P", "guess"][..],
+        &["-i", "pump-1", "-u", user, "-P", password],
+    ] {
+        assert!(pub_as(who, &command).is_some(), "{who:?} was let in");
+    }
+
+    // The agent, with its credentials and a `_` client id, gets in.
+    let agent = ["-i", "_agent-probe", "-u", user, "-P", password];
+    assert_eq!(pub_as(&agent, &forged), None);
+    gw.wait_log("update.committed", &[]).await;
+
+    // The pump got none of the refused commands: the first to reach it is one sent with
+    // the agent's credentials.
+    let marker = ["-t", "ward/pump-1/cmd/marker", "-m", "ok"];
+    assert_eq!(pub_as(&agent, &marker), None);
+    assert_eq!(pump.next_publish().await.topic, "ward/pump-1/cmd/marker");
+    crate::edge::assert_serving(&site, gw.port()).await;
+    drop(pump);
+    gw.stop().await;
+    let refused: Vec<_> = site
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "broker.auth_refused")
+        .collect();
+    assert!(!refused.is_empty());
+    assert!(
+        refused.len() < 6,
+        "six refusals within a minute are aggregated: {refused:?}"
+    );
+}
+
+/// Opens a persistent session (clean session 0) for `device`; returns the client and
+/// whether the broker resumed a session (CONNACK session present).
+async fn persistent_session(site: &Site, gw: &Gateway, device: &str) -> (Raw, bool) {
+    let mut raw = Raw::open(site, device, gw.edge, None).await;
+    let mut connect = Connect::new(device);
+    connect.clean_session = false;
+    raw.send(&RawPacket::Connect(connect)).await;
+    match raw.recv().await {
+        Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => {
+            (raw, a.session_present)
+        }
+        other => panic!("CONNECT of {device} refused: {other:?}"),
+    }
+}
+
+/// Issue 12, item 6: a persistent broker session cannot outlive the rights it was opened
+/// under. A nurse display removed and added again as a pump (which may read only its own
+/// commands) gets no session back: neither its old subscription to every alarm nor the
+/// alarms queued for it meanwhile. A device whose rights did not change resumes its
+/// session as before.
+#[tokio::test]
+async fn a_class_change_ends_the_persistent_session_of_the_old_class() {
+    let site = Site::ward();
+    let mut gw = site.start().await;
+    let (mut nurse, resumed) = persistent_session(&site, &gw, "nurse-1").await;
+    assert!(!resumed);
+    expect_suback(
+        &mut nurse,
+        RawPacket::Subscribe(Subscribe::new("ward/+/alarm/#", QoS::AtLeastOnce)),
+    )
+    .await;
+    drop(nurse);
+    gw.wait_log("edge.disconnected", &["device=nurse-1"]).await;
+
+    // Unchanged rights: the session is resumed.
+    let (nurse, resumed) = persistent_session(&site, &gw, "nurse-1").await;
+    assert!(
+        resumed,
+        "a device whose class did not change keeps its session"
+    );
+    drop(nurse);
+    gw.wait_count("edge.disconnected", &["device=nurse-1"], 2)
+        .await;
+
+    site.admin_ok(&["device", "remove", "nurse-1"]);
+    let add = [
+        "device",
+        "add",
+        "nurse-1",
+        "--class",
+        "infusion-pump",
+        "--address",
+        "127.0.0.1",
+    ];
+    site.admin_ok(&add);
+    // An alarm while it is away would be queued for the old session.
+    let mut pump = Client::connect(&site, "pump-2", gw.port()).await;
+    pump.publish("ward/pump-2/alarm/occlusion", b"occluded")
+        .await;
+
+    let (mut nurse, resumed) = persistent_session(&site, &gw, "nurse-1").await;
+    assert!(!resumed, "the session of the old class is gone");
+    gw.wait_log(
+        "edge.session_purged",
+        &["device=nurse-1", "class=\"infusion-pump\""],
+    )
+    .await;
+    // Nothing of the old session is delivered: the first packet after CONNACK answers the
+    // device's own SUBSCRIBE.
+    let mut own = Subscribe::new("ward/nurse-1/cmd/#", QoS::AtLeastOnce);
+    own.pkid = 7;
+    expect_suback(&mut nurse, RawPacket::Subscribe(own)).await;
+    pump.publish("ward/pump-2/alarm/occlusion", b"again").await;
+    // A command for it (sent with the agent's credentials) is the first PUBLISH it gets:
+    // the alarm published before it did not reach it.
+    let creds = std::fs::read_to_string(site.path("admin/broker-agent.secret")).unwrap();
+    let (user, password) = creds.trim_end().split_once(':').unwrap();
+    let marker = [
+        "-i",
+        "_probe",
+        "-u",
+        user,
+        "-P",
+        password,
+        "-t",
+        "ward/nurse-1/cmd/x",
+        "-m",
+        "m",
+    ];
+    assert_eq!(local_pub(gw.broker, &marker), None);
+    match nurse.recv().await {
+        Some(RawPacket::Publish(p)) => assert_eq!(p.topic, "ward/nurse-1/cmd/x"),
+        other => panic!("expected its command, got {other:?}"),
+    }
+    drop(pump);
+    drop(nurse);
+    gw.stop().await;
+    assert_eq!(site.audit_count("edge.session_purged", "nurse-1"), 1);
 }

@@ -93,7 +93,9 @@ struct Board {
 }
 
 impl Board {
-    fn new(dir: &Path, broker: &str) -> Board {
+    /// A board whose agent reports to the gateway's `broker` with the credentials the
+    /// gateway wrote to `credentials`.
+    fn new(dir: &Path, broker: &str, credentials: &Path) -> Board {
         std::fs::create_dir_all(dir).unwrap();
         for s in ["slot-a.img", "slot-b.img"] {
             std::fs::write(dir.join(s), b"factory").unwrap();
@@ -102,6 +104,7 @@ impl Board {
         std::fs::write(dir.join("cmdline"), "wardgate.slot=A\n").unwrap();
         std::fs::write(dir.join("boot_id"), "boot-0\n").unwrap();
         let d = dir.display();
+        let credentials = credentials.display();
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
@@ -129,6 +132,7 @@ deadline = "5s"
 commands = [["true"]]
 [report]
 broker = "{broker}"
+credentials = "{credentials}"
 "#
             ),
         )
@@ -223,7 +227,8 @@ async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
         .to_owned();
     gw.wait_log("uplink.commands_subscribed", &[]).await;
 
-    let board = Board::new(&site.path("board"), &broker);
+    let credentials = site.path("admin/broker-agent.secret");
+    let board = Board::new(&site.path("board"), &broker, &credentials);
     repository(&board.dir);
     let agent = board.spawn();
     // Nothing to install yet: the check's result reaches the hospital.
@@ -279,13 +284,17 @@ async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
         "routine checks are reported, not audited"
     );
 
-    // A report that is not one is refused and audited, not forwarded.
+    // A report that is not one is refused and audited, not forwarded (sent with the
+    // agent's credentials: nothing else gets onto the embedded broker).
+    let login = std::fs::read_to_string(&credentials).unwrap();
+    let (user, password) = login.trim_end().split_once(':').unwrap();
     let mut o = rumqttc::MqttOptions::new(
-        "intruder",
+        "_not-the-agent",
         "127.0.0.1",
         broker.rsplit(':').next().unwrap().parse().unwrap(),
     );
     o.set_keep_alive(Duration::from_secs(5));
+    o.set_credentials(user, password);
     let (c, mut el) = rumqttc::AsyncClient::new(o, 8);
     c.publish(
         "_gateway/update/status",

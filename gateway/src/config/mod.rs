@@ -37,6 +37,9 @@ pub const DEFAULT_BROKER_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 pub const DEFAULT_SEGMENT_COUNT: usize = 4;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
+/// Where the update agent finds its credentials for the embedded broker, unless
+/// `[broker] agent_credentials` says otherwise: beside the admin socket.
+pub const AGENT_CREDENTIALS_FILE: &str = "broker-agent.secret";
 pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
 /// Distinct filters a device may subscribe to while the gateway runs, unless its class says
 /// otherwise. The embedded broker keeps a log for each filter it has seen until it restarts
@@ -141,6 +144,8 @@ pub struct EdgeConfig {
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub listen: SocketAddr,
+    /// Where the update agent's broker credentials are written at each start.
+    pub agent_credentials: PathBuf,
     pub max_connections: usize,
     pub segment_size: u64,
     pub segment_count: usize,
@@ -472,6 +477,10 @@ impl Validator<'_> {
             }
         };
 
+        let admin_socket = match &raw.admin.socket {
+            Some(s) => self.path(s),
+            None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+        };
         let b = &raw.broker;
         let broker_listen = match &b.listen {
             None => DEFAULT_BROKER_LISTEN.parse().ok(),
@@ -497,6 +506,13 @@ impl Validator<'_> {
         }
         let broker = BrokerConfig {
             listen: broker_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            agent_credentials: match &b.agent_credentials {
+                Some(s) => self.path(s),
+                None => admin_socket
+                    .parent()
+                    .unwrap_or(Path::new("/run/wardgate"))
+                    .join(AGENT_CREDENTIALS_FILE),
+            },
             max_connections: self.count(
                 b.max_connections.as_ref(),
                 DEFAULT_BROKER_MAX_CONNECTIONS,
@@ -511,10 +527,7 @@ impl Validator<'_> {
         };
 
         let admin = AdminConfig {
-            socket: match &raw.admin.socket {
-                Some(s) => self.path(s),
-                None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
-            },
+            socket: admin_socket,
         };
 
         let mut classes = BTreeMap::new();

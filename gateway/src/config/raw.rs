@@ -64,6 +64,7 @@ pub struct RawEdge {
 #[serde(deny_unknown_fields)]
 pub struct RawBroker {
     pub listen: Option<S<String>>,
+    pub agent_credentials: Option<S<String>>,
     pub max_connections: Option<S<i64>>,
     pub segment_size: Option<S<RawSize>>,
     pub segment_count: Option<S<i64>>,

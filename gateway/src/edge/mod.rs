@@ -58,7 +58,7 @@ struct EdgeShared {
     config: EdgeConfig,
     tls: RwLock<Arc<TlsMaterial>>,
     registry: SharedRegistry,
-    broker: SocketAddr,
+    broker: crate::broker::EmbeddedBroker,
     spool: Spool,
     quarantine: Arc<Quarantine>,
     /// What a device topic becomes upstream: a PUBLISH the uplink could not forward is
@@ -68,6 +68,9 @@ struct EdgeShared {
     throttle_limit: Option<std::time::Duration>,
     rates: crate::policy::DeviceRates,
     subscriptions: subscriptions::Subscriptions,
+    /// The rights under which each device's broker session was last opened: a session
+    /// opened under other rights is purged before the device may resume it.
+    sessions: Mutex<HashMap<DeviceId, crate::policy::Acl>>,
     live: Mutex<HashMap<u64, LiveConn>>,
     next_id: AtomicU64,
 }
@@ -151,7 +154,7 @@ impl Edge {
         config: EdgeConfig,
         topics: TopicMap,
         registry: SharedRegistry,
-        broker: SocketAddr,
+        broker: crate::broker::EmbeddedBroker,
         spool: Spool,
         quarantine: Arc<Quarantine>,
         throttle_limit: Option<std::time::Duration>,
@@ -177,6 +180,7 @@ impl Edge {
                 throttle_limit,
                 rates: crate::policy::DeviceRates::default(),
                 subscriptions: subscriptions::Subscriptions::default(),
+                sessions: Mutex::default(),
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),

@@ -106,7 +106,16 @@ pub(super) async fn serve(
         }
     };
 
-    let broker = match connect_broker(shared.broker, &connect).await {
+    let stale = shared
+        .sessions
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(device.clone(), grant.acl.clone())
+        .is_some_and(|acl| acl != grant.acl);
+    if stale && !connect.clean_session {
+        purge_session(&shared.broker, &device, &grant.class).await;
+    }
+    let broker = match connect_broker(&shared.broker, &connect).await {
         Ok(b) => b,
         Err(e) => {
             let refusal = Refusal::BrokerUnavailable(e);
@@ -282,19 +291,41 @@ fn connack(code: ConnectReturnCode) -> Vec<u8> {
     out.to_vec()
 }
 
-/// Opens the device's session on the embedded broker: the device's CONNECT without its
-/// credentials (identity is the certificate), and the broker's CONNACK back.
+/// Ends the persistent broker session of `device`, opened under rights it no longer has
+/// (it was removed and added again with another class): its subscriptions and queued
+/// messages go, so resuming it cannot deliver what the device may no longer read. Done
+/// by a clean-session CONNECT and DISCONNECT under its client id, before the device's own
+/// CONNECT; if the broker cannot be reached, that CONNECT fails the same way.
+async fn purge_session(broker: &crate::broker::EmbeddedBroker, device: &DeviceId, class: &str) {
+    let mut purge = Connect::new(device.as_str());
+    purge.clean_session = true;
+    let result = match connect_broker(broker, &purge).await {
+        Ok((mut stream, _)) => {
+            let mut out = BytesMut::new();
+            let _ = Packet::Disconnect.write(&mut out, 16);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    events::session_purged(device, class, result.as_ref().err());
+}
+
+/// Opens the device's session on the embedded broker: the device's CONNECT with the
+/// gateway's broker credentials instead of its own (identity is the certificate), and the
+/// broker's CONNACK back.
 async fn connect_broker(
-    addr: SocketAddr,
+    broker: &crate::broker::EmbeddedBroker,
     connect: &Connect,
 ) -> Result<(TcpStream, Packet), String> {
-    let mut stream = timeout(BROKER_TIMEOUT, TcpStream::connect(addr))
+    let mut stream = timeout(BROKER_TIMEOUT, TcpStream::connect(broker.addr))
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     let mut c = connect.clone();
-    c.login = None;
+    c.login = Some(broker.login.mqtt());
     let mut out = BytesMut::new();
     c.write(&mut out).map_err(|e| e.to_string())?;
     stream.write_all(&out).await.map_err(|e| e.to_string())?;

@@ -29,7 +29,6 @@ mod poll;
 pub mod value;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,7 +77,10 @@ pub struct Sink {
 const LOCAL_CLIENT_ID: &str = "_wardgate-modbus";
 
 /// Connects the poller's session to the embedded broker.
-pub fn local_client(broker: SocketAddr, shutdown: CancellationToken) -> rumqttc::AsyncClient {
+pub fn local_client(
+    broker: &crate::broker::EmbeddedBroker,
+    shutdown: CancellationToken,
+) -> rumqttc::AsyncClient {
     crate::broker::local_session(broker, LOCAL_CLIENT_ID, shutdown)
 }
 

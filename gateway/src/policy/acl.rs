@@ -199,7 +199,7 @@ impl fmt::Debug for FilterTemplate {
 }
 
 /// One connected device's access rights, with every template expanded.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Acl {
     publish: Vec<TopicFilter>,
     subscribe: Vec<TopicFilter>,

@@ -50,8 +50,6 @@
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
@@ -360,29 +358,37 @@ fn load_or_make_secret(path: &Path, store_has_data: bool) -> Result<[u8; SECRET_
         source,
     };
     match std::fs::read(path) {
-        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
-            key_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("expected {SECRET_LEN} bytes, found {}", bytes.len()),
-            ))
-        }),
+        Ok(bytes) => match <[u8; SECRET_LEN]>::try_from(bytes.as_slice()) {
+            Ok(secret) => return Ok(secret),
+            // Nothing is sealed under a key that is not whole (a crash while an older
+            // wardgate wrote it): with an empty store it is replaced, else kept for an
+            // engineer rather than discarding the records.
+            Err(_) if !store_has_data => {
+                tracing::warn!(
+                    event = "spool.key_replaced",
+                    path = %path.display(),
+                    found = bytes.len(),
+                    "spool key file not whole and the spool empty: a new key is made"
+                );
+            }
+            Err(_) => {
+                return Err(key_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("expected {SECRET_LEN} bytes, found {}", bytes.len()),
+                )))
+            }
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if store_has_data {
                 return Err(SpoolError::KeyMissing(path.to_owned()));
             }
-            let secret = Sealer::generate_secret()?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(key_err)?;
-            f.write_all(&secret).map_err(key_err)?;
-            f.sync_all().map_err(key_err)?;
-            Ok(secret)
         }
-        Err(e) => Err(key_err(e)),
+        Err(e) => return Err(key_err(e)),
     }
+    // Written whole or not at all: a crash can never leave an empty or partial key.
+    let secret = Sealer::generate_secret()?;
+    crate::fsutil::write_private(path, &secret).map_err(key_err)?;
+    Ok(secret)
 }
 
 impl Spool {

@@ -347,14 +347,20 @@ async fn a_held_will_takes_room_but_is_neither_forwarded_nor_expired_until_relea
     let dropped = s.hold_will(&rec("pump-2", 2), Priority::Alarm).unwrap();
     assert_eq!(s.stats().records, 2, "held wills take room");
     assert_eq!(s.expire(), 0);
-    assert!(payloads(&s).await.is_empty(), "held wills are not forwarded");
+    assert!(
+        payloads(&s).await.is_empty(),
+        "held wills are not forwarded"
+    );
 
     s.drop_will(dropped);
     assert_eq!(s.stats().records, 1);
     s.release_will(held).unwrap().unwrap().wait().await.unwrap();
     assert!(s.release_will(held).is_none(), "released once");
     assert_eq!(payloads(&s).await, [(Priority::Alarm, "00000001".into())]);
-    assert_eq!(s.stats().devices[&DeviceId::parse("pump-1").unwrap()].stored, 1);
+    assert_eq!(
+        s.stats().devices[&DeviceId::parse("pump-1").unwrap()].stored,
+        1
+    );
 }
 
 #[tokio::test]
@@ -372,4 +378,29 @@ async fn wills_held_when_the_spool_closed_are_deleted_at_open() {
     let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
     assert_eq!(s.stats().records, 1);
     assert_eq!(payloads(&s).await, [(Priority::Routine, "00000002".into())]);
+}
+
+#[test]
+fn a_key_file_a_crash_left_empty_is_replaced_while_the_spool_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a crash between create and write left behind with an older wardgate.
+    std::fs::write(dir.path().join("spool.key"), b"").unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let key = std::fs::read(dir.path().join("spool.key")).unwrap();
+    assert_eq!(key.len(), SECRET_LEN);
+    // With records in the store, a key that is not whole is an error, never replaced.
+    std::fs::write(dir.path().join("spool.key"), &key[..5]).unwrap();
+    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap_err();
+    assert!(e.to_string().contains("expected 32 bytes, found 5"), "{e}");
+    std::fs::write(dir.path().join("spool.key"), &key).unwrap();
+    assert_eq!(
+        Spool::open(dir.path(), limits(1 << 20, 1 << 20))
+            .unwrap()
+            .stats()
+            .records,
+        1
+    );
 }

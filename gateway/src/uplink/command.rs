@@ -1,6 +1,5 @@
 //! Commands from upstream, delivered to devices through the embedded broker.
 
-use std::net::SocketAddr;
 use std::sync::PoisonError;
 
 use bytes::Bytes;
@@ -22,7 +21,10 @@ pub struct LocalDelivery {
 
 impl LocalDelivery {
     /// Connects to the embedded broker; the connection is kept (and re-made) by a task.
-    pub fn start(broker: SocketAddr, shutdown: CancellationToken) -> LocalDelivery {
+    pub fn start(
+        broker: &crate::broker::EmbeddedBroker,
+        shutdown: CancellationToken,
+    ) -> LocalDelivery {
         LocalDelivery {
             client: crate::broker::local_session(broker, LOCAL_CLIENT_ID, shutdown),
         }

@@ -35,7 +35,6 @@ mod pace;
 mod topic;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, PublishProperties};
@@ -67,7 +66,7 @@ pub struct Uplink {
     pub spool: Spool,
     pub registry: SharedRegistry,
     /// The embedded broker, for delivering commands to devices.
-    pub broker: SocketAddr,
+    pub broker: crate::broker::EmbeddedBroker,
     /// True while a session with the upstream broker is up (for `wardgate status`).
     pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Modbus devices, whose commands are register writes.
@@ -90,7 +89,7 @@ impl Uplink {
 
     /// Connects, forwards, reconnects with backoff, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let commands = command::LocalDelivery::start(self.broker, shutdown.clone());
+        let commands = command::LocalDelivery::start(&self.broker, shutdown.clone());
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         let mut pace = Pace::new(self.config.replay_rate);
         loop {

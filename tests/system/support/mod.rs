@@ -307,6 +307,8 @@ pub struct Gateway {
     lines: Arc<Mutex<Vec<String>>>,
     count: watch::Receiver<usize>,
     pub edge: SocketAddr,
+    /// The embedded broker, on loopback.
+    pub broker: SocketAddr,
 }
 
 impl Gateway {
@@ -358,6 +360,7 @@ impl Gateway {
             lines,
             count,
             edge: "0.0.0.0:0".parse().unwrap(),
+            broker: "0.0.0.0:0".parse().unwrap(),
         };
         let ready = gw.wait_log("gateway.ready", &[]).await;
         let edge = ready
@@ -365,6 +368,11 @@ impl Gateway {
             .find_map(|w| w.strip_prefix("edge="))
             .expect("edge address in the ready line");
         gw.edge = edge.parse().expect("edge address");
+        let broker = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("broker="))
+            .expect("broker address in the ready line");
+        gw.broker = broker.parse().expect("broker address");
         gw
     }
 
