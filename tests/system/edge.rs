@@ -242,6 +242,27 @@ async fn crl_reload_closes_the_live_connection_and_refuses_the_next() {
     assert_serving(&site, gw.port()).await;
 }
 
+/// Issue 12 (admission race): a certificate revoked between the TLS handshake and the
+/// CONNECT gets no session. The connection is known to the reload from its handshake on,
+/// and the CONNECT is judged under the material in force then.
+#[tokio::test]
+async fn a_certificate_revoked_before_its_connect_gets_no_session() {
+    let site = Site::ward();
+    let mut gw = site.start().await;
+    let mut raw = Raw::open(&site, "pump-1", gw.edge, None).await;
+    site.revoke("pump-1");
+    gw.signal("HUP");
+    gw.wait_log("edge.tls_reloaded", &["crls=1"]).await;
+    raw.send(&RawPacket::Connect(Connect::new("pump-1"))).await;
+    match raw.recv().await {
+        None => {}
+        Some(RawPacket::ConnAck(a)) => assert_ne!(a.code, ConnectReturnCode::Success),
+        Some(other) => panic!("unexpected {other:?}"),
+    }
+    assert!(gw.events("edge.connected", &["device=pump-1"]).is_empty());
+    assert_serving(&site, gw.port()).await;
+}
+
 #[tokio::test]
 async fn unreadable_crl_on_reload_keeps_the_previous_one() {
     let site = Site::ward();

@@ -72,9 +72,14 @@ pub(super) async fn serve(
         }
     };
 
+    // Registered from here on, before any decision about it: a quarantine, a removal or a
+    // CRL reload from now on closes it, and `admit` below sees whatever came before.
+    let close_token = shutdown.child_token();
+    let _live = shared.register(device.clone(), peer, chain.clone(), close_token.clone());
+
     let mut buf = BytesMut::new();
     let connect = tokio::select! {
-        _ = shutdown.cancelled() => return close(tls).await,
+        _ = close_token.cancelled() => return close(tls).await,
         c = timeout(shared.config.connect_timeout, read_connect(&mut tls, &mut buf)) => c,
     };
     let connect = match connect {
@@ -97,7 +102,7 @@ pub(super) async fn serve(
         Ok(Ok(c)) => c,
     };
 
-    let grant = match admit(&shared, &device, peer, &connect) {
+    let grant = match admit(&shared, &device, peer, &chain, &connect) {
         Ok(g) => g,
         Err((refusal, code)) => {
             events::connection_refused(peer, Some(&device), &refusal);
@@ -130,8 +135,6 @@ pub(super) async fn serve(
         .last_will
         .as_ref()
         .and_then(|w| hold_will(&shared.spool, &device, &grant, w));
-    let close_token = shutdown.child_token();
-    let _live = shared.register(device.clone(), peer, chain, close_token.clone());
     events::device_connected(peer, &device, &grant.class);
     let (reason, clean) = relay(
         tls,
@@ -222,13 +225,28 @@ async fn read_connect(tls: &mut DeviceStream, buf: &mut BytesMut) -> Result<Conn
     }
 }
 
-/// The registry's verdict on a CONNECT from `device` at `peer`.
+/// The verdict on a CONNECT from `device` at `peer`, under the registry, quarantine and
+/// TLS material in force now (a CRL reloaded since the handshake included).
 fn admit(
     shared: &EdgeShared,
     device: &DeviceId,
     peer: SocketAddr,
+    chain: &[CertificateDer<'static>],
     connect: &Connect,
 ) -> Result<Grant, (Refusal, ConnectReturnCode)> {
+    if let Some((end_entity, intermediates)) = chain.split_first() {
+        let now = rustls_pki_types::UnixTime::now();
+        if let Err(e) = shared
+            .tls()
+            .verifier
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            return Err((
+                Refusal::Tls(format!("certificate no longer verifies: {e}")),
+                ConnectReturnCode::NotAuthorized,
+            ));
+        }
+    }
     if connect.client_id != device.as_str() {
         return Err((
             Refusal::ClientIdMismatch {
