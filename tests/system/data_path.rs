@@ -3,7 +3,8 @@
 //! runs against a real mosquitto upstream and real clients.
 
 use rumqttc::mqttbytes::v4::{
-    Connect, LastWill, Packet as RawPacket, Publish, Subscribe, SubscribeFilter, Unsubscribe,
+    Connect, LastWill, Packet as RawPacket, PubRel, Publish, Subscribe, SubscribeFilter,
+    Unsubscribe,
 };
 use rumqttc::{ConnectReturnCode, QoS};
 
@@ -669,4 +670,54 @@ async fn a_class_change_ends_the_persistent_session_of_the_old_class() {
     drop(nurse);
     gw.stop().await;
     assert_eq!(site.audit_count("edge.session_purged", "nurse-1"), 1);
+}
+
+/// Issue 12 (found by reading): a QoS 2 PUBLISH resent before its PUBREL — here with DUP
+/// after a reconnect to a persistent session — is the same message: acknowledged again,
+/// stored and forwarded once.
+#[tokio::test]
+async fn a_qos2_publish_resent_after_a_reconnect_reaches_the_hospital_once() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start_with_acl(&site.path("upstream"), "gw-test", UPSTREAM_ACL).await;
+    site.extra = upstream.uplink_section("gw-test", upstream.port, "");
+    let mut consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.commands_subscribed", &[]).await;
+
+    let mut publish = Publish::new(
+        "ward/pump-1/alarm/occlusion",
+        QoS::ExactlyOnce,
+        b"1".to_vec(),
+    );
+    publish.pkid = 5;
+    let (mut pump, _) = persistent_session(&site, &gw, "pump-1").await;
+    pump.send(&RawPacket::Publish(publish.clone())).await;
+    assert!(matches!(pump.recv().await, Some(RawPacket::PubRec(r)) if r.pkid == 5));
+    // The connection drops before the pump sends PUBREL; it resends with DUP.
+    drop(pump);
+    gw.wait_log("edge.disconnected", &["device=pump-1"]).await;
+    let (mut pump, _) = persistent_session(&site, &gw, "pump-1").await;
+    publish.dup = true;
+    pump.send(&RawPacket::Publish(publish)).await;
+    assert!(matches!(pump.recv().await, Some(RawPacket::PubRec(r)) if r.pkid == 5));
+    pump.send(&RawPacket::PubRel(PubRel::new(5))).await;
+    assert!(matches!(pump.recv().await, Some(RawPacket::PubComp(c)) if c.pkid == 5));
+    // After PUBREL the identifier is free: the same one carries a new message.
+    let mut next = Publish::new("ward/pump-1/alarm/cleared", QoS::ExactlyOnce, b"2".to_vec());
+    next.pkid = 5;
+    pump.send(&RawPacket::Publish(next)).await;
+    assert!(matches!(pump.recv().await, Some(RawPacket::PubRec(r)) if r.pkid == 5));
+    pump.send(&RawPacket::PubRel(PubRel::new(5))).await;
+    assert!(matches!(pump.recv().await, Some(RawPacket::PubComp(_))));
+
+    let up = "hospital/st-mary/gw-test/pump-1/alarm";
+    assert_eq!(
+        consumer.next().await.topic,
+        format!("{up}/occlusion").as_bytes()
+    );
+    assert_eq!(
+        consumer.next().await.topic,
+        format!("{up}/cleared").as_bytes()
+    );
+    assert_eq!(site.device_json("pump-1")["counters"]["accepted"], 2);
 }

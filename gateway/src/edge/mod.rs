@@ -16,6 +16,7 @@
 //!
 //! Tested by the system tests in `tests/system/edge.rs` against real clients.
 
+mod exactly_once;
 mod session;
 mod subscriptions;
 pub mod tls;
@@ -68,6 +69,8 @@ struct EdgeShared {
     throttle_limit: Option<std::time::Duration>,
     rates: crate::policy::DeviceRates,
     subscriptions: subscriptions::Subscriptions,
+    /// QoS 2 packet identifiers awaiting PUBREL, per device.
+    exactly_once: exactly_once::ExactlyOnce,
     /// The rights under which each device's broker session was last opened: a session
     /// opened under other rights is purged before the device may resume it.
     sessions: Mutex<HashMap<DeviceId, crate::policy::Acl>>,
@@ -181,6 +184,7 @@ impl Edge {
                 rates: crate::policy::DeviceRates::default(),
                 subscriptions: subscriptions::Subscriptions::default(),
                 sessions: Mutex::default(),
+                exactly_once: exactly_once::ExactlyOnce::default(),
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),

@@ -135,6 +135,9 @@ pub(super) async fn serve(
         .last_will
         .as_ref()
         .and_then(|w| hold_will(&shared.spool, &device, &grant, w));
+    if connect.clean_session {
+        shared.exactly_once.clean(&device);
+    }
     events::device_connected(peer, &device, &grant.class);
     let (reason, clean) = relay(
         tls,
@@ -440,10 +443,25 @@ async fn relay(
                     .rates
                     .admit(device, &grant.rate, size, std::time::Instant::now())
             });
+            let repeat = match &packet {
+                Packet::Publish(p) if p.qos == QoS::ExactlyOnce => {
+                    shared.exactly_once.pending(device, p.pkid)
+                }
+                Packet::PubRel(r) => {
+                    shared.exactly_once.released(device, r.pkid);
+                    false
+                }
+                _ => false,
+            };
             let durable = match &packet {
+                // Stored when it first came: acknowledged again, not stored again.
+                Packet::Publish(_) if repeat => None,
                 Packet::Publish(p) => match spool_publish(&shared.spool, device, grant, p) {
                     Ok(d) => {
                         crate::counters::bump(device, |c| c.accepted += 1);
+                        if p.qos == QoS::ExactlyOnce {
+                            shared.exactly_once.stored(device, p.pkid);
+                        }
                         Some(d)
                     }
                     // QoS 0 has no acknowledgement to withhold; the refusal is counted and
