@@ -561,3 +561,64 @@ async fn a_quarantined_devices_spooled_data_is_still_forwarded() {
         .unwrap()
         .contains("suspected tampering"));
 }
+
+/// Issue 12 (found by reading): `replay_rate` paces the backlog an outage left, not live
+/// traffic. With a rate of 1 per second and the upstream up, 60 messages arrive well within
+/// the tests' deadline (20 s) rather than over a minute.
+#[tokio::test]
+async fn live_traffic_is_not_held_to_the_replay_rate() {
+    let (site, upstream, _link) = ward_with_upstream(true, "replay_rate = 1").await;
+    let mut consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.connected", &[]).await;
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    const N: usize = 60;
+    for i in 0..N {
+        pump.publish(&topic_for(i).1, i.to_string().as_bytes())
+            .await;
+    }
+    let got = tokio::time::timeout(DEADLINE, consumer.until(|g| g.len() >= N))
+        .await
+        .expect("live traffic held to the replay rate");
+    assert_eq!(got.len(), N);
+}
+
+/// Issue 12 (found by reading): after an upstream outage long enough for the backoff to
+/// reach its ceiling, the uplink is back within `backoff_max` (default 1.5 s) of the
+/// upstream's return. Every retry is scheduled within it; the latency measured is printed.
+#[tokio::test]
+async fn after_an_outage_the_uplink_is_back_within_its_backoff_ceiling() {
+    let (mut site, upstream, link) = ward_with_upstream(true, "").await;
+    // The default backoff, not the tests' short one.
+    let short = "backoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n";
+    assert!(site.extra.contains(short));
+    site.extra = site.extra.replace(short, "");
+    let mut consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.connected", &[]).await;
+    link.set_up(false);
+    gw.wait_log("uplink.disconnected", &[]).await;
+    // Enough failed attempts for the backoff to reach its ceiling (0.5, 1, 1.5 s).
+    gw.wait_count("uplink.connect_failed", &[], 5).await;
+    link.set_up(true);
+    let back = std::time::Instant::now();
+    gw.wait_count("uplink.connected", &[], 2).await;
+    println!(
+        "uplink back {} ms after the upstream returned",
+        back.elapsed().as_millis()
+    );
+    for line in gw.events("uplink.connect_failed", &[]) {
+        let retry: u64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("retry_in_ms="))
+            .and_then(|v| v.parse().ok())
+            .expect("retry_in_ms in the line");
+        assert!(retry <= 1500, "{line}");
+    }
+    let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
+    pump.publish("ward/pump-1/alarm/x", b"x").await;
+    assert_eq!(
+        &consumer.next().await.topic[..],
+        b"hospital/st-mary/gw-test/pump-1/alarm/x"
+    );
+}

@@ -724,18 +724,46 @@ impl Spool {
     /// Records past their class's `max_age` are expired instead of returned; unreadable
     /// ones are reported and moved aside.
     pub fn next_batch(&self, max: usize, skip: &HashSet<Key>) -> Vec<(Key, Record)> {
+        self.next_batch_paced(max, skip, 0, 0).0
+    }
+
+    /// Like [`Spool::next_batch`], with at most `budget` records older than `backlog_below`
+    /// (sequence numbers below it: the backlog an outage left). The batch stops at the first
+    /// backlog record beyond the budget, so the drain order is kept; the flag says whether
+    /// it stopped there.
+    pub fn next_batch_paced(
+        &self,
+        max: usize,
+        skip: &HashSet<Key>,
+        backlog_below: u64,
+        mut budget: usize,
+    ) -> (Vec<(Key, Record)>, bool) {
         let now = now_ms();
         let mut out = Vec::new();
         let mut stale = Vec::new();
+        let mut paced = false;
         let durable = self.inner.durable.below.load(Ordering::Acquire);
         let keys: Vec<(Key, u64)> = {
             let st = self.state();
-            st.index
+            let mut keys = Vec::new();
+            let ready = st
+                .index
                 .iter()
-                .filter(|(k, e)| k.seq < durable && !e.held && !skip.contains(k))
-                .take(max)
-                .map(|(k, e)| (*k, e.received_at_ms))
-                .collect()
+                .filter(|(k, e)| k.seq < durable && !e.held && !skip.contains(k));
+            for (k, e) in ready {
+                if keys.len() == max {
+                    break;
+                }
+                if k.seq < backlog_below {
+                    if budget == 0 {
+                        paced = true;
+                        break;
+                    }
+                    budget -= 1;
+                }
+                keys.push((*k, e.received_at_ms));
+            }
+            keys
         };
         for (key, received) in keys {
             if self.too_old(key.priority, received, now) {
@@ -759,7 +787,12 @@ impl Spool {
         if !stale.is_empty() {
             self.expire_keys(&stale);
         }
-        out
+        (out, paced)
+    }
+
+    /// The sequence number the next record will get: every record stored so far is below.
+    pub fn next_seq(&self) -> u64 {
+        self.state().next_seq
     }
 
     fn too_old(&self, priority: Priority, received_at_ms: u64, now: u64) -> bool {

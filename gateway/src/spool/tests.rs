@@ -404,3 +404,29 @@ fn a_key_file_a_crash_left_empty_is_replaced_while_the_spool_is_empty() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_paced_batch_takes_backlog_records_only_within_its_budget_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    for n in 0..4 {
+        s.append(&rec("pump-1", n), Priority::Routine).unwrap();
+    }
+    let backlog_below = s.next_seq();
+    s.append(&rec("pump-1", 10), Priority::Alarm).unwrap();
+    s.append(&rec("pump-1", 11), Priority::Routine).unwrap();
+    s.settle().await;
+    let payloads = |b: Vec<(Key, Record)>| -> Vec<String> {
+        b.into_iter()
+            .map(|(_, r)| String::from_utf8(r.payload.to_vec()).unwrap())
+            .collect()
+    };
+    // The live alarm drains first, unpaced; two backlog records fit the budget; the live
+    // routine record waits behind the backlog of its class.
+    let (batch, paced) = s.next_batch_paced(10, &HashSet::new(), backlog_below, 2);
+    assert!(paced);
+    assert_eq!(payloads(batch), ["00000010", "00000000", "00000001"]);
+    let (batch, paced) = s.next_batch_paced(10, &HashSet::new(), backlog_below, 10);
+    assert!(!paced);
+    assert_eq!(payloads(batch).len(), 6);
+}

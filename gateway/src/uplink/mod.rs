@@ -205,6 +205,9 @@ impl Uplink {
         // Queued to rumqttc, packet id not yet known.
         let mut queued: VecDeque<Key> = VecDeque::new();
         let mut by_pkid: HashMap<u16, Key> = HashMap::new();
+        // What the spool held when this session began is the backlog: it drains at
+        // `replay_rate`; what arrives from now on is sent as it comes.
+        let backlog_below = self.spool.next_seq();
         loop {
             let appended = self.spool.appended();
             tokio::pin!(appended);
@@ -214,40 +217,43 @@ impl Uplink {
             let mut paced = None;
             let room = window.saturating_sub(inflight.len());
             if room > 0 {
-                let allowed = pace.available(room);
-                if allowed == 0 {
+                let budget = pace.available(room);
+                let (batch, held_back) =
+                    self.spool
+                        .next_batch_paced(room, &inflight, backlog_below, budget);
+                if held_back {
                     paced = Some(pace.next_at());
-                } else {
-                    let batch = self.spool.next_batch(allowed, &inflight);
-                    idle = batch.is_empty();
-                    for (key, record) in batch {
-                        let publish = match self.prepare(key, &record, max_packet) {
-                            Ok(p) => p,
-                            Err(reason) => {
-                                self.spool.reject(key, &reason);
-                                continue;
-                            }
-                        };
-                        let Publish {
-                            topic,
-                            payload,
-                            properties,
-                            ..
-                        } = publish;
-                        let queued_ok = client.try_publish_with_properties(
-                            String::from_utf8_lossy(&topic),
-                            QoS::AtLeastOnce,
-                            false,
-                            payload,
-                            properties.unwrap_or_default(),
-                        );
-                        if let Err(e) = queued_ok {
-                            return Some(format!("cannot queue a publish: {e}"));
+                }
+                idle = batch.is_empty() && !held_back;
+                for (key, record) in batch {
+                    let publish = match self.prepare(key, &record, max_packet) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            self.spool.reject(key, &reason);
+                            continue;
                         }
-                        pace.take();
-                        inflight.insert(key);
-                        queued.push_back(key);
+                    };
+                    let Publish {
+                        topic,
+                        payload,
+                        properties,
+                        ..
+                    } = publish;
+                    let queued_ok = client.try_publish_with_properties(
+                        String::from_utf8_lossy(&topic),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                        properties.unwrap_or_default(),
+                    );
+                    if let Err(e) = queued_ok {
+                        return Some(format!("cannot queue a publish: {e}"));
                     }
+                    if key.seq < backlog_below {
+                        pace.take();
+                    }
+                    inflight.insert(key);
+                    queued.push_back(key);
                 }
             }
             tokio::select! {
