@@ -75,7 +75,10 @@ impl Gateway {
                 source,
             })?;
         let started = std::time::Instant::now();
-        crate::audit::install(AuditLog::open(&config.gateway.data_dir)?);
+        crate::audit::install(AuditLog::open(
+            &config.gateway.data_dir,
+            config.audit_max_records,
+        )?);
         let state = crate::quarantine::open_state(&config.gateway.data_dir)?;
         audit_config(&config, &state);
         let registry = Registry::open(&config, &state)?.shared();

@@ -219,14 +219,20 @@ fn audit(event: &str, device: Option<&DeviceId>, detail: String) {
 }
 
 pub fn connection_refused(peer: SocketAddr, device: Option<&DeviceId>, reason: &Refusal) {
-    if let Some(d) = device {
-        crate::counters::bump(d, |c| c.refused += 1);
-    }
     audit(
         "edge.connect_refused",
         device,
         format!("code={} peer={peer} reason={reason}", reason.code()),
     );
+    connection_refused_unaudited(peer, device, reason);
+}
+
+/// A refusal logged and counted but not audited: one of a source's repeated refusals, to
+/// be summarised ([`refusals_summarised`]).
+pub fn connection_refused_unaudited(peer: SocketAddr, device: Option<&DeviceId>, reason: &Refusal) {
+    if let Some(d) = device {
+        crate::counters::bump(d, |c| c.refused += 1);
+    }
     tracing::warn!(
         event = "edge.connect_refused",
         %peer,
@@ -234,6 +240,29 @@ pub fn connection_refused(peer: SocketAddr, device: Option<&DeviceId>, reason: &
         code = reason.code(),
         reason = %reason,
         "connection refused"
+    );
+}
+
+/// Refusals of `source` (`None`: of sources beyond those followed one by one) in the last
+/// `interval` that were not audited in full.
+pub fn refusals_summarised(
+    source: Option<std::net::IpAddr>,
+    count: u64,
+    interval: std::time::Duration,
+) {
+    let peer = source.map_or_else(|| "other".to_owned(), |s| s.to_string());
+    let interval = humantime::format_duration(interval);
+    audit(
+        "edge.connect_refused_repeated",
+        None,
+        format!("peer={peer} count={count} interval={interval}"),
+    );
+    tracing::warn!(
+        event = "edge.connect_refused_repeated",
+        %peer,
+        count,
+        %interval,
+        "more connections refused before a device certificate was shown"
     );
 }
 

@@ -170,6 +170,50 @@ async fn certificate_from_another_ca_fails_the_handshake() {
     assert_serving(&site, gw.port()).await;
 }
 
+/// Issue 12 (found by reading): peers that never show a device's certificate cannot grow
+/// the audit log at their own pace. Each refusal is logged; per source and
+/// `refusal_summary` interval (1 s here, default 60 s) one is audited in full and the rest
+/// summarised with their count.
+#[tokio::test]
+async fn failed_handshakes_are_audited_once_per_source_and_interval_with_a_count() {
+    let mut site = Site::ward();
+    site.extra_edge = "refusal_summary = \"1s\"".into();
+    let mut gw = site.start().await;
+    let other = Site::ward_of("st-elsewhere");
+    const N: usize = 40;
+    for _ in 0..N {
+        let tls = clients::tls_config(&site.ca(), &other.cert("pump-1"), &other.key("pump-1"));
+        let (_client, eventloop) = AsyncClient::new(options("pump-1", gw.port(), tls), 8);
+        expect_tls_refusal(eventloop).await;
+    }
+    gw.wait_count("edge.connect_refused", &["code=\"tls\""], N)
+        .await;
+    gw.wait_log("edge.connect_refused_repeated", &["peer=127.0.0.1"])
+        .await;
+    assert_serving(&site, gw.port()).await;
+    gw.stop().await;
+    let records = site.audit_records();
+    let full = records
+        .iter()
+        .filter(|r| r["event"] == "edge.connect_refused" && r["device"].is_null())
+        .count();
+    let summarised: usize = records
+        .iter()
+        .filter(|r| r["event"] == "edge.connect_refused_repeated")
+        .map(|r| {
+            let detail = r["detail"].as_str().unwrap();
+            detail
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("count="))
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(full + summarised, N, "every refusal accounted for");
+    assert!(full < N / 4, "{full} of {N} refusals audited in full");
+}
+
 /// The site CA as an rcgen issuer, for certificates and CRLs `wardgate pki` will not make.
 fn site_issuer(site: &Site) -> rcgen::Issuer<'static, rcgen::KeyPair> {
     let key = std::fs::read_to_string(site.pki().join("ca.key")).unwrap();

@@ -16,8 +16,15 @@
 //! reordered record, or a rewritten tail that no longer links. Details never carry payloads
 //! or key material.
 //!
-//! Tested by the unit tests below (chain, tampering, deletion) and by the system tests that
-//! count the audit records of every refusal path and edit a record offline.
+//! Retention: the log keeps at most `[audit] max_records` records. Past that, the oldest
+//! tenth is deleted, forwarded upstream or not, and the deletion is itself a record
+//! (`audit.pruned`, with the first index kept, the hash it links to — its anchor — and how
+//! many of the deleted records had not been forwarded). [`verify`] starts at the first
+//! record kept and accepts its link only if an `audit.pruned` record later in the chain
+//! names that index and anchor, so records removed any other way are still found.
+//!
+//! Tested by the unit tests below (chain, tampering, deletion, pruning) and by the system
+//! tests that count the audit records of every refusal path and edit a record offline.
 
 pub mod forward;
 
@@ -103,6 +110,8 @@ fn hex(b: &[u8]) -> String {
 
 #[derive(Debug)]
 struct Head {
+    /// The first record kept.
+    first: u64,
     next: u64,
     prev: [u8; HASH_LEN],
 }
@@ -116,9 +125,12 @@ pub struct AuditLog {
     meta: sled::Tree,
     head: Mutex<Head>,
     appended: tokio::sync::Notify,
+    max_records: u64,
 }
 
 const FORWARDED: &[u8] = b"forwarded";
+/// The event of a pruning record.
+const PRUNED: &str = "audit.pruned";
 
 fn open_store(data_dir: &Path) -> Result<(sled::Db, sled::Tree), AuditError> {
     let path = data_dir.join("audit");
@@ -151,11 +163,17 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Entry, AuditError> {
 }
 
 impl AuditLog {
-    /// Opens the log and continues its chain after the last record.
-    pub fn open(data_dir: &Path) -> Result<AuditLog, AuditError> {
+    /// Opens the log and continues its chain after the last record; it keeps at most
+    /// `max_records` records (at least 10).
+    pub fn open(data_dir: &Path, max_records: u64) -> Result<AuditLog, AuditError> {
         let (db, chain) = open_store(data_dir)?;
+        let first = match chain.first()? {
+            Some((k, v)) => decode(&k, &v)?.index,
+            None => 0,
+        };
         let head = match chain.last()? {
             None => Head {
+                first,
                 next: 0,
                 prev: [0; HASH_LEN],
             },
@@ -168,6 +186,7 @@ impl AuditLog {
                         reason: "hash is not 32 bytes of hex".into(),
                     })?;
                 Head {
+                    first,
                     next: e.index + 1,
                     prev,
                 }
@@ -180,6 +199,7 @@ impl AuditLog {
             meta,
             head: Mutex::new(head),
             appended: tokio::sync::Notify::new(),
+            max_records: max_records.max(10),
         })
     }
 
@@ -191,6 +211,54 @@ impl AuditLog {
         detail: &str,
     ) -> Result<u64, AuditError> {
         let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = self.append(&mut head, event, device, detail)?;
+        if head.next - head.first > self.max_records {
+            self.prune(&mut head)?;
+        }
+        drop(head);
+        self.appended.notify_waiters();
+        Ok(index)
+    }
+
+    /// Deletes the oldest tenth of the records kept, after recording that it does so.
+    fn prune(&self, head: &mut Head) -> Result<(), AuditError> {
+        let first_kept = head.first + self.max_records / 10;
+        let anchor = match self.chain.get((first_kept - 1).to_be_bytes())? {
+            Some(v) => decode(&(first_kept - 1).to_be_bytes(), &v)?.hash,
+            None => return Ok(()),
+        };
+        let forwarded = self
+            .meta
+            .get(FORWARDED)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let unforwarded = first_kept.saturating_sub(forwarded.max(head.first));
+        let detail = format!(
+            "first_kept={first_kept} anchor={anchor} pruned={} unforwarded={unforwarded} reason=more than max_records",
+            first_kept - head.first
+        );
+        self.append(head, PRUNED, None, &detail)?;
+        for index in head.first..first_kept {
+            self.chain.remove(index.to_be_bytes())?;
+        }
+        head.first = first_kept;
+        tracing::warn!(
+            event = PRUNED,
+            first_kept,
+            unforwarded,
+            "oldest audit records deleted: more than max_records"
+        );
+        Ok(())
+    }
+
+    /// Appends one record after the head.
+    fn append(
+        &self,
+        head: &mut Head,
+        event: &str,
+        device: Option<&str>,
+        detail: &str,
+    ) -> Result<u64, AuditError> {
         let index = head.next;
         let time_ms = crate::spool::now_ms();
         let hash = chain_hash(index, time_ms, event, device, detail, &head.prev);
@@ -211,8 +279,6 @@ impl AuditLog {
         self.chain.insert(index.to_be_bytes(), value)?;
         head.next += 1;
         head.prev = hash;
-        drop(head);
-        self.appended.notify_waiters();
         Ok(index)
     }
 
@@ -280,10 +346,28 @@ pub fn tail(data_dir: &Path, n: usize) -> Result<Vec<Entry>, AuditError> {
     tail_chain(&chain, n)
 }
 
-/// Checks the chain from its first record, up to (not including) index `end` if given.
+/// Checks the chain from its first record kept, up to (not including) index `end` if
+/// given. Returns the number of records checked.
 fn verify_chain(chain: &sled::Tree, end: Option<u64>) -> Result<u64, AuditError> {
     let mut prev = [0u8; HASH_LEN];
     let mut expected = 0u64;
+    // Records before the first kept were pruned: its link is the anchor a pruning record
+    // must vouch for.
+    let mut unvouched: Option<(u64, String)> = None;
+    if let Some((k, v)) = chain.first()? {
+        let first = decode(&k, &v)?;
+        if first.index > 0 {
+            expected = first.index;
+            prev = crate::pki::cert::unhex(&first.prev)
+                .and_then(|h| <[u8; HASH_LEN]>::try_from(h).ok())
+                .ok_or(AuditError::Broken {
+                    index: first.index,
+                    reason: "link is not 32 bytes of hex".into(),
+                })?;
+            unvouched = Some((first.index, first.prev));
+        }
+    }
+    let start = expected;
     let records = match end {
         Some(end) => chain.range(..end.to_be_bytes()),
         None => chain.range::<&[u8], _>(..),
@@ -308,10 +392,28 @@ fn verify_chain(chain: &sled::Tree, end: Option<u64>) -> Result<u64, AuditError>
         if e.hash != hex(&hash) {
             return Err(broken("contents do not match its hash (edited)"));
         }
+        if e.event == PRUNED {
+            if let Some((index, anchor)) = &unvouched {
+                let names = |key: &str, want: &str| {
+                    e.detail
+                        .split_whitespace()
+                        .any(|w| w.strip_prefix(key) == Some(want))
+                };
+                if names("first_kept=", &index.to_string()) && names("anchor=", anchor) {
+                    unvouched = None;
+                }
+            }
+        }
         prev = hash;
         expected += 1;
     }
-    Ok(expected)
+    if let Some((index, _)) = unvouched {
+        return Err(AuditError::Broken {
+            index,
+            reason: "records before it are gone without an audit.pruned record".into(),
+        });
+    }
+    Ok(expected - start)
 }
 
 fn tail_chain(chain: &sled::Tree, n: usize) -> Result<Vec<Entry>, AuditError> {
@@ -360,7 +462,7 @@ mod tests {
     use super::*;
 
     fn filled(dir: &Path, n: u64) {
-        let log = AuditLog::open(dir).unwrap();
+        let log = AuditLog::open(dir, 1_000_000).unwrap();
         for i in 0..n {
             log.record(
                 "edge.connect_refused",
@@ -434,6 +536,48 @@ mod tests {
         });
         match verify(dir.path()) {
             Err(AuditError::Broken { index: 2, reason }) => assert!(reason.contains("link")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pruned_log_stays_bounded_and_verifies_but_a_deletion_without_a_record_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = AuditLog::open(dir.path(), 100).unwrap();
+            for i in 0..250 {
+                log.record("edge.connect_refused", None, &format!("reason {i}"))
+                    .unwrap();
+            }
+            log.flush().unwrap();
+        }
+        let (db, chain) = open_store(dir.path()).unwrap();
+        assert!(chain.len() <= 101, "{} records kept", chain.len());
+        let pruned = chain
+            .iter()
+            .filter_map(|i| i.ok())
+            .filter(|(k, v)| decode(k, v).unwrap().event == PRUNED)
+            .count();
+        assert!(pruned >= 1);
+        drop((db, chain));
+        let kept = verify(dir.path()).unwrap();
+        assert!(kept <= 101, "{kept}");
+        // Continues across a reopen.
+        filled(dir.path(), 3);
+        verify(dir.path()).unwrap();
+        // The oldest kept record removed by hand: no pruning record vouches for the gap.
+        let first = {
+            let (db, chain) = open_store(dir.path()).unwrap();
+            let (k, _) = chain.first().unwrap().unwrap();
+            chain.remove(&k).unwrap();
+            db.flush().unwrap();
+            u64::from_be_bytes(k.as_ref().try_into().unwrap())
+        };
+        match verify(dir.path()) {
+            Err(AuditError::Broken { index, reason }) => {
+                assert_eq!(index, first + 1);
+                assert!(reason.contains("audit.pruned"), "{reason}");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -36,6 +36,10 @@ pub const DEFAULT_BROKER_MAX_CONNECTIONS: usize = 1024;
 /// defaults (100 MiB × 10) would exhaust a small board.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 20;
 pub const DEFAULT_SEGMENT_COUNT: usize = 4;
+/// How often refusals of unidentified peers are summarised.
+pub const DEFAULT_REFUSAL_SUMMARY: Duration = Duration::from_secs(60);
+/// Audit records kept (about 350 bytes each on disk): years of an ordinary ward's events.
+pub const DEFAULT_AUDIT_MAX_RECORDS: usize = 200_000;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
 /// Where the update agent finds its credentials for the embedded broker, unless
 /// `[broker] agent_credentials` says otherwise: beside the admin socket.
@@ -91,6 +95,8 @@ pub struct Config {
     pub edge: EdgeConfig,
     pub broker: BrokerConfig,
     pub admin: AdminConfig,
+    /// Records the audit log keeps at most (the oldest tenth is pruned past it).
+    pub audit_max_records: u64,
     pub classes: BTreeMap<String, DeviceClass>,
     pub devices: BTreeMap<DeviceId, DeviceEntry>,
     pub spool: crate::spool::SpoolLimits,
@@ -141,6 +147,9 @@ pub struct EdgeConfig {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    /// Refusals of peers without a device certificate: one audited in full per source per
+    /// interval, the rest summarised at its end.
+    pub refusal_summary: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -463,6 +472,13 @@ impl Validator<'_> {
                     DEFAULT_EDGE_MAX_CONNECTIONS,
                     "max_connections",
                 );
+                let refusal_summary =
+                    self.duration(e.refusal_summary.as_ref(), DEFAULT_REFUSAL_SUMMARY);
+                if refusal_summary.is_zero() {
+                    if let Some(r) = &e.refusal_summary {
+                        self.error(r.span(), "refusal_summary must be longer than 0s");
+                    }
+                }
                 match (listen, ca, cert, key) {
                     (Some(listen), Some(ca), Some(cert), Some(key)) => Some(EdgeConfig {
                         listen,
@@ -473,6 +489,7 @@ impl Validator<'_> {
                         handshake_timeout,
                         connect_timeout,
                         max_connections,
+                        refusal_summary,
                     }),
                     _ => None,
                 }
@@ -531,6 +548,16 @@ impl Validator<'_> {
         let admin = AdminConfig {
             socket: admin_socket,
         };
+        let audit_max_records = self.count(
+            raw.audit.max_records.as_ref(),
+            DEFAULT_AUDIT_MAX_RECORDS,
+            "max_records",
+        ) as u64;
+        if audit_max_records < 1000 {
+            if let Some(m) = &raw.audit.max_records {
+                self.error(m.span(), "max_records must be at least 1000");
+            }
+        }
 
         let mut classes = BTreeMap::new();
         for c in &raw.device_class {
@@ -697,6 +724,7 @@ impl Validator<'_> {
                 edge: edge?,
                 broker,
                 admin,
+                audit_max_records,
                 classes,
                 devices,
             })

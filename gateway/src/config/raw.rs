@@ -26,6 +26,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
     pub spool: RawSpool,
     #[serde(default)]
     pub policy: RawPolicy,
@@ -58,6 +60,7 @@ pub struct RawEdge {
     pub handshake_timeout: Option<S<String>>,
     pub connect_timeout: Option<S<String>>,
     pub max_connections: Option<S<i64>>,
+    pub refusal_summary: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +71,12 @@ pub struct RawBroker {
     pub max_connections: Option<S<i64>>,
     pub segment_size: Option<S<RawSize>>,
     pub segment_count: Option<S<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub max_records: Option<S<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

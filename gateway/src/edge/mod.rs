@@ -20,6 +20,7 @@ mod exactly_once;
 mod session;
 mod subscriptions;
 pub mod tls;
+mod unidentified;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -69,6 +70,8 @@ struct EdgeShared {
     throttle_limit: Option<std::time::Duration>,
     rates: crate::policy::DeviceRates,
     subscriptions: subscriptions::Subscriptions,
+    /// Refusals of peers without a device certificate, summarised per source.
+    unidentified: unidentified::Unidentified,
     /// QoS 2 packet identifiers awaiting PUBREL, per device.
     exactly_once: exactly_once::ExactlyOnce,
     /// The rights under which each device's broker session was last opened: a session
@@ -88,6 +91,16 @@ impl EdgeShared {
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveConn>> {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Refuses a peer that showed no device's certificate: logged every time, audited in
+    /// full once per source and interval, summarised after (see [`unidentified`]).
+    fn refuse_unidentified(&self, peer: SocketAddr, reason: &Refusal) {
+        if self.unidentified.refused(peer.ip()) {
+            events::connection_refused(peer, None, reason);
+        } else {
+            events::connection_refused_unaudited(peer, None, reason);
+        }
     }
 
     /// Closes every live connection of `device`; returns how many.
@@ -185,6 +198,7 @@ impl Edge {
                 subscriptions: subscriptions::Subscriptions::default(),
                 sessions: Mutex::default(),
                 exactly_once: exactly_once::ExactlyOnce::default(),
+                unidentified: unidentified::Unidentified::default(),
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
@@ -205,6 +219,7 @@ impl Edge {
     /// end when `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        tracker.spawn(summarise_refusals(self.shared.clone(), shutdown.clone()));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -221,7 +236,8 @@ impl Edge {
                 }
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
-                events::connection_refused(peer, None, &Refusal::TooManyConnections);
+                self.shared
+                    .refuse_unidentified(peer, &Refusal::TooManyConnections);
                 drop(tcp);
                 continue;
             };
@@ -232,6 +248,24 @@ impl Edge {
                 session::serve(shared, tcp, peer, shutdown).await;
                 drop(permit);
             });
+        }
+    }
+}
+
+/// Every `[edge] refusal_summary`, audits what the interval left unaudited.
+async fn summarise_refusals(shared: Arc<EdgeShared>, shutdown: CancellationToken) {
+    let every = shared.config.refusal_summary;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        for (source, count) in shared.unidentified.end_interval() {
+            events::refusals_summarised(source, count, every);
+        }
+        if stop {
+            return;
         }
     }
 }

@@ -47,8 +47,8 @@ pub(super) async fn serve(
         h = timeout(shared.config.handshake_timeout, acceptor.accept(tcp)) => h,
     };
     let mut tls = match handshake {
-        Err(_) => return events::connection_refused(peer, None, &Refusal::HandshakeTimeout),
-        Ok(Err(e)) => return events::connection_refused(peer, None, &Refusal::Tls(e.to_string())),
+        Err(_) => return shared.refuse_unidentified(peer, &Refusal::HandshakeTimeout),
+        Ok(Err(e)) => return shared.refuse_unidentified(peer, &Refusal::Tls(e.to_string())),
         Ok(Ok(tls)) => tls,
     };
     let chain: Vec<CertificateDer<'static>> = tls
@@ -61,13 +61,13 @@ pub(super) async fn serve(
         Some(Ok(d)) => d,
         Some(Err(e)) => {
             let r = Refusal::BadCertificate(e.to_string());
-            events::connection_refused(peer, None, &r);
+            shared.refuse_unidentified(peer, &r);
             return close(tls).await;
         }
         None => {
             // Unreachable with a verifier that requires a certificate; refuse regardless.
             let r = Refusal::BadCertificate("no client certificate".into());
-            events::connection_refused(peer, None, &r);
+            shared.refuse_unidentified(peer, &r);
             return close(tls).await;
         }
     };
