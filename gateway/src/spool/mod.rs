@@ -14,6 +14,10 @@
 //!   oldest first, and never an alarm; if no room can be made the record is refused (the
 //!   device gets no acknowledgement). Every eviction, expiry and refusal is counted per
 //!   device and logged (`spool.evicted`, `spool.expired`, `spool.refused`).
+//! - Ages (for `max_age`) are counted on the monotonic clock from receipt, never on the
+//!   wall clock, so no clock step (NTP setting an RTC-less board's clock) can expire
+//!   records in bulk. Records read back at open are as old as their wall-clock receipt
+//!   time says if it is plausible (not before 2026, not in the future), else new.
 //! - Sequence numbers never repeat, across restarts too: blocks of [`SEQ_BLOCK`] are
 //!   reserved in the meta tree before use.
 //! - A record is handed to the uplink ([`Spool::next_batch`]) only once a group commit has
@@ -145,7 +149,9 @@ pub struct SpoolStats {
 struct Entry {
     device: DeviceId,
     size: u64,
-    received_at_ms: u64,
+    /// When it was received, in ms of the monotonic clock since the spool opened
+    /// (negative: before): ages are measured on it, never on the wall clock.
+    born: i64,
     /// A held last will: not forwarded, not expired.
     held: bool,
 }
@@ -296,6 +302,8 @@ struct Inner {
     flush_tx: Mutex<Option<mpsc::Sender<FlushWaiter>>>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     durable: Arc<Durability>,
+    /// The origin of the monotonic clock records are aged on.
+    opened: std::time::Instant,
 }
 
 /// What the group commits have made durable, shared with the flush thread.
@@ -344,6 +352,22 @@ impl Durable {
             Err(_) => Err(SpoolError::Flush("the flush thread stopped".into())),
         }
     }
+}
+
+/// A wall-clock time no record can have been received before: the year this version was
+/// released (2026-01-01). A board without a real-time clock counts from 1970 (or its
+/// image's build date) until NTP sets it.
+const PLAUSIBLE_SINCE_MS: u64 = 1_767_225_600_000;
+
+/// The age of a record read back at open, from its wall-clock receipt time: its wall age
+/// if both times are plausible, else 0 — received before the clock was set, or the clock
+/// now behind it — so that no clock step can expire a record in bulk. From then on the
+/// record ages on the monotonic clock.
+fn age_at_open(received_at_ms: u64, wall_now: u64) -> i64 {
+    if received_at_ms < PLAUSIBLE_SINCE_MS || wall_now < received_at_ms {
+        return 0;
+    }
+    i64::try_from(wall_now - received_at_ms).unwrap_or(i64::MAX)
 }
 
 pub fn now_ms() -> u64 {
@@ -430,6 +454,7 @@ impl Spool {
 
         let mut state = State::default();
         let mut max_seq = None;
+        let wall_now = now_ms();
         for item in records.iter() {
             let (k, v) = item.map_err(store_err)?;
             let key = Key::from_bytes(&k);
@@ -442,7 +467,7 @@ impl Spool {
                     Entry {
                         device: rec.device,
                         size: (v.len() + KEY_LEN) as u64,
-                        received_at_ms: rec.received_at_ms,
+                        born: -age_at_open(rec.received_at_ms, wall_now),
                         held: false,
                     },
                 ),
@@ -536,6 +561,7 @@ impl Spool {
                 flush_tx: Mutex::new(Some(flush_tx)),
                 flusher: Mutex::new(Some(flusher)),
                 durable,
+                opened: std::time::Instant::now(),
             }),
         })
     }
@@ -697,7 +723,7 @@ impl Spool {
             Entry {
                 device: record.device.clone(),
                 size,
-                received_at_ms: record.received_at_ms,
+                born: self.mono_ms(),
                 held,
             },
         );
@@ -738,12 +764,12 @@ impl Spool {
         backlog_below: u64,
         mut budget: usize,
     ) -> (Vec<(Key, Record)>, bool) {
-        let now = now_ms();
+        let now = self.mono_ms();
         let mut out = Vec::new();
         let mut stale = Vec::new();
         let mut paced = false;
         let durable = self.inner.durable.below.load(Ordering::Acquire);
-        let keys: Vec<(Key, u64)> = {
+        let keys: Vec<(Key, i64)> = {
             let st = self.state();
             let mut keys = Vec::new();
             let ready = st
@@ -761,12 +787,12 @@ impl Spool {
                     }
                     budget -= 1;
                 }
-                keys.push((*k, e.received_at_ms));
+                keys.push((*k, e.born));
             }
             keys
         };
-        for (key, received) in keys {
-            if self.too_old(key.priority, received, now) {
+        for (key, born) in keys {
+            if self.too_old(key.priority, born, now) {
                 stale.push(key);
                 continue;
             }
@@ -795,20 +821,27 @@ impl Spool {
         self.state().next_seq
     }
 
-    fn too_old(&self, priority: Priority, received_at_ms: u64, now: u64) -> bool {
+    /// The monotonic clock, in ms since the spool opened.
+    fn mono_ms(&self) -> i64 {
+        i64::try_from(self.inner.opened.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Whether a record received at `born` is past its class's `max_age` at `now` (both
+    /// on [`Spool::mono_ms`]'s clock).
+    fn too_old(&self, priority: Priority, born: i64, now: i64) -> bool {
         let max = self.inner.limits.max_age[priority as usize];
-        let age = Duration::from_millis(now.saturating_sub(received_at_ms));
-        age > max
+        let age = u64::try_from(now.saturating_sub(born)).unwrap_or(0);
+        Duration::from_millis(age) > max
     }
 
     /// Expires every record older than its class's `max_age`; returns how many.
     pub fn expire(&self) -> usize {
-        let now = now_ms();
+        let now = self.mono_ms();
         let stale: Vec<Key> = self
             .state()
             .index
             .iter()
-            .filter(|(k, e)| !e.held && self.too_old(k.priority, e.received_at_ms, now))
+            .filter(|(k, e)| !e.held && self.too_old(k.priority, e.born, now))
             .map(|(k, _)| *k)
             .collect();
         self.expire_keys(&stale)

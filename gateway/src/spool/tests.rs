@@ -221,13 +221,18 @@ async fn old_records_expire_per_class() {
     let dir = tempfile::tempdir().unwrap();
     let mut l = limits(1 << 20, 1 << 20);
     l.max_age[Priority::Routine as usize] = Duration::from_secs(60);
+    {
+        // Received two minutes ago, by the wall clock, before a restart.
+        let s = Spool::open(dir.path(), l.clone()).unwrap();
+        let mut old = rec("pump-1", 1);
+        old.received_at_ms -= 120_000;
+        s.append(&old, Priority::Routine).unwrap();
+        let mut old_alarm = rec("pump-1", 2);
+        old_alarm.received_at_ms -= 120_000;
+        s.append(&old_alarm, Priority::Alarm).unwrap();
+        s.flush().unwrap();
+    }
     let s = Spool::open(dir.path(), l).unwrap();
-    let mut old = rec("pump-1", 1);
-    old.received_at_ms -= 120_000;
-    s.append(&old, Priority::Routine).unwrap();
-    let mut old_alarm = rec("pump-1", 2);
-    old_alarm.received_at_ms -= 120_000;
-    s.append(&old_alarm, Priority::Alarm).unwrap();
     s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
     assert_eq!(s.expire(), 1);
     let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
@@ -429,4 +434,30 @@ async fn a_paced_batch_takes_backlog_records_only_within_its_budget_and_in_order
     let (batch, paced) = s.next_batch_paced(10, &HashSet::new(), backlog_below, 10);
     assert!(!paced);
     assert_eq!(payloads(batch).len(), 6);
+}
+
+#[tokio::test]
+async fn a_clock_step_never_expires_what_was_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = limits(1 << 20, 1 << 20); // max_age one hour for every class
+    let day = 86_400_000;
+    {
+        let s = Spool::open(dir.path(), l.clone()).unwrap();
+        // Received while the board's clock still said 1970 (no RTC, NTP not yet synced);
+        // then NTP stepped it forward 56 years.
+        let mut before_ntp = rec("pump-1", 1);
+        before_ntp.received_at_ms = 0;
+        s.append(&before_ntp, Priority::Routine).unwrap();
+        // Received while the clock ran ten days ahead; then it was stepped back.
+        let mut ahead = rec("pump-1", 2);
+        ahead.received_at_ms += 10 * day;
+        s.append(&ahead, Priority::Routine).unwrap();
+        assert_eq!(s.expire(), 0, "ages are counted on the monotonic clock");
+        s.flush().unwrap();
+    }
+    // Read back after a restart: a receipt time the wall clock cannot vouch for counts as
+    // now, never as long ago.
+    let s = Spool::open(dir.path(), l).unwrap();
+    assert_eq!(s.expire(), 0);
+    assert_eq!(payloads(&s).await.len(), 2);
 }
