@@ -16,7 +16,14 @@
 //!    is off for the run, so they are slowed, not quarantined). Reported as ratios to the
 //!    device alone.
 //!
-//! Run: `cargo bench -p wardgate --bench throughput` (mosquitto must be installed).
+//! 5. A full spool: `FULL_N` small routine records fill `max_bytes`; `FULL_APPENDS` more
+//!    are appended, each evicting the oldest, and timed per append. The index's memory is
+//!    the process's resident growth while the full spool is opened, per record. Then the
+//!    whole spool is turned over once more (`FULL_N` appends, each evicting) and its
+//!    directory's disk use is compared with `max_bytes`.
+//!
+//! Run: `cargo bench -p wardgate --bench throughput` (mosquitto must be installed);
+//! `WARDGATE_BENCH=spool-full` runs measurement 5 alone.
 //! Data lives under `target/bench-data`, one disk for all three measurements.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,6 +51,83 @@ const WINDOW: usize = 32;
 const CALM_N: usize = 5_000;
 const FLOODERS: usize = 3;
 const FLOOD_RATE: u32 = 200;
+const FULL_N: usize = 200_000;
+const FULL_APPENDS: usize = 2_000;
+
+/// The process's resident memory, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// Bytes a directory tree takes on disk (allocated blocks).
+fn disk_use(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            disk_use(&entry.path())
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    total
+}
+
+/// Measurement 5: microseconds per append into a full spool, index bytes per record, and
+/// disk use over `max_bytes` after a full turnover.
+async fn spool_full(dir: &Path) -> (f64, f64, f64) {
+    let device = DeviceId::parse("bench-1").unwrap();
+    let small = |n: usize| Record {
+        device: device.clone(),
+        topic: format!("ward/{device}/status"),
+        payload: Bytes::from(format!("{n:08}")),
+        qos: 1,
+        received_at_ms: wardgate::spool::now_ms(),
+    };
+    let full_bytes = {
+        let spool = Spool::open(dir, limits()).unwrap();
+        let mut last = None;
+        for n in 0..FULL_N {
+            last = Some(spool.append(&small(n), Priority::Routine).unwrap());
+        }
+        last.unwrap().wait().await.unwrap();
+        spool.flush().unwrap();
+        spool.stats().bytes
+    };
+    let before = rss();
+    let mut l = limits();
+    l.max_bytes = full_bytes;
+    l.device_quota = full_bytes;
+    let spool = Spool::open(dir, l).unwrap();
+    let index = (rss().saturating_sub(before)) as f64 / FULL_N as f64;
+    assert_eq!(spool.stats().records, FULL_N);
+    let start = Instant::now();
+    for n in 0..FULL_APPENDS {
+        spool.append(&small(FULL_N + n), Priority::Routine).unwrap();
+    }
+    let per_append = start.elapsed().as_secs_f64() * 1e6 / FULL_APPENDS as f64;
+    assert_eq!(spool.stats().records, FULL_N);
+    let mut last = None;
+    for n in 0..FULL_N {
+        last = Some(
+            spool
+                .append(&small(FULL_N + FULL_APPENDS + n), Priority::Routine)
+                .unwrap(),
+        );
+    }
+    last.unwrap().wait().await.unwrap();
+    spool.flush().unwrap();
+    let disk = disk_use(&dir.join("spool")) as f64 / full_bytes as f64;
+    (per_append, index, disk)
+}
 
 fn limits() -> SpoolLimits {
     SpoolLimits {
@@ -52,6 +136,7 @@ fn limits() -> SpoolLimits {
         max_age: [Duration::from_secs(86_400); 3],
         cache_bytes: 16 << 20,
         max_rejected: 16 << 20,
+        max_records: 1 << 30,
     }
 }
 
@@ -336,7 +421,18 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("WARDGATE_BENCH").as_deref() == Ok("spool-full") {
+        let (per_append, index, disk) = rt.block_on(spool_full(&base.join("spool-full")));
+        println!("  full spool ({FULL_N} records), append evicting the oldest: {per_append:>8.1} µs/append");
+        println!(
+            "  full spool, index memory (resident growth at open):    {index:>8.0} bytes/record"
+        );
+        println!("  full spool, disk use after a full turnover / max_bytes: {disk:>8.2}");
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     rt.block_on(async {
+        let (per_append, index, disk) = spool_full(&base.join("spool-full")).await;
         let group = spool_group_commit(&base.join("spool-group")).await;
         let each = spool_flush_each(&base.join("spool-each")).await;
         let e2e = end_to_end(&base.join("e2e")).await;
@@ -351,6 +447,9 @@ fn main() {
         println!("    alone:                                       {alone:>10.0} messages/s");
         println!("    with {FLOODERS} unlimited flooders:                  {unlimited:>10.0} messages/s  (ratio {:.3})", unlimited / alone);
         println!("    with {FLOODERS} flooders limited to {FLOOD_RATE}/s:           {limited:>10.0} messages/s  (ratio {:.3})", limited / alone);
+        println!("  full spool ({FULL_N} records), append evicting the oldest: {per_append:>8.1} µs/append");
+        println!("  full spool, index memory (resident growth at open):    {index:>8.0} bytes/record");
+        println!("  full spool, disk use after a full turnover / max_bytes: {disk:>8.2}");
     });
     let _ = std::fs::remove_dir_all(&base);
 }

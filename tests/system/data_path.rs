@@ -721,3 +721,85 @@ async fn a_qos2_publish_resent_after_a_reconnect_reaches_the_hospital_once() {
     );
     assert_eq!(site.device_json("pump-1")["counters"]["accepted"], 2);
 }
+
+/// Issue 12, the fault test: the upstream is out, the spool fills, and one device floods
+/// it; then the upstream returns. Every alarm acknowledged arrives, and before any other
+/// record; every other record acknowledged either arrives or is counted as evicted (the
+/// spool's documented rule: routine before vital, never an alarm); the well-behaved pump
+/// is served throughout; the gateway's memory stays bounded (printed).
+#[tokio::test]
+async fn an_outage_with_a_full_spool_and_a_flooding_device_loses_nothing_acknowledged() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start_with_acl(&site.path("upstream"), "gw-test", UPSTREAM_ACL).await;
+    let link = Link::start(upstream.port, false).await;
+    site.extra = upstream.uplink_section("gw-test", link.port, "")
+        + "\n[spool]\nmax_bytes = \"256KiB\"\ndevice_quota = \"256KiB\"\n";
+    let mut consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.connect_failed", &[]).await;
+    let rss_before = gw.rss_kib();
+
+    // pump-1 floods routine status, far more than the spool holds; pump-2 raises an alarm
+    // every 100 of them. Every publish here waits for its PUBACK: acknowledged.
+    let mut flooder = Client::connect(&site, "pump-1", gw.port()).await;
+    let mut pump = Client::connect(&site, "pump-2", gw.port()).await;
+    const FLOOD: usize = 3000;
+    const ALARMS: usize = 30;
+    let filler = vec![b'r'; 200];
+    for i in 0..FLOOD {
+        flooder
+            .publish(&format!("ward/pump-1/status/{i}"), &filler)
+            .await;
+        if i % (FLOOD / ALARMS) == 0 {
+            pump.publish(
+                &format!("ward/pump-2/alarm/{}", i / (FLOOD / ALARMS)),
+                b"alarm",
+            )
+            .await;
+        }
+    }
+    let rss_full = gw.rss_kib();
+    let evicted = site.device_json("pump-1")["counters"]["evicted"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(evicted > 0, "the spool filled");
+
+    link.set_up(true);
+    let got = consumer
+        .until(|g| g.len() >= ALARMS + FLOOD - evicted)
+        .await;
+    let rss_after = gw.rss_kib();
+    println!(
+        "gateway RSS: {rss_before} KiB before, {rss_full} KiB with the spool full after \
+         {FLOOD} flooded records ({evicted} evicted), {rss_after} KiB after draining"
+    );
+    let topics: Vec<String> = got
+        .iter()
+        .map(|p| String::from_utf8(p.topic.to_vec()).unwrap())
+        .collect();
+    let alarm = "hospital/st-mary/gw-test/pump-2/alarm/";
+    assert!(
+        topics[..ALARMS].iter().all(|t| t.starts_with(alarm)),
+        "alarms first: {:?}",
+        &topics[..ALARMS + 3]
+    );
+    let mut alarms: Vec<usize> = topics[..ALARMS]
+        .iter()
+        .map(|t| t[alarm.len()..].parse().unwrap())
+        .collect();
+    alarms.sort_unstable();
+    assert_eq!(alarms, (0..ALARMS).collect::<Vec<_>>(), "every alarm, once");
+    // The routine records that arrive are the newest, in order, none twice.
+    let routine: Vec<usize> = topics[ALARMS..]
+        .iter()
+        .map(|t| t.rsplit('/').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(routine, (evicted..FLOOD).collect::<Vec<_>>());
+    assert!(
+        rss_full < rss_before + 64 * 1024,
+        "memory grew by {} KiB",
+        rss_full - rss_before
+    );
+    gw.stop().await;
+    assert_eq!(site.audit_count("spool.evicted", "pump-1"), evicted);
+}

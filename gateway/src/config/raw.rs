@@ -120,6 +120,7 @@ pub struct RawSpool {
     pub device_quota: Option<S<RawSize>>,
     pub cache: Option<S<RawSize>>,
     pub max_rejected: Option<S<RawSize>>,
+    pub max_records: Option<S<i64>>,
     #[serde(default)]
     pub max_age: RawMaxAge,
 }

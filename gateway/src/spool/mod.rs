@@ -84,6 +84,8 @@ pub struct SpoolLimits {
     pub cache_bytes: u64,
     /// Bytes of rejected records kept for inspection (the newest).
     pub max_rejected: u64,
+    /// Records kept at most: bounds the in-memory index (about 100 bytes a record).
+    pub max_records: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +206,8 @@ impl State {
     }
 
     /// The records to evict so that a `size`-byte record of `priority` from `device` fits,
-    /// or why it cannot. Pure: nothing is changed.
+    /// or why it cannot. Pure: nothing is changed. Walks only the records it takes, so an
+    /// append into a full spool costs O(victims × log n), not O(n).
     fn plan(
         &self,
         device: &DeviceId,
@@ -216,63 +219,85 @@ impl State {
         if size > limits.device_quota || size > limits.max_bytes {
             return Err("the record is larger than the spool or the device quota");
         }
-        // Evictable: not an alarm, and not more urgent than the newcomer.
-        let evictable = |k: &Key| k.priority != Priority::Alarm && k.priority >= priority;
-        let order = |keys: &BTreeSet<Key>| -> Vec<Key> {
-            let routine = keys.range(Key::first_of(Priority::Routine)..);
-            let vital =
-                keys.range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
-            routine.chain(vital).copied().filter(evictable).collect()
-        };
         let mut victims = Vec::new();
-        let mut chosen = HashSet::new();
         let mut freed_device = 0;
         let mut freed_total = 0;
 
         let share = self.devices.get(device);
         let device_bytes = share.map_or(0, |s| s.bytes);
         if device_bytes + size > limits.device_quota {
-            for k in share.map(|s| order(&s.keys)).unwrap_or_default() {
+            for k in share.into_iter().flat_map(|s| evictable(&s.keys, priority)) {
                 if device_bytes - freed_device + size <= limits.device_quota {
                     break;
                 }
                 let s = self.index.get(&k).map_or(0, |e| e.size);
                 freed_device += s;
                 freed_total += s;
-                chosen.insert(k);
                 victims.push(k);
             }
             if device_bytes - freed_device + size > limits.device_quota {
                 return Err("the device's quota is full of records as urgent as this one");
             }
         }
-        if self.total_bytes - freed_total + size > limits.max_bytes {
-            let candidates: Vec<Key> = match room {
-                Room::Any => {
-                    let routine = self.index.range(Key::first_of(Priority::Routine)..);
-                    let vital = self
-                        .index
-                        .range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
-                    routine.chain(vital).map(|(k, _)| *k).collect()
-                }
-                Room::OwnOnly => share.map(|s| order(&s.keys)).unwrap_or_default(),
+        // Over the spool's bytes, or its record count (which bounds the index's memory).
+        let over = |freed: u64, evicted: usize| {
+            self.total_bytes - freed + size > limits.max_bytes
+                || self.index.len() + 1 - evicted > limits.max_records
+        };
+        if over(freed_total, victims.len()) {
+            // The device's victims are its oldest evictable records: the device's further
+            // ones come after them in the same order.
+            let taken = victims.len();
+            let candidates: Box<dyn Iterator<Item = Key> + '_> = match room {
+                Room::Any => Box::new(evictable_in(&self.index, priority)),
+                Room::OwnOnly => Box::new(
+                    share
+                        .into_iter()
+                        .flat_map(move |s| evictable(&s.keys, priority))
+                        .skip(taken),
+                ),
             };
+            let already: HashSet<Key> = victims.iter().copied().collect();
             for k in candidates {
-                if self.total_bytes - freed_total + size <= limits.max_bytes {
+                if !over(freed_total, victims.len()) {
                     break;
                 }
-                if !evictable(&k) || chosen.contains(&k) {
+                if already.contains(&k) {
                     continue;
                 }
                 freed_total += self.index.get(&k).map_or(0, |e| e.size);
                 victims.push(k);
             }
-            if self.total_bytes - freed_total + size > limits.max_bytes {
+            if over(freed_total, victims.len()) {
                 return Err("the spool is full of records as urgent as this one");
             }
         }
         Ok(victims)
     }
+}
+
+/// The keys of `keys` a record of `priority` may evict, in eviction order: routine, then
+/// vital (never an alarm), none more urgent than it, oldest first within each.
+fn evictable(keys: &BTreeSet<Key>, priority: Priority) -> impl Iterator<Item = Key> + '_ {
+    let routine = keys.range(Key::first_of(Priority::Routine)..);
+    let vital = keys.range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
+    routine
+        .chain(vital)
+        .copied()
+        .filter(move |k| k.priority >= priority)
+}
+
+/// [`evictable`] over the whole index.
+fn evictable_in(
+    index: &BTreeMap<Key, Entry>,
+    priority: Priority,
+) -> impl Iterator<Item = Key> + '_ {
+    let routine = index.range(Key::first_of(Priority::Routine)..);
+    let vital = index.range(Key::first_of(Priority::Vital)..Key::first_of(Priority::Routine));
+    routine
+        .chain(vital)
+        .map(|(k, _)| *k)
+        .filter(move |k| k.priority >= priority)
 }
 
 /// Where room for a new record may come from.

@@ -8,6 +8,7 @@ fn limits(max_bytes: u64, device_quota: u64) -> SpoolLimits {
         max_age: [Duration::from_secs(3600); 3],
         cache_bytes: 1 << 20,
         max_rejected: 1 << 20,
+        max_records: 1 << 30,
     }
 }
 
@@ -460,4 +461,25 @@ async fn a_clock_step_never_expires_what_was_received() {
     let s = Spool::open(dir.path(), l).unwrap();
     assert_eq!(s.expire(), 0);
     assert_eq!(payloads(&s).await.len(), 2);
+}
+
+#[tokio::test]
+async fn max_records_bounds_the_index_like_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = limits(1 << 20, 1 << 20);
+    l.max_records = 3;
+    let s = Spool::open(dir.path(), l).unwrap();
+    for n in 0..3 {
+        s.append(&rec("pump-1", n), Priority::Routine).unwrap();
+    }
+    s.append(&rec("pump-2", 3), Priority::Alarm).unwrap();
+    assert_eq!(s.stats().records, 3, "the oldest routine record made room");
+    s.append(&rec("pump-2", 4), Priority::Alarm).unwrap();
+    s.append(&rec("pump-2", 5), Priority::Alarm).unwrap();
+    assert!(
+        s.append(&rec("pump-2", 6), Priority::Alarm).is_err(),
+        "full of alarms: refused, never evicted"
+    );
+    let order: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(order, ["00000003", "00000004", "00000005"]);
 }

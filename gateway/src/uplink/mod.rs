@@ -218,9 +218,11 @@ impl Uplink {
             let room = window.saturating_sub(inflight.len());
             if room > 0 {
                 let budget = pace.available(room);
-                let (batch, held_back) =
+                // Reads from the store, which may block on its disk.
+                let (batch, held_back) = tokio::task::block_in_place(|| {
                     self.spool
-                        .next_batch_paced(room, &inflight, backlog_below, budget);
+                        .next_batch_paced(room, &inflight, backlog_below, budget)
+                });
                 if held_back {
                     paced = Some(pace.next_at());
                 }
