@@ -1,8 +1,15 @@
 //! The agent's view of an update repository: which bundle, if any, this appliance should
 //! install.
 //!
-//! The repository is loaded with tough from the image's trusted root, with a datastore of
-//! the metadata this appliance has already trusted, so that TUF refuses a replayed older
+//! The repository is loaded with tough from the newest root this appliance has trusted: the
+//! one tough keeps in the datastore after following a rotation, or the image's root at
+//! first use (or when the image's is newer, after an update shipped one). Starting from the
+//! image's root every time would forget a rotation away from leaked keys — a mirror
+//! withholding the new root could then serve metadata signed with the old ones — and would
+//! make tough drop the trusted timestamp and snapshot at every check (it does when the
+//! keys differ from the root it started from), losing rollback protection. A datastore
+//! root that cannot be read is an error, never a reason to fall back to the image's.
+//! The datastore of the metadata this appliance has already trusted makes TUF refuse a replayed older
 //! timestamp or snapshot (mix-and-match, rollback of metadata), expired metadata (freeze),
 //! signatures by keys the root does not name and signatures below a threshold. On top of
 //! that the agent refuses a bundle for other hardware and any version at or below its
@@ -118,12 +125,7 @@ pub enum UpdateError {
 
 /// Loads the repository through TUF (see the module docs).
 pub async fn load(source: &Source) -> Result<tough::Repository, UpdateError> {
-    let root = std::fs::read(&source.trusted_root).map_err(|e| {
-        UpdateError::Metadata(format!(
-            "trusted root {}: {e}",
-            source.trusted_root.display()
-        ))
-    })?;
+    let root = trusted_root(source)?;
     std::fs::create_dir_all(&source.datastore)
         .map_err(|e| UpdateError::Metadata(format!("datastore: {e}")))?;
     tough::RepositoryLoader::new(
@@ -136,6 +138,42 @@ pub async fn load(source: &Source) -> Result<tough::Repository, UpdateError> {
     .load()
     .await
     .map_err(|e| UpdateError::Metadata(e.to_string()))
+}
+
+/// The root to start from: the datastore's (the last one tough verified and followed) or
+/// the image's, whichever has the higher version. tough verifies it again (its own
+/// signatures) before use.
+fn trusted_root(source: &Source) -> Result<Vec<u8>, UpdateError> {
+    let version = |path: &Path, bytes: &[u8]| -> Result<u64, UpdateError> {
+        serde_json::from_slice::<tough::schema::Signed<tough::schema::Root>>(bytes)
+            .map(|r| r.signed.version.get())
+            .map_err(|e| {
+                UpdateError::Metadata(format!("trusted root {}: {e}", path.display()))
+            })
+    };
+    let image = std::fs::read(&source.trusted_root).map_err(|e| {
+        UpdateError::Metadata(format!(
+            "trusted root {}: {e}",
+            source.trusted_root.display()
+        ))
+    })?;
+    let stored_path = source.datastore.join("root.json");
+    let stored = match std::fs::read(&stored_path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(image),
+        Err(e) => {
+            return Err(UpdateError::Metadata(format!(
+                "trusted root {}: {e}",
+                stored_path.display()
+            )))
+        }
+    };
+    let stored_version = version(&stored_path, &stored)?;
+    if stored_version >= version(&source.trusted_root, &image)? {
+        Ok(stored)
+    } else {
+        Ok(image)
+    }
 }
 
 /// Every bundle in the repository: (target name, version, hardware, length, sbom).

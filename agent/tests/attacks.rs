@@ -273,3 +273,72 @@ async fn a_clock_set_back_cannot_make_expired_metadata_fresh() {
     assert_eq!(slot_b(&b), FACTORY);
     assert!(b.server.log().is_empty(), "nothing was even fetched");
 }
+
+/// The fleet rotates its online keys (targets, snapshot, timestamp) away from leaked ones:
+/// a new root, signed by the root key, and metadata signed by the new keys. The board
+/// follows it once. (The board is of a hardware no forged bundle names, so that what is
+/// tested is whose metadata it trusts, not what it installs.)
+async fn rotated_away_from_leaked_keys() -> Board {
+    use tough::schema::RoleType;
+    let o = Options {
+        hardware: "imx8",
+        ..Options::default()
+    };
+    let b = Board::new(&[], o).await;
+    for k in ["newtargets", "newsnapshot", "newtimestamp"] {
+        common::ok(&args!["keygen", b.fleet.s(&format!("{k}.key"))]);
+    }
+    let roles = [
+        (RoleType::Targets, "newtargets"),
+        (RoleType::Snapshot, "newsnapshot"),
+        (RoleType::Timestamp, "newtimestamp"),
+    ];
+    forge::rotate_roles(&b.fleet, &roles, &["root"]).await;
+    // New metadata, signed by the new keys.
+    forge::bundle(&b.fleet, "0.9.0", &NEW_KEYS).await;
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    b
+}
+
+const NEW_KEYS: Signers<'static> = Signers {
+    targets: &["newtargets"],
+    snapshot: &["newsnapshot"],
+    timestamp: &["newtimestamp"],
+};
+
+/// Issue 13, item 1: a root rotation sticks. After the board followed the fleet's new root,
+/// a mirror that withholds it and serves a bundle signed with the leaked old keys is
+/// refused: the board checks from the root it last trusted, not the one in its image.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_rotation_sticks_when_a_mirror_withholds_the_new_root() {
+    let b = rotated_away_from_leaked_keys().await;
+    std::fs::remove_file(b.fleet.p("repo/metadata/2.root.json")).unwrap();
+    forge::bundle(
+        &b.fleet,
+        "9.9.9",
+        &Signers {
+            targets: &["targets"],
+            snapshot: &["snapshot"],
+            timestamp: &["timestamp"],
+        },
+    )
+    .await;
+    refused(&b, "signature");
+    assert_eq!(slot_b(&b), FACTORY);
+}
+
+/// Issue 13, item 2: rollback protection survives a timestamp and snapshot key rotation.
+/// After the rotation the board trusts newer metadata; a mirror replaying an older
+/// timestamp, validly signed by the new key, is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_protection_survives_a_key_rotation() {
+    let b = rotated_away_from_leaked_keys().await;
+    let meta = b.fleet.p("repo/metadata");
+    let old = std::fs::read(meta.join("timestamp.json")).unwrap();
+    forge::bundle(&b.fleet, "0.9.1", &NEW_KEYS).await;
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    std::fs::write(meta.join("timestamp.json"), old).unwrap();
+    refused(&b, "version");
+}

@@ -163,3 +163,27 @@ pub async fn root(f: &Fleet, new_key: &str, signers: &[&str]) {
     let signed = sign(f, root.signed, signers).await;
     write(&meta.join(format!("{v}.root.json")), &signed);
 }
+
+/// A new root version in which each `(role, key)` of `roles` has `key` as its only key
+/// (a rotation away from leaked online keys), signed by `signers`.
+pub async fn rotate_roles(f: &Fleet, roles: &[(tough::schema::RoleType, &str)], signers: &[&str]) {
+    let meta = f.p("repo/metadata");
+    let mut n = 1;
+    while meta.join(format!("{}.root.json", n + 1)).exists() {
+        n += 1;
+    }
+    let mut root: Signed<Root> = read(&meta.join(format!("{n}.root.json")));
+    for (role, key) in roles {
+        let source = LocalKeySource {
+            path: f.p(&format!("{key}.key")),
+        };
+        let key = source.as_sign().await.unwrap().tuf_key();
+        let id = key.key_id().unwrap();
+        root.signed.keys.insert(id.clone(), key);
+        root.signed.roles.get_mut(role).unwrap().keyids = vec![id];
+    }
+    root.signed.version = root.signed.version.checked_add(1).unwrap();
+    let v = root.signed.version;
+    let signed = sign(f, root.signed, signers).await;
+    write(&meta.join(format!("{v}.root.json")), &signed);
+}
