@@ -277,6 +277,7 @@ impl Agent {
         version: Option<&str>,
     ) -> Result<Outcome, String> {
         let floor = self.appliance.floor.get()?;
+        self.appliance.may_install()?;
         // TUF's expiry checks trust the clock. A board without a battery-backed clock can
         // boot with a stale time and would take expired (frozen) metadata for fresh: the
         // clock must not be behind the last repository this agent trusted.
@@ -316,13 +317,19 @@ impl Agent {
                 candidate.version, candidate.length, self.cfg.repository.max_bundle_bytes
             ));
         }
-        let target = self
-            .appliance
-            .boot
-            .state()
-            .map_err(|e| e.to_string())?
-            .default
-            .other();
+        let state = self.appliance.boot.state().map_err(|e| e.to_string())?;
+        let target = state.default.other();
+        // The slot written is never the one running: if the board runs the slot that is
+        // not its default (a fallback, a forced boot), nothing is installed until that is
+        // resolved.
+        let booted = self.booted_slot()?;
+        if booted == target {
+            return Err(format!(
+                "slot {booted} is running but slot {} is the default: refusing to write the \
+                 running slot",
+                state.default
+            ));
+        }
         let capacity = slot_capacity(&self.appliance.slots[target as usize])?;
         if let Some(cap) = capacity {
             if candidate.length > cap {

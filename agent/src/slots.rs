@@ -361,6 +361,25 @@ impl<B: BootControl> Appliance<B> {
         self.install_with(repo, candidate, None).await
     }
 
+    /// Whether an install may start: never while a trial is undecided, since the slot that
+    /// is not the default may then be the one running on trial or armed to boot next, and
+    /// the default is the fallback.
+    pub fn may_install(&self) -> Result<(), String> {
+        if let Some((slot, _)) = self.boot.state().map_err(|e| e.to_string())?.trial {
+            return Err(format!(
+                "slot {slot} is armed for a trial boot: no install until it is committed or \
+                 rolled back"
+            ));
+        }
+        if let Some(Record::Pending { version, slot }) = self.last() {
+            return Err(format!(
+                "update {version} in slot {slot} awaits its trial's verdict: no install until \
+                 it is committed or rolled back"
+            ));
+        }
+        Ok(())
+    }
+
     /// Like [`Appliance::install`], but a download interrupted by the network (not one
     /// that failed verification) keeps what it wrote, and the next attempt at the same
     /// bundle resumes from the last durable point through `fetcher` (the repository's
@@ -387,12 +406,9 @@ impl<B: BootControl> Appliance<B> {
                 candidate.version
             ));
         }
-        let target = self
-            .boot
-            .state()
-            .map_err(|e| e.to_string())?
-            .default
-            .other();
+        self.may_install()?;
+        let state = self.boot.state().map_err(|e| e.to_string())?;
+        let target = state.default.other();
         let path = self.slot_path(target);
         let progress = self.download_path();
         let resume = fetcher.map(|fetcher| crate::update::Resume {

@@ -147,9 +147,7 @@ fn trusted_root(source: &Source) -> Result<Vec<u8>, UpdateError> {
     let version = |path: &Path, bytes: &[u8]| -> Result<u64, UpdateError> {
         serde_json::from_slice::<tough::schema::Signed<tough::schema::Root>>(bytes)
             .map(|r| r.signed.version.get())
-            .map_err(|e| {
-                UpdateError::Metadata(format!("trusted root {}: {e}", path.display()))
-            })
+            .map_err(|e| UpdateError::Metadata(format!("trusted root {}: {e}", path.display())))
     };
     let image = std::fs::read(&source.trusted_root).map_err(|e| {
         UpdateError::Metadata(format!(

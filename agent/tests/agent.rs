@@ -482,3 +482,74 @@ fn a_broken_config_is_refused_with_every_error_and_exit_78() {
         assert!(err.contains(want), "{want}: {err}");
     }
 }
+
+/// Issue 13, item 3: nothing is installed while a trial is undecided, and never into the
+/// slot that runs. With 1.1.0 booted on trial in slot B (its health not yet judged), the
+/// fleet publishes 1.2.0: `check` refuses, and slot B still holds what runs. The same with
+/// a crash between arming the trial and saving the record (a trial armed, no pending
+/// record), and with the board running its non-default slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_install_while_a_trial_is_undecided_nor_into_the_running_slot() {
+    use wardgate_agent::slots::{BootControl, BootState, StateFile};
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
+    assert_eq!(b.power_cycle(), Slot::B);
+    assert!(b.fleet.add("1.2.0", &common::SIGNERS, &[]).0);
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(!ok && out.contains("no install until"), "{out}");
+    assert_eq!(
+        &std::fs::read(b.fleet.p("slot-b.img")).unwrap()[..],
+        &b.image("1.1.0")[..],
+        "the running slot was written"
+    );
+
+    // A trial armed but no record of it (a crash in between): still no install.
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let boot = StateFile {
+        path: b.fleet.p("boot-state.txt"),
+    };
+    boot.write(BootState {
+        default: Slot::A,
+        trial: Some((Slot::B, 1)),
+    })
+    .unwrap();
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(!ok && out.contains("armed for a trial"), "{out}");
+
+    // Running B while A is the default (the boot loader fell back to it): B is not written.
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    std::fs::write(b.fleet.p("cmdline"), "wardgate.slot=B\n").unwrap();
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(
+        !ok && out.contains("refusing to write the running slot"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(b.fleet.p("slot-b.img")).unwrap(),
+        b"factory image"
+    );
+}
+
+/// Issue 13, item 5: `run` without `[report] broker` (no one can send "check now") checks
+/// once per `poll_interval`, not in a loop. The board here has no broker and a poll
+/// interval of an hour: between its start and SIGTERM, one check.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_without_a_broker_checks_once_per_interval() {
+    let b = Board::new(&[], Options::default()).await;
+    let agent = b.spawn_run();
+    wait_for("the first check", Duration::from_secs(30), || {
+        b.has_event("checked")
+    });
+    // The status the operator would look at, read while the agent runs (a busy loop would
+    // be checking again meanwhile, as it did 251 times in 7 s).
+    let s = b.status();
+    assert_eq!(s["awaiting_reboot"], serde_json::Value::Null, "{s}");
+    stop(agent);
+    let checks = b
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "checked")
+        .count();
+    assert_eq!(checks, 1, "{:?}", b.events());
+}

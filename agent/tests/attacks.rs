@@ -149,6 +149,10 @@ async fn a_replayed_older_snapshot_is_refused() {
     assert!(ok, "{out}");
     assert_eq!(b.reboots(), 1);
     let after = slot_b(&b);
+    // Its trial passes: nothing is pending any more.
+    b.power_cycle();
+    let (ok, out) = b.agent(&["mark-good"]);
+    assert!(ok, "{out}");
     // A mirror (or attacker) now serves the old timestamp, naming the old snapshot.
     std::fs::write(meta.join("timestamp.json"), old).unwrap();
     let (ok, out) = b.agent(&["check", "--now"]);

@@ -188,6 +188,15 @@ async fn finish_install(
     r
 }
 
+/// The next "check now" command; never, once nobody can send one (without `[report]
+/// broker` there is no sender: a closed channel must not wake the loop at once, forever).
+async fn command(rx: &mut mpsc::Receiver<CheckNow>) -> CheckNow {
+    match rx.recv().await {
+        Some(c) => c,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run(cfg: Config) -> Result<(), String> {
     let (tx, mut rx) = mpsc::channel::<CheckNow>(4);
     let mut agent = Agent::new(cfg, Some(tx))?;
@@ -215,7 +224,7 @@ async fn run(cfg: Config) -> Result<(), String> {
             }
             tokio::select! {
                 _ = term.recv() => return Ok(()),
-                c = rx.recv() => force = c.is_some_and(|c| c.now),
+                c = command(&mut rx) => force = c.now,
                 // Re-evaluated each minute (the window opens on a minute boundary).
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
@@ -227,7 +236,7 @@ async fn run(cfg: Config) -> Result<(), String> {
                 agent.flush_reports(Duration::from_secs(2)).await;
                 return Ok(());
             }
-            c = rx.recv() => force = c.is_some_and(|c| c.now),
+            c = command(&mut rx) => force = c.now,
             _ = tokio::time::sleep_until(next) => force = false,
         }
         let _ = agent.check(None, None).await;
