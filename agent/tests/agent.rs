@@ -490,7 +490,7 @@ fn a_broken_config_is_refused_with_every_error_and_exit_78() {
 /// record), and with the board running its non-default slot.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_install_while_a_trial_is_undecided_nor_into_the_running_slot() {
-    use wardgate_agent::slots::{BootControl, BootState, StateFile};
+    use wardgate_agent::slots::{BootState, StateFile};
     let b = Board::new(&["1.1.0"], Options::default()).await;
     let (ok, out) = b.agent(&["check", "--now"]);
     assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
