@@ -494,6 +494,17 @@ impl Agent {
             }
             _ if force => {
                 let other = booted.other();
+                let other_path = &self.appliance.slots[other as usize];
+                match crate::slots::is_invalidated(other_path) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        return Err(format!(
+                            "slot {other} was invalidated (a download that failed \
+                             verification) or is empty; it cannot be booted"
+                        ))
+                    }
+                    Err(e) => return Err(format!("slot {other} ({}): {e}", other_path.display())),
+                }
                 if let Some(p) = update::Progress::load(&self.appliance.download_path()) {
                     if p.slot == self.appliance.slots[other as usize] {
                         return Err(format!(

@@ -210,6 +210,17 @@ fn invalidate(path: &Path) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Whether the slot at `path` was invalidated ([`invalidate`]: its first MiB, or all of it
+/// if shorter, is zeros — no bootable image starts so) or holds nothing.
+pub fn is_invalidated(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(1 << 20);
+    std::fs::File::open(path)?
+        .take(1 << 20)
+        .read_to_end(&mut head)?;
+    Ok(head.iter().all(|&b| b == 0))
+}
+
 /// The lowest version this appliance will ever install again: raised when a slot is
 /// committed, never lowered, kept across updates (outside the slots).
 #[derive(Debug, Clone)]

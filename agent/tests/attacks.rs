@@ -116,6 +116,10 @@ async fn a_target_with_a_flipped_bit_is_refused_and_its_slot_invalidated() {
     std::fs::write(&file, bytes).unwrap();
     refused(&b, "hash");
     invalidated(&b);
+    // Issue 13, item 9: and nobody can make it the default by hand.
+    let (ok, out) = b.agent(&["rollback", "--force"]);
+    assert!(!ok && out.contains("invalidated"), "{out}");
+    unharmed(&b);
 }
 
 #[tokio::test(flavor = "multi_thread")]
