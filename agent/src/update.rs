@@ -125,10 +125,12 @@ pub enum UpdateError {
 
 /// Loads the repository through TUF (see the module docs).
 pub async fn load(source: &Source) -> Result<tough::Repository, UpdateError> {
-    let root = trusted_root(source)?;
     std::fs::create_dir_all(&source.datastore)
         .map_err(|e| UpdateError::Metadata(format!("datastore: {e}")))?;
-    tough::RepositoryLoader::new(
+    let kept = kept_copy(&source.datastore);
+    restore(&source.datastore, &kept)?;
+    let root = trusted_root(source)?;
+    let repo = tough::RepositoryLoader::new(
         &root,
         source.metadata_url.clone(),
         source.targets_url.clone(),
@@ -137,7 +139,82 @@ pub async fn load(source: &Source) -> Result<tough::Repository, UpdateError> {
     .transport(source.fetcher.clone())
     .load()
     .await
-    .map_err(|e| UpdateError::Metadata(e.to_string()))
+    .map_err(|e| UpdateError::Metadata(e.to_string()))?;
+    keep(&source.datastore, &kept)?;
+    Ok(repo)
+}
+
+/// Where the metadata of the last successful load is kept, written crash-safely.
+fn kept_copy(datastore: &Path) -> PathBuf {
+    let mut name = datastore.file_name().unwrap_or_default().to_owned();
+    name.push(".trusted");
+    datastore.with_file_name(name)
+}
+
+/// tough writes its datastore in place, so a crash can leave a file truncated, and it
+/// skips a file it cannot parse — a truncated `timestamp.json` would let a replayed older
+/// one in. So the datastore is reset before each load to the copy kept after the last
+/// successful one. Before there is such a copy (first use, or after an upgrade), a
+/// datastore file that does not parse is an error, never skipped.
+fn restore(datastore: &Path, kept: &Path) -> Result<(), UpdateError> {
+    let err = |what: &Path, e: &dyn fmt::Display| {
+        UpdateError::Metadata(format!("trusted metadata {}: {e}", what.display()))
+    };
+    let files = |dir: &Path| -> Result<Vec<PathBuf>, UpdateError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| err(dir, &e))? {
+            let path = entry.map_err(|e| err(dir, &e))?.path();
+            if path.extension().is_some_and(|x| x == "json") {
+                out.push(path);
+            }
+        }
+        Ok(out)
+    };
+    if !kept.is_dir() {
+        for path in files(datastore)? {
+            let bytes = std::fs::read(&path).map_err(|e| err(&path, &e))?;
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(|e| err(&path, &format!("unreadable ({e}); refusing to skip it")))?;
+        }
+        return Ok(());
+    }
+    for path in files(datastore)? {
+        std::fs::remove_file(&path).map_err(|e| err(&path, &e))?;
+    }
+    for path in files(kept)? {
+        let to = datastore.join(path.file_name().unwrap_or_default());
+        std::fs::copy(&path, &to).map_err(|e| err(&to, &e))?;
+    }
+    Ok(())
+}
+
+/// Keeps the datastore of a successful load: each file written crash-safely (temporary
+/// file, fsync, rename, fsync of the directory), and files tough removed removed.
+fn keep(datastore: &Path, kept: &Path) -> Result<(), UpdateError> {
+    let err = |what: &Path, e: &dyn fmt::Display| {
+        UpdateError::Metadata(format!("keeping trusted metadata {}: {e}", what.display()))
+    };
+    std::fs::create_dir_all(kept).map_err(|e| err(kept, &e))?;
+    let mut names = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(datastore).map_err(|e| err(datastore, &e))? {
+        let path = entry.map_err(|e| err(datastore, &e))?.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| err(&path, &e))?;
+        let name = path.file_name().unwrap_or_default().to_owned();
+        crate::slots::write_atomic(&kept.join(&name), &text).map_err(|e| err(&path, &e))?;
+        names.insert(name);
+    }
+    for entry in std::fs::read_dir(kept).map_err(|e| err(kept, &e))? {
+        let path = entry.map_err(|e| err(kept, &e))?.path();
+        if path.extension().is_some_and(|x| x == "json")
+            && !names.contains(path.file_name().unwrap_or_default())
+        {
+            std::fs::remove_file(&path).map_err(|e| err(&path, &e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The root to start from: the datastore's (the last one tough verified and followed) or

@@ -350,3 +350,33 @@ async fn rollback_protection_survives_a_key_rotation() {
     std::fs::write(meta.join("timestamp.json"), old).unwrap();
     refused(&b, "version");
 }
+
+/// Issue 13, item 8: trusted metadata a crash left truncated does not let a replayed older
+/// timestamp in: the datastore is reset to the copy kept (crash-safely) after the last
+/// successful check; without such a copy (an agent upgraded from one that kept none), an
+/// unreadable trusted file is an error, never skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncated_trusted_metadata_does_not_let_a_replay_in() {
+    let o = Options {
+        hardware: "imx8",
+        ..Options::default()
+    };
+    let b = Board::new(&[], o).await;
+    let meta = b.fleet.p("repo/metadata");
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    let old = std::fs::read(meta.join("timestamp.json")).unwrap();
+    assert!(b.fleet.add("1.1.0", &common::SIGNERS, &[]).0);
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    // A crash while tough rewrote its trusted metadata, and a mirror replaying the old.
+    for f in ["timestamp.json", "snapshot.json"] {
+        std::fs::write(b.fleet.p(&format!("state/datastore/{f}")), b"").unwrap();
+    }
+    std::fs::write(meta.join("timestamp.json"), old).unwrap();
+    refused(&b, "version");
+    // No kept copy: the truncated file is refused as unreadable.
+    std::fs::remove_dir_all(b.fleet.p("state/datastore.trusted")).unwrap();
+    std::fs::write(b.fleet.p("state/datastore/timestamp.json"), b"").unwrap();
+    refused(&b, "unreadable");
+}
