@@ -173,7 +173,12 @@ pub async fn init(
     std::fs::copy(meta.join("1.root.json"), meta.join("root.json"))?;
 
     let mut editor = RepositoryEditor::new(meta.join("root.json")).await?;
-    stamp(&mut editor, 1, other_days)?;
+    let first = Versions {
+        targets: 1,
+        snapshot: 1,
+        timestamp: 1,
+    };
+    stamp(&mut editor, first, other_days)?;
     let all: Vec<PathBuf> = roles
         .iter()
         .filter(|(r, _)| **r != RoleType::Root)
@@ -182,16 +187,37 @@ pub async fn init(
     sign_and_write(editor, repo, &all).await.map(|_| ())
 }
 
+/// Versions of targets, snapshot and timestamp, each its own: `refresh` raises snapshot
+/// and timestamp alone, so they run ahead of targets.
+#[derive(Debug, Clone, Copy)]
+struct Versions {
+    targets: u64,
+    snapshot: u64,
+    timestamp: u64,
+}
+
+impl Versions {
+    /// One above each of the repository's current versions: versions only ever grow.
+    fn next(r: &tough::Repository) -> anyhow::Result<Versions> {
+        let up = |v: NonZeroU64| v.get().checked_add(1).context("version overflow");
+        Ok(Versions {
+            targets: up(r.targets().signed.version)?,
+            snapshot: up(r.snapshot().signed.version)?,
+            timestamp: up(r.timestamp().signed.version)?,
+        })
+    }
+}
+
 /// Sets versions and expiries of targets, snapshot and timestamp.
-fn stamp(editor: &mut RepositoryEditor, version: u64, days: u64) -> anyhow::Result<()> {
-    let v = NonZeroU64::new(version).context("version")?;
+fn stamp(editor: &mut RepositoryEditor, v: Versions, days: u64) -> anyhow::Result<()> {
+    let nz = |n: u64| NonZeroU64::new(n).context("version");
     let e = expiry(days)?;
     editor
-        .targets_version(v)?
+        .targets_version(nz(v.targets)?)?
         .targets_expires(e)?
-        .snapshot_version(v)
+        .snapshot_version(nz(v.snapshot)?)
         .snapshot_expires(e)
-        .timestamp_version(v)
+        .timestamp_version(nz(v.timestamp)?)
         .timestamp_expires(e);
     Ok(())
 }
@@ -257,7 +283,7 @@ pub struct Bundle {
 /// Adds a bundle and re-signs targets, snapshot and timestamp (one version up).
 pub async fn add(repo: &Path, bundle: &Bundle, keys: &[PathBuf], days: u64) -> anyhow::Result<()> {
     let current = load_own(repo).await?;
-    let next = current.targets().signed.version.get() + 1;
+    let next = Versions::next(&current)?;
     if current
         .targets()
         .signed
@@ -463,10 +489,21 @@ pub struct Listing {
     pub images: Vec<(String, String, Vec<String>)>,
 }
 
-/// Loads the repository as a client would, checks every target's length and hash, and
-/// lists the images.
+/// Loads the repository as a client would, checks that versions only grew (every versioned
+/// snapshot and targets file holds the version its name says, and the newest is the one in
+/// force), checks every target's length and hash, and lists the images.
 pub async fn verify(repo: &Path, root: Option<&Path>) -> anyhow::Result<Listing> {
     let r = load(repo, root).await?;
+    check_versions(
+        &metadata_dir(repo),
+        "snapshot",
+        r.snapshot().signed.version.get(),
+    )?;
+    check_versions(
+        &metadata_dir(repo),
+        "targets",
+        r.targets().signed.version.get(),
+    )?;
     let mut images = Vec::new();
     for (name, t) in &r.targets().signed.targets {
         // Reading a target checks its length and hash against the signed metadata.
@@ -492,6 +529,36 @@ pub async fn verify(repo: &Path, root: Option<&Path>) -> anyhow::Result<Listing>
         expires: r.targets().signed.expires.to_string(),
         images,
     })
+}
+
+/// Every `N.{role}.json` in `meta` must hold version N, and none may be above `in_force`
+/// (what the timestamp, through the snapshot, names): a newer file that is not in force
+/// means a version went down, and clients that saw it refuse the repository.
+fn check_versions(meta: &Path, role: &str, in_force: u64) -> anyhow::Result<()> {
+    let suffix = format!(".{role}.json");
+    for entry in std::fs::read_dir(meta)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(n) = name
+            .strip_suffix(&suffix)
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let text = std::fs::read(meta.join(&name))?;
+        let held: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{name} is not readable metadata"))?;
+        let version = held["signed"]["version"].as_u64();
+        if version != Some(n) {
+            bail!("{name} holds version {version:?}: a versioned file was overwritten");
+        }
+        if n > in_force {
+            bail!(
+                "{name} is newer than the {role} in force (version {in_force}): a version went \
+                 down, and clients that saw {n} refuse the repository"
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn drain(

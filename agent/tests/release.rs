@@ -167,3 +167,42 @@ fn root_rotation_needs_both_thresholds_and_clients_follow_it() {
         "a root without the old key's signature was accepted: {out}"
     );
 }
+
+/// Issue 13, item 6: versions only ever grow. `add` after `refresh` (which raised snapshot
+/// and timestamp alone) raises each role from its own version, overwriting no versioned
+/// file; and `verify` refuses a repository where a version went down.
+#[test]
+fn add_after_refresh_raises_every_version_and_verify_checks_they_grew() {
+    let f = Fleet::new(1);
+    assert!(f.add("1.0.0", &SIGNERS, &[]).0);
+    let repo = f.s("repo");
+    let (snap, ts) = (f.s("snapshot.key"), f.s("timestamp.key"));
+    ok(&args![
+        "refresh", "--repo", &repo, "--key", &snap, "--key", &ts
+    ]);
+    let meta = f.p("repo/metadata");
+    let version = |file: &str| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(meta.join(file)).unwrap()).unwrap();
+        v["signed"]["version"].as_u64().unwrap()
+    };
+    let (t1, s1) = (version("timestamp.json"), version("3.snapshot.json"));
+    let refreshed = std::fs::read(meta.join("3.snapshot.json")).unwrap();
+    assert!(f.add("1.1.0", &SIGNERS, &[]).0);
+    assert!(version("timestamp.json") > t1);
+    assert_eq!(
+        std::fs::read(meta.join("3.snapshot.json")).unwrap(),
+        refreshed,
+        "a versioned snapshot was overwritten"
+    );
+    assert!(meta.join(format!("{}.snapshot.json", s1 + 1)).exists());
+    let (good, out) = f.verify();
+    assert!(good, "{out}");
+
+    // A snapshot newer than the one in force: a version went down.
+    let mut newer: serde_json::Value = serde_json::from_slice(&refreshed).unwrap();
+    newer["signed"]["version"] = serde_json::json!(9);
+    std::fs::write(meta.join("9.snapshot.json"), newer.to_string()).unwrap();
+    let (good, out) = f.verify();
+    assert!(!good && out.contains("went down"), "{out}");
+}
