@@ -132,16 +132,33 @@ impl Fetcher {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
     }
 
+    /// The prefix, if `url` fetches its target: the name as it appears in a URL
+    /// (percent-encoded), after a consistent snapshot's hash prefix (`.`) or a directory
+    /// (`/`, a repository without consistent snapshots).
     fn take_prefix(&self, url: &Url) -> Option<Prefix> {
         let mut slot = self
             .prefix
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let matches = slot.as_ref().is_some_and(|p| {
-            url.path()
-                .ends_with(&format!(".{}", p.name.trim_start_matches('/')))
+            let name = p.name.trim_start_matches('/');
+            let encoded = Url::parse("file:///t/")
+                .and_then(|base| base.join(name))
+                .map(|u| u.path().trim_start_matches("/t/").to_owned())
+                .unwrap_or_else(|_| name.to_owned());
+            let path = url.path();
+            path.ends_with(&format!(".{encoded}")) || path.ends_with(&format!("/{encoded}"))
         });
         matches.then(|| slot.take()).flatten()
+    }
+
+    /// Whether a prefix given to [`Fetcher::resume_from`] is still unused: the fetch of its
+    /// target did not start from it, so the whole target comes from the source.
+    pub fn prefix_pending(&self) -> bool {
+        self.prefix
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 
     pub fn limits(&self) -> &Limits {

@@ -442,6 +442,16 @@ async fn stream_into(
         .ok_or_else(|| {
             UpdateError::Download(format!("{} is not in the repository", candidate.target))
         })?;
+    // The kept prefix is left in the slot only if the transport really streamed it from
+    // there through the hash; if it fetched the whole target from the source instead, every
+    // byte is written: what is armed is exactly what was hashed.
+    let start = match resume {
+        Some(r) if start > 0 && r.fetcher.prefix_pending() => {
+            r.fetcher.resume_from(None);
+            0
+        }
+        _ => start,
+    };
     let slot_err = |e: std::io::Error| UpdateError::Slot(format!("{}: {e}", slot.display()));
     let mut out = std::fs::OpenOptions::new()
         .write(true)

@@ -231,3 +231,68 @@ async fn a_resume_reads_the_rest_from_a_usb_directory_and_verifies_the_prefix_to
         "a failed verification forgets the progress"
     );
 }
+
+/// Issue 13, item 4: what is armed is exactly what was hashed. A target whose name holds a
+/// space (percent-encoded in its URL), fetched over HTTP and resumed from 4 MiB kept in
+/// slot B: with the real
+/// first 4 MiB kept, the resume completes and the slot holds the image; with a mirror's
+/// own 4 MiB kept, they are hashed and refused — never left at the head of an armed slot.
+#[tokio::test]
+async fn a_resumed_target_with_an_encoded_name_arms_only_hashed_bytes() {
+    let f = Fleet::new(1);
+    let image: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
+    let path = f.p("wardgate 2.0.0.img");
+    std::fs::write(&path, &image).unwrap();
+    let sbom = f.p("sbom-2.0.0.json");
+    std::fs::write(&sbom, "{}").unwrap();
+    let mut args = args![
+        "add",
+        "--repo",
+        f.s("repo"),
+        "--image",
+        path.display(),
+        "--version",
+        "2.0.0",
+        "--hardware",
+        "rpi4",
+        "--sbom",
+        sbom.display()
+    ]
+    .to_vec();
+    for k in SIGNERS {
+        args.extend(args!["--key", f.s(&format!("{k}.key"))]);
+    }
+    common::ok(&args);
+    let server = Server::start(f.p("repo"), None).await;
+    let fetcher = fetcher(quick());
+    let repo = update::load(&source(&f, &server, "http", fetcher.clone()))
+        .await
+        .unwrap();
+    let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
+    assert!(c.target.contains(' '), "{}", c.target);
+    let progress = update::Progress {
+        target: c.target.clone(),
+        sha256: c.sha256.clone(),
+        length: c.length,
+        slot: f.p("slot-b.img"),
+        offset: 4 << 20,
+    };
+
+    // A mirror's own 4 MiB kept: hashed with the rest, refused, the slot invalidated.
+    let mut a = common::appliance(&f);
+    std::fs::write(f.p("slot-b.img"), vec![0xAB; 4 << 20]).unwrap();
+    progress.save(&a.download_path()).unwrap();
+    let e = a.install_resumable(&repo, &c, &fetcher).await.unwrap_err();
+    assert!(
+        e.contains("Hash mismatch") && e.contains("invalidated"),
+        "{e}"
+    );
+    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
+    assert!(slot[..1 << 20].iter().all(|&b| b == 0), "not invalidated");
+
+    // The real first 4 MiB kept: the resume completes with the image.
+    std::fs::write(f.p("slot-b.img"), &image[..4 << 20]).unwrap();
+    progress.save(&a.download_path()).unwrap();
+    a.install_resumable(&repo, &c, &fetcher).await.unwrap();
+    assert!(std::fs::read(f.p("slot-b.img")).unwrap() == image);
+}

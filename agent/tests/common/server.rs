@@ -147,7 +147,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             None => None,
         }
     };
-    let file = root.join(path.trim_start_matches('/'));
+    let file = root.join(percent_decoded(path.trim_start_matches('/')));
     let Ok(body) = std::fs::read(&file) else {
         let _ = sock
             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -245,4 +245,25 @@ pub fn tls(ca_pem: &std::path::Path) -> Acceptor {
         )
         .unwrap();
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A URL path as the file name it names (`%20` is a space), as any web server reads it.
+fn percent_decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap() * 16 + hex(l).unwrap()) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
