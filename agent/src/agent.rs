@@ -288,10 +288,29 @@ impl Agent {
             .and_then(|t| t.trim().parse::<jiff::Timestamp>().ok())
         {
             if now < last {
-                return Err(format!(
-                    "the system clock ({now}) is behind the last trusted check ({last}); \
-                     refusing to judge metadata expiry until the time is set (NTP)"
-                ));
+                if !self.cfg.appliance.clock_synchronized.exists() {
+                    return Err(format!(
+                        "the system clock ({now}) is behind the last trusted check ({last}); \
+                         refusing to judge metadata expiry until the time is set (NTP)"
+                    ));
+                }
+                // NTP has set the clock: the earlier check ran with a clock ahead. Forget
+                // what that clock stamped and re-verify from the trusted root.
+                update::forget_time(&self.path("datastore")).and_then(|()| {
+                    std::fs::remove_file(&clock_floor)
+                        .map_err(|e| format!("{}: {e}", clock_floor.display()))
+                })?;
+                self.report(
+                    "clock_recovered",
+                    None,
+                    None,
+                    &format!(
+                        "the clock ({now}, set by NTP) is behind the last trusted check \
+                         ({last}), which ran with a clock ahead: timestamp and snapshot \
+                         re-verified from the trusted root"
+                    ),
+                )
+                .await;
             }
         }
         let repo = update::load(&self.source(base)?)

@@ -77,6 +77,13 @@ struct RawAppliance {
     boot_id: PathBuf,
     #[serde(default = "d_reboot")]
     reboot_command: Vec<String>,
+    #[serde(default = "d_clock_synchronized")]
+    clock_synchronized: PathBuf,
+}
+
+/// systemd-timesyncd's mark that the clock was synchronized by NTP.
+fn d_clock_synchronized() -> PathBuf {
+    "/run/systemd/timesync/synchronized".into()
 }
 
 fn d_cmdline() -> PathBuf {
@@ -174,6 +181,9 @@ pub struct Appliance {
     /// A file unique per boot: tells whether the board rebooted since an install.
     pub boot_id: PathBuf,
     pub reboot_command: Vec<String>,
+    /// Exists once NTP has set the clock: then a clock behind the last trusted check is
+    /// the earlier check's clock having been ahead, and the agent recovers.
+    pub clock_synchronized: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -458,6 +468,7 @@ impl Config {
                 cmdline: a.cmdline.clone(),
                 boot_id: a.boot_id.clone(),
                 reboot_command: a.reboot_command.clone(),
+                clock_synchronized: a.clock_synchronized.clone(),
             },
             boot,
             maintenance,

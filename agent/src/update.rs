@@ -144,6 +144,28 @@ pub async fn load(source: &Source) -> Result<tough::Repository, UpdateError> {
     Ok(repo)
 }
 
+/// Forgets what a clock that ran ahead stamped: tough's latest known time, and the trusted
+/// timestamp, snapshot and targets (the next load re-verifies them from the trusted root,
+/// which is kept), in the datastore and its kept copy.
+pub fn forget_time(datastore: &Path) -> Result<(), String> {
+    for dir in [datastore.to_owned(), kept_copy(datastore)] {
+        for f in [
+            "latest_known_time.json",
+            "timestamp.json",
+            "snapshot.json",
+            "targets.json",
+        ] {
+            match std::fs::remove_file(dir.join(f)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("{}: {e}", dir.join(f).display()))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where the metadata of the last successful load is kept, written crash-safely.
 fn kept_copy(datastore: &Path) -> PathBuf {
     let mut name = datastore.file_name().unwrap_or_default().to_owned();

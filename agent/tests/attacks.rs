@@ -380,3 +380,32 @@ async fn truncated_trusted_metadata_does_not_let_a_replay_in() {
     std::fs::write(b.fleet.p("state/datastore/timestamp.json"), b"").unwrap();
     refused(&b, "unreadable");
 }
+
+/// Issue 13, item 7: one check with the clock ahead does not block every later one. What a
+/// check with the clock two years ahead leaves behind (the agent's clock floor and tough's
+/// latest known time, both in the future) is refused while the clock is not set by NTP,
+/// and once it is (systemd-timesyncd's mark), the agent recovers: it forgets those stamps,
+/// re-verifies timestamp and snapshot from the trusted root, and goes on checking.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_with_the_clock_ahead_is_recovered_from_once_ntp_sets_it() {
+    let o = Options {
+        hardware: "imx8",
+        ..Options::default()
+    };
+    let b = Board::new(&[], o).await;
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    let ahead = "\"2028-12-01T00:00:00Z\"";
+    for dir in ["state/datastore", "state/datastore.trusted"] {
+        std::fs::write(b.fleet.p(&format!("{dir}/latest_known_time.json")), ahead).unwrap();
+    }
+    std::fs::write(b.fleet.p("state/clock-floor"), "2028-12-01T00:00:00Z\n").unwrap();
+    refused(&b, "the system clock");
+
+    std::fs::write(b.fleet.p("timesync-synchronized"), "").unwrap();
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    assert!(b.has_event("clock_recovered"));
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok && out.contains("up to date"), "and after: {out}");
+}

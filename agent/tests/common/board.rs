@@ -84,6 +84,7 @@ slot_b = "{dir}/slot-b.img"
 cmdline = "{dir}/cmdline"
 boot_id = "{dir}/boot_id"
 reboot_command = ["sh", "-c", "echo reboot >> {dir}/reboots"]
+clock_synchronized = "{dir}/timesync-synchronized"
 
 [boot]
 backend = "state-file"
