@@ -121,10 +121,11 @@ async fn outside_the_maintenance_window_the_reboot_waits_and_can_be_cancelled() 
     assert_eq!(s["awaiting_reboot"]["version"], "1.1.0", "{s}");
     assert_eq!(s["in_window"], false);
 
-    // `run` keeps waiting for the window rather than rebooting.
+    // `run` keeps waiting for the window rather than rebooting: it says so once it has
+    // looked at the window (a loop that rebooted instead would never say it).
     let agent = b.spawn_run();
-    wait_for("the agent's start", Duration::from_secs(10), || {
-        b.has_event("started")
+    wait_for("the wait for the window", Duration::from_secs(10), || {
+        b.has_event("reboot_waiting")
     });
     stop(agent);
     assert_eq!(b.reboots(), 0);

@@ -30,12 +30,14 @@ pub const UPDATE_TOPIC: &str = "update";
 const MAX_REPORT: usize = 64 * 1024;
 const CLIENT_ID: &str = "_wardgate-updates";
 /// Steps that are security decisions (and so audited).
-const AUDITED: [&str; 5] = [
+const AUDITED: [&str; 6] = [
     "installed",
     "committed",
     "rolled_back",
     "refused",
     "rebooting",
+    // Trusted metadata forgotten and re-verified after the clock ran ahead.
+    "clock_recovered",
 ];
 
 /// Relays the agent's reports until `shutdown`.

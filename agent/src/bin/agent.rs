@@ -208,10 +208,23 @@ async fn run(cfg: Config) -> Result<(), String> {
     }
     let mut next = tokio::time::Instant::now() + agent.jitter();
     let mut force = false;
+    // The update whose wait for a window was journaled.
+    let mut announced = None;
     loop {
         // An installed update waits for its window (or a forced check-now) to reboot.
-        if agent.awaiting_reboot().is_some() {
+        if let Some((version, slot)) = agent.awaiting_reboot() {
             let wait = minutes_to_window(&agent.cfg.maintenance, minute_of_day());
+            if wait > 0 && !force && announced.as_ref() != Some(&version) {
+                agent
+                    .report(
+                        "reboot_waiting",
+                        Some(&version),
+                        Some(slot),
+                        &format!("the reboot waits for the maintenance window, in {wait} min"),
+                    )
+                    .await;
+                announced = Some(version);
+            }
             if wait == 0 || force {
                 if let Err(e) = agent.reboot().await {
                     agent.report("error", None, None, &e).await;
