@@ -80,6 +80,7 @@ impl Agent {
             boot: crate::boot::open(&cfg.boot),
             floor: Floor {
                 path: dir.join("floor"),
+                factory: Some(cfg.appliance.version_file.clone()),
             },
             record: dir.join("update.json"),
         };

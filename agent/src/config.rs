@@ -79,6 +79,13 @@ struct RawAppliance {
     reboot_command: Vec<String>,
     #[serde(default = "d_clock_synchronized")]
     clock_synchronized: PathBuf,
+    #[serde(default = "d_version_file")]
+    version_file: PathBuf,
+}
+
+/// The running image's version, written into it when it is built.
+fn d_version_file() -> PathBuf {
+    "/etc/wardgate/version".into()
 }
 
 /// systemd-timesyncd's mark that the clock was synchronized by NTP.
@@ -184,6 +191,9 @@ pub struct Appliance {
     /// Exists once NTP has set the clock: then a clock behind the last trusted check is
     /// the earlier check's clock having been ahead, and the agent recovers.
     pub clock_synchronized: PathBuf,
+    /// The version of the image the board runs (absent on a development board): nothing
+    /// older is ever installed, even before the first update is committed.
+    pub version_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -469,6 +479,7 @@ impl Config {
                 boot_id: a.boot_id.clone(),
                 reboot_command: a.reboot_command.clone(),
                 clock_synchronized: a.clock_synchronized.clone(),
+                version_file: a.version_file.clone(),
             },
             boot,
             maintenance,

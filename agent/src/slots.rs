@@ -226,18 +226,34 @@ pub fn is_invalidated(path: &Path) -> std::io::Result<bool> {
 #[derive(Debug, Clone)]
 pub struct Floor {
     pub path: PathBuf,
+    /// The version of the image the board shipped with (a file holding it), if known: a
+    /// fresh board never installs anything older.
+    pub factory: Option<PathBuf>,
 }
 
 impl Floor {
-    /// The floor; "0" before the first commit.
+    /// The floor: the highest committed version, and at least the factory image's; "0"
+    /// with neither.
     pub fn get(&self) -> Result<Version, String> {
-        match std::fs::read_to_string(&self.path) {
-            Ok(t) => t
-                .trim()
-                .parse()
-                .map_err(|e| format!("{}: {e}", self.path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("0".parse()?),
-            Err(e) => Err(format!("{}: {e}", self.path.display())),
+        let read = |path: &Path| -> Result<Option<Version>, String> {
+            match std::fs::read_to_string(path) {
+                Ok(t) => t
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| format!("{}: {e}", path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            }
+        };
+        let committed = read(&self.path)?;
+        let factory = match &self.factory {
+            Some(p) => read(p)?,
+            None => None,
+        };
+        match committed.max(factory) {
+            Some(v) => Ok(v),
+            None => "0".parse(),
         }
     }
 
@@ -301,6 +317,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = Floor {
             path: dir.path().join("floor"),
+            factory: None,
         };
         let v = |s: &str| s.parse::<Version>().unwrap();
         assert_eq!(f.get().unwrap(), v("0"));
@@ -308,8 +325,16 @@ mod tests {
         f.raise(&v("1.1.0")).unwrap();
         let again = Floor {
             path: f.path.clone(),
+            factory: None,
         };
         assert_eq!(again.get().unwrap(), v("1.2.0"));
+        // The factory image's version is a floor from the start.
+        std::fs::write(dir.path().join("version"), "1.5.0\n").unwrap();
+        let fresh = Floor {
+            path: dir.path().join("fresh-floor"),
+            factory: Some(dir.path().join("version")),
+        };
+        assert_eq!(fresh.get().unwrap(), v("1.5.0"));
     }
 }
 

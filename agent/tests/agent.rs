@@ -554,3 +554,22 @@ async fn run_without_a_broker_checks_once_per_interval() {
         .count();
     assert_eq!(checks, 1, "{:?}", b.events());
 }
+
+/// Issue 13, item 11 (the floor): a fresh board knows the version it shipped with, so
+/// nothing older is installed before its first update is committed — neither by a check
+/// nor by hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_board_never_installs_below_its_factory_version() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    std::fs::write(b.fleet.p("factory-version"), "1.5.0\n").unwrap();
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok && out.contains("up to date"), "{out}");
+    let url = b.server.url("http", "").to_string();
+    let (ok, out) = b.agent(&["install", &url, "--version", "1.1.0", "--now"]);
+    assert!(!ok && out.contains("rollback refused"), "{out}");
+    assert_eq!(
+        std::fs::read(b.fleet.p("slot-b.img")).unwrap(),
+        b"factory image"
+    );
+    assert_eq!(b.status()["version_floor"], "1.5.0");
+}

@@ -85,6 +85,7 @@ cmdline = "{dir}/cmdline"
 boot_id = "{dir}/boot_id"
 reboot_command = ["sh", "-c", "echo reboot >> {dir}/reboots"]
 clock_synchronized = "{dir}/timesync-synchronized"
+version_file = "{dir}/factory-version"
 
 [boot]
 backend = "state-file"

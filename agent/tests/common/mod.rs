@@ -186,7 +186,10 @@ pub fn appliance(f: &Fleet) -> wardgate_agent::slots::Appliance<wardgate_agent::
     Appliance {
         slots: [f.p("slot-a.img"), f.p("slot-b.img")],
         boot,
-        floor: Floor { path: f.p("floor") },
+        floor: Floor {
+            path: f.p("floor"),
+            factory: None,
+        },
         record: f.p("update.json"),
     }
 }
