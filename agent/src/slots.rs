@@ -487,7 +487,14 @@ impl<B: BootControl> Appliance<B> {
         let Some(Record::Pending { version, slot }) = self.last() else {
             return Ok(None);
         };
-        let record = if booted != slot {
+        let state = self.boot.state().map_err(|e| e.to_string())?;
+        let record = if booted == slot && state.default == slot && state.trial.is_none() {
+            // Committed to the boot loader before a crash kept the record from saying so
+            // (only a commit makes the trial's slot the default): finish that commit, never
+            // judge the slot again and "roll back" while it stays the default.
+            self.floor.raise(&version.parse()?)?;
+            Record::Committed { version, slot }
+        } else if booted != slot {
             self.boot.abandon().map_err(|e| e.to_string())?;
             Record::RolledBack {
                 version,
