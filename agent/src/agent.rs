@@ -193,6 +193,18 @@ impl Agent {
     /// pending update was decided; a rollback of a running trial reboots.
     pub async fn after_boot(&mut self) -> Result<Option<Record>, String> {
         let Some(Record::Pending { version, slot }) = self.appliance.last() else {
+            // A trial armed with no record of its install (a crash between the two): the
+            // install never finished, so the trial is disarmed rather than left to boot
+            // an unjudged slot.
+            if let Some(slot) = self.appliance.disarm_unrecorded_trial()? {
+                self.report(
+                    "error",
+                    None,
+                    Some(slot),
+                    &format!("a trial of slot {slot} was armed but its install not recorded (a crash); disarmed"),
+                )
+                .await;
+            }
             return Ok(None);
         };
         let booted = self.booted_slot()?;
@@ -366,15 +378,17 @@ impl Agent {
             &format!("{} bytes from {base}", candidate.length),
         )
         .await;
-        let slot = self
-            .appliance
-            .install_resumable(&repo, &candidate, &self.fetcher)
-            .await?;
+        // This boot's id before the trial is armed: a crash right after arming must not
+        // leave a pending update that looks as if the board had rebooted since.
         if let Some(id) = self.boot_id() {
             let path = self.path("installed-boot-id");
             crate::slots::write_atomic(&path, &format!("{id}\n"))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
+        let slot = self
+            .appliance
+            .install_resumable(&repo, &candidate, &self.fetcher)
+            .await?;
         Ok(Outcome::Installed {
             version: candidate.version.to_string(),
             slot,

@@ -221,6 +221,14 @@ pub fn is_invalidated(path: &Path) -> std::io::Result<bool> {
     Ok(head.iter().all(|&b| b == 0))
 }
 
+/// Test-only crash points: with `WARDGATE_AGENT_CRASH_AT` naming this point, the process
+/// aborts here, as a power cut would stop it (for the tests of each crash window).
+fn crash_point(name: &str) {
+    if std::env::var_os("WARDGATE_AGENT_CRASH_AT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
 /// The lowest version this appliance will ever install again: raised when a slot is
 /// committed, never lowered, kept across updates (outside the slots).
 #[derive(Debug, Clone)]
@@ -397,6 +405,19 @@ impl<B: BootControl> Appliance<B> {
         self.install_with(repo, candidate, None).await
     }
 
+    /// Disarms a trial the boot loader holds when no pending install is recorded (a crash
+    /// between arming it and saving the record); returns its slot.
+    pub fn disarm_unrecorded_trial(&mut self) -> Result<Option<Slot>, String> {
+        if matches!(self.last(), Some(Record::Pending { .. })) {
+            return Ok(None);
+        }
+        let Some((slot, _)) = self.boot.state().map_err(|e| e.to_string())?.trial else {
+            return Ok(None);
+        };
+        self.boot.abandon().map_err(|e| e.to_string())?;
+        Ok(Some(slot))
+    }
+
     /// Whether an install may start: never while a trial is undecided, since the slot that
     /// is not the default may then be the one running on trial or armed to boot next, and
     /// the default is the fallback.
@@ -470,6 +491,7 @@ impl<B: BootControl> Appliance<B> {
             }
         }
         self.boot.try_once(target).map_err(|e| e.to_string())?;
+        crash_point("trial-armed");
         self.save(&Record::Pending {
             version: candidate.version.to_string(),
             slot: target,
@@ -505,6 +527,7 @@ impl<B: BootControl> Appliance<B> {
             match health {
                 Ok(()) => {
                     self.boot.commit(slot).map_err(|e| e.to_string())?;
+                    crash_point("boot-committed");
                     self.floor.raise(&version.parse()?)?;
                     Record::Committed { version, slot }
                 }

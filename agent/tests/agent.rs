@@ -606,3 +606,30 @@ async fn a_crash_between_the_boot_commit_and_the_record_is_finished_as_a_commit(
     assert_eq!(s["last_update"]["state"], "committed", "{s}");
     assert_eq!(s["version_floor"], "1.1.0", "{s}");
 }
+
+/// Issue 13, item 11 (crash windows): the agent killed between arming a trial and recording
+/// the install leaves the boot loader holding a trial nobody will judge. Its next start
+/// disarms it (and says so), the board keeps booting its committed slot, and the next check
+/// installs again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_arming_a_trial_and_recording_it_is_disarmed_on_restart() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let (ok, out) = b.agent_crashing_at("trial-armed", &["check", "--now"]);
+    assert!(!ok, "{out}");
+    assert_eq!(
+        b.status()["boot"]["trial"]["slot"],
+        "B",
+        "the crash left a trial armed"
+    );
+    let agent = b.spawn_run();
+    wait_for("the next check", Duration::from_secs(30), || {
+        b.has_event("installed")
+    });
+    stop(agent);
+    let events = b.events();
+    let disarmed = events.iter().position(|e| {
+        e["event"] == "error" && e["detail"].as_str().unwrap_or("").contains("disarmed")
+    });
+    let installed = events.iter().position(|e| e["event"] == "installed");
+    assert!(disarmed.is_some() && disarmed < installed, "{events:?}");
+}

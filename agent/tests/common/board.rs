@@ -141,7 +141,14 @@ retry = "200ms"
     }
 
     pub fn agent(&self, args: &[&str]) -> (bool, String) {
+        self.agent_crashing_at("", args)
+    }
+
+    /// The agent with `args`, aborting at crash point `at` (see `slots::crash_point`; ""
+    /// for none), as a power cut there would stop it.
+    pub fn agent_crashing_at(&self, at: &str, args: &[&str]) -> (bool, String) {
         let out = Command::new(AGENT)
+            .env("WARDGATE_AGENT_CRASH_AT", at)
             .arg("--config")
             .arg(&self.config)
             .args(args)
