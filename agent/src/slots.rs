@@ -156,24 +156,38 @@ impl StateFile {
         }
     }
 
+    /// The second copy, beside the first (`wardgate-boot.bak` for `wardgate-boot.txt`):
+    /// read when the first is missing or unreadable, by this backend and the boot script.
+    pub fn backup(&self) -> PathBuf {
+        self.path.with_extension("bak")
+    }
+
+    /// Writes both copies, the first, then the second: whenever one is being written, the
+    /// other holds a whole state.
     pub fn write(&self, s: BootState) -> Result<(), BootError> {
         let mut text = format!("default={}\n", s.default);
         if let Some((slot, tries)) = s.trial {
             text.push_str(&format!("try={slot}\ntries={tries}\n"));
         }
-        write_atomic(&self.path, &text).map_err(|e| self.io(e))
+        write_atomic(&self.path, &text).map_err(|e| self.io(e))?;
+        write_atomic(&self.backup(), &text).map_err(|e| BootError::Io {
+            path: self.backup(),
+            source: e,
+        })
     }
-}
 
-impl BootControl for StateFile {
-    fn state(&self) -> Result<BootState, BootError> {
-        let text = std::fs::read_to_string(&self.path).map_err(|e| self.io(e))?;
+    /// One copy's state.
+    fn read(&self, path: &Path) -> Result<BootState, BootError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BootError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         // U-Boot's `env export -t` ends what it writes with a NUL.
         let text = text.trim_end_matches('\0');
         let (mut default, mut try_slot, mut tries) = (None, None, None);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let corrupt = || BootError::Corrupt {
-                path: self.path.clone(),
+                path: path.to_owned(),
                 line: line.to_owned(),
             };
             let (k, v) = line.split_once('=').ok_or_else(corrupt)?;
@@ -185,13 +199,25 @@ impl BootControl for StateFile {
             }
         }
         let default = default.ok_or_else(|| BootError::Corrupt {
-            path: self.path.clone(),
+            path: path.to_owned(),
             line: "(no default=)".into(),
         })?;
         Ok(BootState {
             default,
             trial: try_slot.map(|s| (s, tries.unwrap_or(0))),
         })
+    }
+}
+
+impl BootControl for StateFile {
+    /// The first copy's state, or the second's if the first is missing or unreadable (a
+    /// power cut while it was written); an error if neither can be read — never a guess at
+    /// the committed slot.
+    fn state(&self) -> Result<BootState, BootError> {
+        match self.read(&self.path) {
+            Ok(s) => Ok(s),
+            Err(first) => self.read(&self.backup()).map_err(|_| first),
+        }
     }
 
     fn set(&mut self, s: BootState) -> Result<(), BootError> {
@@ -318,6 +344,24 @@ mod tests {
         assert!(e.contains("default=C"), "{e}");
         std::fs::write(&b.path, "try=B\n").unwrap();
         assert!(b.state().unwrap_err().to_string().contains("no default"));
+    }
+
+    #[test]
+    fn a_state_file_cut_short_is_read_from_its_second_copy_and_neither_is_never_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile {
+            path: dir.path().join("wardgate-boot.txt"),
+        };
+        let b = BootState {
+            default: Slot::B,
+            trial: None,
+        };
+        f.write(b).unwrap();
+        assert_eq!(std::fs::read(f.backup()).unwrap(), b"default=B\n");
+        std::fs::write(&f.path, b"defa").unwrap();
+        assert_eq!(f.state().unwrap(), b);
+        std::fs::remove_file(f.backup()).unwrap();
+        assert!(f.state().is_err(), "no copy readable: an error, not slot A");
     }
 
     #[test]

@@ -48,7 +48,13 @@ struct Disk {
 }
 
 impl Disk {
+    /// A disk whose two copies of the state hold `state`.
     fn new(state: &str) -> Disk {
+        Disk::with_copies(Some(state), Some(state))
+    }
+
+    /// A disk whose state copies hold `first` and `second` (`None`: no such file).
+    fn with_copies(first: Option<&str>, second: Option<&str>) -> Disk {
         need("qemu-system-aarch64", "qemu-system-arm");
         need("mkimage", "u-boot-tools");
         need("mkfs.vfat", "dosfstools");
@@ -72,12 +78,17 @@ impl Disk {
             .arg("-C")
             .arg(d.p("fat.img"))
             .arg("16384"));
-        std::fs::write(d.p("wardgate-boot.txt"), state).unwrap();
+        let mut files = vec![d.p("boot.scr")];
+        for (name, text) in [("wardgate-boot.txt", first), ("wardgate-boot.bak", second)] {
+            if let Some(text) = text {
+                std::fs::write(d.p(name), text).unwrap();
+                files.push(d.p(name));
+            }
+        }
         run(Command::new("mcopy")
             .arg("-i")
             .arg(d.p("fat.img"))
-            .arg(d.p("boot.scr"))
-            .arg(d.p("wardgate-boot.txt"))
+            .args(&files)
             .arg("::"));
         let disk = std::fs::File::create(d.p("disk.img")).unwrap();
         disk.set_len(40 << 20).unwrap();
@@ -114,25 +125,46 @@ impl Disk {
         format!("{}@@{FAT_OFFSET}", self.p("disk.img").display())
     }
 
-    /// The state file as the boot partition holds it, copied out for the agent.
+    /// The state files as the boot partition holds them, copied out for the agent.
     fn state(&self) -> StateFile {
-        let host = self.p("host-copy.txt");
-        run(Command::new("mcopy")
-            .args(["-o", "-n", "-i", &self.image_at(), "::wardgate-boot.txt"])
-            .arg(&host));
-        StateFile { path: host }
+        let host = StateFile {
+            path: self.p("host-copy.txt"),
+        };
+        for (name, to) in [
+            ("wardgate-boot.txt", host.path.clone()),
+            ("wardgate-boot.bak", host.backup()),
+        ] {
+            run(Command::new("mcopy")
+                .args(["-o", "-n", "-i", &self.image_at(), &format!("::{name}")])
+                .arg(&to));
+        }
+        host
     }
 
-    /// Writes the agent's copy back to the boot partition.
+    /// Writes the agent's copies back to the boot partition.
     fn put(&self, s: &StateFile) {
-        run(Command::new("mcopy")
-            .args(["-o", "-n", "-i", &self.image_at()])
-            .arg(&s.path)
-            .arg("::wardgate-boot.txt"));
+        for (from, name) in [
+            (s.path.clone(), "wardgate-boot.txt"),
+            (s.backup(), "wardgate-boot.bak"),
+        ] {
+            run(Command::new("mcopy")
+                .args(["-o", "-n", "-i", &self.image_at()])
+                .arg(&from)
+                .arg(format!("::{name}")));
+        }
     }
 
-    /// Powers the board on; returns the slot the script chose.
+    /// Powers the board on; returns the slot the script chose (which must have written its
+    /// state back).
     fn boot(&self) -> Slot {
+        let (slot, written, console) = self.power_on();
+        assert!(written, "the script did not write its state:\n{console}");
+        slot
+    }
+
+    /// Powers the board on: the slot the script chose, whether it wrote its state, and the
+    /// console.
+    fn power_on(&self) -> (Slot, bool, String) {
         let mut qemu = Command::new("qemu-system-aarch64")
             .args(["-M", "virt", "-cpu", "cortex-a57", "-m", "256", "-smp", "1"])
             .args([
@@ -175,7 +207,9 @@ impl Disk {
                 );
             };
             console.push(line.clone());
-            if line.contains("wardgate: state written") {
+            if line.contains("wardgate: state written")
+                || line.contains("wardgate: state unchanged")
+            {
                 written = true;
             }
             if chosen.is_none() {
@@ -193,12 +227,9 @@ impl Disk {
         }
         let _ = qemu.kill();
         let _ = qemu.wait();
-        assert!(
-            written,
-            "the script did not write its state:\n{}",
-            console.join("\n")
-        );
-        chosen.unwrap_or_else(|| panic!("no slot chosen:\n{}", console.join("\n")))
+        let console = console.join("\n");
+        let chosen = chosen.unwrap_or_else(|| panic!("no slot chosen:\n{console}"));
+        (chosen, written, console)
     }
 }
 
@@ -244,4 +275,33 @@ fn uboot_runs_a_trial_once_falls_back_and_boots_a_committed_slot() {
             trial: None
         }
     );
+}
+
+/// Issue 13, item 10: the committed slot is never changed silently. A first copy of the
+/// state cut short by a power cut is read from the second (B stays the default, and both
+/// are whole again after the boot); with neither readable, the script boots A and writes
+/// nothing, leaving the card for an engineer rather than committing A.
+#[test]
+fn uboot_reads_the_second_copy_and_never_invents_a_committed_slot() {
+    let disk = Disk::with_copies(Some("defa"), Some("default=B\n"));
+    assert_eq!(disk.boot(), Slot::B, "the second copy's committed slot");
+    let s = disk.state();
+    assert_eq!(
+        s.state().unwrap(),
+        BootState {
+            default: Slot::B,
+            trial: None
+        }
+    );
+    let first = std::fs::read_to_string(&s.path).unwrap();
+    assert!(
+        first.contains("default=B"),
+        "the first copy is whole again: {first:?}"
+    );
+
+    let disk = Disk::with_copies(Some("garbage"), None);
+    let (slot, written, console) = disk.power_on();
+    assert_eq!(slot, Slot::A);
+    assert!(!written, "the state was rewritten:\n{console}");
+    assert!(console.contains("no readable state"), "{console}");
 }
