@@ -270,14 +270,9 @@ impl Seen {
 
 /// Connects `device` with the raw client and a CONNECT of the given clean-session flag.
 async fn raw_session(site: &Site, gw: &Gateway, device: &str, clean: bool) -> Raw {
-    let mut raw = Raw::open(site, device, gw.edge, None).await;
     let mut connect = Connect::new(device);
     connect.clean_session = clean;
-    raw.send(&RawPacket::Connect(connect)).await;
-    match raw.recv().await {
-        Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => raw,
-        other => panic!("CONNECT of {device} refused: {other:?}"),
-    }
+    Raw::connect_with(site, gw.edge, connect).await.0
 }
 
 /// One SUBSCRIBE of `n` distinct filters under pump-1's command space, from `first`.
@@ -402,7 +397,6 @@ async fn subscribe_and_unsubscribe_count_against_the_rate() {
 
 /// Connects `device` with the raw client and a last will on `topic`.
 async fn raw_with_will(site: &Site, gw: &Gateway, device: &str, topic: &str) -> Raw {
-    let mut raw = Raw::open(site, device, gw.edge, None).await;
     let mut connect = Connect::new(device);
     connect.last_will = Some(LastWill::new(
         topic,
@@ -410,11 +404,7 @@ async fn raw_with_will(site: &Site, gw: &Gateway, device: &str, topic: &str) -> 
         QoS::AtLeastOnce,
         false,
     ));
-    raw.send(&RawPacket::Connect(connect)).await;
-    match raw.recv().await {
-        Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => raw,
-        other => panic!("CONNECT of {device} refused: {other:?}"),
-    }
+    Raw::connect_with(site, gw.edge, connect).await.0
 }
 
 /// Issue 12, item 8: a device's last will reaches the hospital, not just local
@@ -575,16 +565,9 @@ async fn only_the_gateway_and_its_agent_may_use_the_embedded_broker() {
 /// Opens a persistent session (clean session 0) for `device`; returns the client and
 /// whether the broker resumed a session (CONNACK session present).
 async fn persistent_session(site: &Site, gw: &Gateway, device: &str) -> (Raw, bool) {
-    let mut raw = Raw::open(site, device, gw.edge, None).await;
     let mut connect = Connect::new(device);
     connect.clean_session = false;
-    raw.send(&RawPacket::Connect(connect)).await;
-    match raw.recv().await {
-        Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => {
-            (raw, a.session_present)
-        }
-        other => panic!("CONNECT of {device} refused: {other:?}"),
-    }
+    Raw::connect_with(site, gw.edge, connect).await
 }
 
 /// Issue 12, item 6: a persistent broker session cannot outlive the rights it was opened

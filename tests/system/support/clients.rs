@@ -257,13 +257,24 @@ impl Raw {
 
     /// Opens TLS and completes an MQTT CONNECT as `device`; panics if refused.
     pub async fn connect(site: &Site, device: &str, gateway: SocketAddr) -> Raw {
-        let mut raw = Raw::open(site, device, gateway, None).await;
-        raw.send(&RawPacket::Connect(rumqttc::mqttbytes::v4::Connect::new(
-            device,
-        )))
-        .await;
+        let connect = rumqttc::mqttbytes::v4::Connect::new(device);
+        Raw::connect_with(site, gateway, connect).await.0
+    }
+
+    /// Opens TLS with the certificate of `connect`'s client id and sends `connect`; panics
+    /// if refused. Returns the connection and CONNACK's session-present flag.
+    pub async fn connect_with(
+        site: &Site,
+        gateway: SocketAddr,
+        connect: rumqttc::mqttbytes::v4::Connect,
+    ) -> (Raw, bool) {
+        let device = connect.client_id.clone();
+        let mut raw = Raw::open(site, &device, gateway, None).await;
+        raw.send(&RawPacket::Connect(connect)).await;
         match raw.recv().await {
-            Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => raw,
+            Some(RawPacket::ConnAck(a)) if a.code == ConnectReturnCode::Success => {
+                (raw, a.session_present)
+            }
             other => panic!("CONNECT of {device} refused: {other:?}"),
         }
     }
