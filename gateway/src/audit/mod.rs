@@ -461,8 +461,30 @@ pub fn flush() {
 mod tests {
     use super::*;
 
+    /// sled lets go of its file lock a moment after the last handle drops (its flusher
+    /// thread ends then): each step of a test reopens the store, so it waits for the lock,
+    /// within a deadline, as a restarted gateway's second open would.
+    fn when_free<T>(f: impl Fn() -> Result<T, AuditError>) -> Result<T, AuditError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match f() {
+                Err(AuditError::Store { source, .. })
+                    if source.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn verify_free(dir: &Path) -> Result<u64, AuditError> {
+        when_free(|| verify(dir))
+    }
+
     fn filled(dir: &Path, n: u64) {
-        let log = AuditLog::open(dir, 1_000_000).unwrap();
+        let log = when_free(|| AuditLog::open(dir, 1_000_000)).unwrap();
         for i in 0..n {
             log.record(
                 "edge.connect_refused",
@@ -479,14 +501,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         filled(dir.path(), 3);
         filled(dir.path(), 2);
-        assert_eq!(verify(dir.path()).unwrap(), 5);
-        let t = tail(dir.path(), 2).unwrap();
+        assert_eq!(verify_free(dir.path()).unwrap(), 5);
+        let t = when_free(|| tail(dir.path(), 2)).unwrap();
         assert_eq!(t.iter().map(|e| e.index).collect::<Vec<_>>(), [3, 4]);
         assert_eq!(t[1].detail, "reason 1");
     }
 
     fn edit(dir: &Path, index: u64, f: impl FnOnce(&mut Vec<u8>)) {
-        let (db, chain) = open_store(dir).unwrap();
+        let (db, chain) = when_free(|| open_store(dir)).unwrap();
         let mut v = chain.get(index.to_be_bytes()).unwrap().unwrap().to_vec();
         f(&mut v);
         chain.insert(index.to_be_bytes(), v).unwrap();
@@ -501,7 +523,7 @@ mod tests {
             let at = v.windows(8).position(|w| w == b"reason 3").unwrap();
             v[at + 7] = b'9';
         });
-        match verify(dir.path()) {
+        match verify_free(dir.path()) {
             Err(AuditError::Broken { index: 3, reason }) => assert!(reason.contains("edited")),
             other => panic!("{other:?}"),
         }
@@ -512,12 +534,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         filled(dir.path(), 4);
         {
-            let (db, chain) = open_store(dir.path()).unwrap();
+            let (db, chain) = when_free(|| open_store(dir.path())).unwrap();
             chain.remove(2u64.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
         assert!(matches!(
-            verify(dir.path()),
+            verify_free(dir.path()),
             Err(AuditError::Broken { index: 2, .. })
         ));
     }
@@ -534,7 +556,7 @@ mod tests {
             e.hash = hex(&e.expected_hash(&prev));
             *v = serde_json::to_vec(&e).unwrap();
         });
-        match verify(dir.path()) {
+        match verify_free(dir.path()) {
             Err(AuditError::Broken { index: 2, reason }) => assert!(reason.contains("link")),
             other => panic!("{other:?}"),
         }
@@ -551,7 +573,7 @@ mod tests {
             }
             log.flush().unwrap();
         }
-        let (db, chain) = open_store(dir.path()).unwrap();
+        let (db, chain) = when_free(|| open_store(dir.path())).unwrap();
         assert!(chain.len() <= 101, "{} records kept", chain.len());
         let pruned = chain
             .iter()
@@ -560,20 +582,20 @@ mod tests {
             .count();
         assert!(pruned >= 1);
         drop((db, chain));
-        let kept = verify(dir.path()).unwrap();
+        let kept = verify_free(dir.path()).unwrap();
         assert!(kept <= 101, "{kept}");
         // Continues across a reopen.
         filled(dir.path(), 3);
-        verify(dir.path()).unwrap();
+        verify_free(dir.path()).unwrap();
         // The oldest kept record removed by hand: no pruning record vouches for the gap.
         let first = {
-            let (db, chain) = open_store(dir.path()).unwrap();
+            let (db, chain) = when_free(|| open_store(dir.path())).unwrap();
             let (k, _) = chain.first().unwrap().unwrap();
             chain.remove(&k).unwrap();
             db.flush().unwrap();
             u64::from_be_bytes(k.as_ref().try_into().unwrap())
         };
-        match verify(dir.path()) {
+        match verify_free(dir.path()) {
             Err(AuditError::Broken { index, reason }) => {
                 assert_eq!(index, first + 1);
                 assert!(reason.contains("audit.pruned"), "{reason}");
