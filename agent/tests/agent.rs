@@ -574,25 +574,23 @@ async fn a_fresh_board_never_installs_below_its_factory_version() {
     assert_eq!(b.status()["version_floor"], "1.5.0");
 }
 
-/// Issue 13, item 11 (commit order): a crash after the boot loader's commit but before the
-/// record said so is finished as a commit on the next start — not judged again and
-/// recorded as rolled back while the slot stays the default.
+/// Issue 13, item 11 (commit order): the agent killed after the boot loader's commit but
+/// before its record said so finishes it as a commit on the next start — not judged again
+/// and recorded as rolled back while the slot stays the default.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_between_the_boot_commit_and_the_record_is_finished_as_a_commit() {
-    use wardgate_agent::slots::{BootState, StateFile};
     let b = Board::new(&["1.1.0"], Options::default()).await;
     let (ok, out) = b.agent(&["check", "--now"]);
     assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
     assert_eq!(b.power_cycle(), Slot::B);
-    // The agent committed B to the boot loader, then died before saving its record.
-    StateFile {
-        path: b.fleet.p("boot-state.txt"),
-    }
-    .write(BootState {
-        default: Slot::B,
-        trial: None,
-    })
-    .unwrap();
+    // The trial is healthy; the agent commits B to the boot loader and dies right there.
+    b.healthy(true);
+    let mut agent = b.spawn_run_crashing_at(&[], "boot-committed");
+    let status = agent.wait().unwrap();
+    assert!(!status.success(), "the agent did not crash at the commit");
+    let s = b.status();
+    assert_eq!(s["boot"]["default"], "B", "{s}");
+    assert_eq!(s["last_update"]["state"], "pending", "{s}");
     // Its health endpoint is down now: judging the slot again would "roll back".
     b.healthy(false);
     let agent = b.spawn_run();

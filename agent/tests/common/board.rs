@@ -167,6 +167,11 @@ retry = "200ms"
 
     /// `run`, behind `prefix` (e.g. `unshare --net`).
     pub fn spawn_run_with(&self, prefix: &[&str]) -> Child {
+        self.spawn_run_crashing_at(prefix, "")
+    }
+
+    /// `run` behind `prefix`, aborting at crash point `at` ("" for none).
+    pub fn spawn_run_crashing_at(&self, prefix: &[&str], at: &str) -> Child {
         let mut argv: Vec<String> = prefix.iter().map(ToString::to_string).collect();
         argv.extend([
             AGENT.to_owned(),
@@ -176,6 +181,7 @@ retry = "200ms"
         ]);
         Command::new(&argv[0])
             .args(&argv[1..])
+            .env("WARDGATE_AGENT_CRASH_AT", at)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
