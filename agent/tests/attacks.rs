@@ -282,17 +282,22 @@ async fn a_clock_set_back_cannot_make_expired_metadata_fresh() {
     assert!(b.server.log().is_empty(), "nothing was even fetched");
 }
 
-/// The fleet rotates its online keys (targets, snapshot, timestamp) away from leaked ones:
-/// a new root, signed by the root key, and metadata signed by the new keys. The board
-/// follows it once. (The board is of a hardware no forged bundle names, so that what is
-/// tested is whose metadata it trusts, not what it installs.)
-async fn rotated_away_from_leaked_keys() -> Board {
-    use tough::schema::RoleType;
+/// A board of a hardware no bundle names (`imx8`): what its checks show is which metadata
+/// it trusts, never what it installs.
+async fn board_no_bundle_fits() -> Board {
     let o = Options {
         hardware: "imx8",
         ..Options::default()
     };
-    let b = Board::new(&[], o).await;
+    Board::new(&[], o).await
+}
+
+/// The fleet rotates its online keys (targets, snapshot, timestamp) away from leaked ones:
+/// a new root, signed by the root key, and metadata signed by the new keys. The board
+/// follows it once.
+async fn rotated_away_from_leaked_keys() -> Board {
+    use tough::schema::RoleType;
+    let b = board_no_bundle_fits().await;
     for k in ["newtargets", "newsnapshot", "newtimestamp"] {
         common::ok(&args!["keygen", b.fleet.s(&format!("{k}.key"))]);
     }
@@ -357,11 +362,7 @@ async fn rollback_protection_survives_a_key_rotation() {
 /// unreadable trusted file is an error, never skipped.
 #[tokio::test(flavor = "multi_thread")]
 async fn truncated_trusted_metadata_does_not_let_a_replay_in() {
-    let o = Options {
-        hardware: "imx8",
-        ..Options::default()
-    };
-    let b = Board::new(&[], o).await;
+    let b = board_no_bundle_fits().await;
     let meta = b.fleet.p("repo/metadata");
     let (ok, out) = b.agent(&["check"]);
     assert!(ok && out.contains("up to date"), "{out}");
@@ -388,11 +389,7 @@ async fn truncated_trusted_metadata_does_not_let_a_replay_in() {
 /// re-verifies timestamp and snapshot from the trusted root, and goes on checking.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_check_with_the_clock_ahead_is_recovered_from_once_ntp_sets_it() {
-    let o = Options {
-        hardware: "imx8",
-        ..Options::default()
-    };
-    let b = Board::new(&[], o).await;
+    let b = board_no_bundle_fits().await;
     let (ok, out) = b.agent(&["check"]);
     assert!(ok && out.contains("up to date"), "{out}");
     let ahead = "\"2028-12-01T00:00:00Z\"";

@@ -30,6 +30,17 @@ fn source(f: &Fleet, server: &Server, scheme: &str, fetcher: Fetcher) -> Source 
     }
 }
 
+/// The progress an earlier attempt at `c` leaves after keeping 4 MiB in slot B.
+fn kept_4mib(f: &Fleet, c: &update::Candidate) -> update::Progress {
+    update::Progress {
+        target: c.target.clone(),
+        sha256: c.sha256.clone(),
+        length: c.length,
+        slot: f.p("slot-b.img"),
+        offset: 4 << 20,
+    }
+}
+
 fn fetcher(limits: Limits) -> Fetcher {
     Fetcher::new(limits, None)
 }
@@ -198,13 +209,7 @@ async fn a_resume_reads_the_rest_from_a_usb_directory_and_verifies_the_prefix_to
     let repo = update::load(&src).await.unwrap();
     let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
     let mut a = common::appliance(&f);
-    let progress = update::Progress {
-        target: c.target.clone(),
-        sha256: c.sha256.clone(),
-        length: c.length,
-        slot: f.p("slot-b.img"),
-        offset: 4 << 20,
-    };
+    let progress = kept_4mib(&f, &c);
     // An earlier attempt left the first 4 MiB in slot B, and its progress.
     std::fs::write(f.p("slot-b.img"), &image[..4 << 20]).unwrap();
     progress.save(&a.download_path()).unwrap();
@@ -270,13 +275,7 @@ async fn a_resumed_target_with_an_encoded_name_arms_only_hashed_bytes() {
         .unwrap();
     let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
     assert!(c.target.contains(' '), "{}", c.target);
-    let progress = update::Progress {
-        target: c.target.clone(),
-        sha256: c.sha256.clone(),
-        length: c.length,
-        slot: f.p("slot-b.img"),
-        offset: 4 << 20,
-    };
+    let progress = kept_4mib(&f, &c);
 
     // A mirror's own 4 MiB kept: hashed with the rest, refused, the slot invalidated.
     let mut a = common::appliance(&f);

@@ -9,7 +9,7 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::{ConnectReturnCode, QoS};
 
 use crate::support::clients::{Client, Raw};
-use crate::support::upstream::{property, Link, Upstream};
+use crate::support::upstream::{property, Consumer, Link, Upstream};
 use crate::support::{require, Gateway, Site};
 
 /// The upstream's ACL: the gateway may write alarms, vitals, status and its own stream,
@@ -25,17 +25,25 @@ const UPSTREAM_ACL: &str = "user gw-test\n\
      user hospital-consumer\n\
      topic read hospital/#\n";
 
+/// The ward's gateway forwarding to a mosquitto upstream that enforces [`UPSTREAM_ACL`]
+/// (`extra` added to its `[uplink]`), commands subscribed, and a consumer reading
+/// everything upstream. The upstream runs as long as the value returned for it lives.
+async fn ward_with_hospital(extra: &str) -> (Site, Upstream, Consumer, Gateway) {
+    let mut site = Site::ward();
+    let upstream = Upstream::start_with_acl(&site.path("upstream"), "gw-test", UPSTREAM_ACL).await;
+    site.extra = upstream.uplink_section("gw-test", upstream.port, extra);
+    let consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.commands_subscribed", &[]).await;
+    (site, upstream, consumer, gw)
+}
+
 /// Issue 12, item 2: a record the upstream refuses leaves the in-flight window at once; it
 /// is set aside (counted, audited, visible to the engineer) and never holds back what
 /// follows it — here an alarm behind more refused records than the window holds.
 #[tokio::test]
 async fn records_refused_upstream_never_block_the_records_behind_them() {
-    let mut site = Site::ward();
-    let upstream = Upstream::start_with_acl(&site.path("upstream"), "gw-test", UPSTREAM_ACL).await;
-    site.extra = upstream.uplink_section("gw-test", upstream.port, "inflight = 2");
-    let mut consumer = upstream.consumer("hospital/#").await;
-    let mut gw = site.start().await;
-    gw.wait_log("uplink.commands_subscribed", &[]).await;
+    let (site, _upstream, mut consumer, mut gw) = ward_with_hospital("inflight = 2").await;
 
     let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
     const REFUSED: usize = 5;
@@ -414,12 +422,7 @@ async fn raw_with_will(site: &Site, gw: &Gateway, device: &str, topic: &str) -> 
 /// reconnect with its will).
 #[tokio::test]
 async fn a_failed_devices_last_will_reaches_the_hospital() {
-    let mut site = Site::ward();
-    let upstream = Upstream::start_with_acl(&site.path("upstream"), "gw-test", UPSTREAM_ACL).await;
-    site.extra = upstream.uplink_section("gw-test", upstream.port, "");
-    let mut consumer = upstream.consumer("hospital/#").await;
-    let mut gw = site.start().await;
-    gw.wait_log("uplink.commands_subscribed", &[]).await;
+    let (site, _upstream, mut consumer, mut gw) = ward_with_hospital("").await;
     let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
     nurse.subscribe("ward/+/alarm/#").await;
 
@@ -660,12 +663,7 @@ async fn a_class_change_ends_the_persistent_session_of_the_old_class() {
 /// stored and forwarded once.
 #[tokio::test]
 async fn a_qos2_publish_resent_after_a_reconnect_reaches_the_hospital_once() {
-    let mut site = Site::ward();
-    let upstream = Upstream::start_with_acl(&site.path("upstream"), "gw-test", UPSTREAM_ACL).await;
-    site.extra = upstream.uplink_section("gw-test", upstream.port, "");
-    let mut consumer = upstream.consumer("hospital/#").await;
-    let mut gw = site.start().await;
-    gw.wait_log("uplink.commands_subscribed", &[]).await;
+    let (site, _upstream, mut consumer, mut gw) = ward_with_hospital("").await;
 
     let mut publish = Publish::new(
         "ward/pump-1/alarm/occlusion",
