@@ -125,7 +125,7 @@ async fn spool_full(dir: &Path) -> (f64, f64, f64) {
     }
     last.unwrap().wait().await.unwrap();
     spool.flush().unwrap();
-    let disk = disk_use(&dir.join("spool")) as f64 / full_bytes as f64;
+    let disk = disk_use(&dir.join("spool-log")) as f64 / full_bytes as f64;
     (per_append, index, disk)
 }
 
@@ -134,7 +134,6 @@ fn limits() -> SpoolLimits {
         max_bytes: 1 << 30,
         device_quota: 1 << 30,
         max_age: [Duration::from_secs(86_400); 3],
-        cache_bytes: 16 << 20,
         max_rejected: 16 << 20,
         max_records: 1 << 30,
     }

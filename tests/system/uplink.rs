@@ -337,7 +337,7 @@ async fn spool_files_hold_no_plaintext() {
     let mut files = 0;
     for entry in walk(&data) {
         let bytes = std::fs::read(&entry).unwrap();
-        let in_spool = entry.starts_with(data.join("spool"));
+        let in_spool = entry.starts_with(data.join("spool-log"));
         files += usize::from(in_spool);
         let mut needles = vec![&b"PATIENT-7F3A-MARKER"[..], b"vitals/spo2"];
         if in_spool {
@@ -385,7 +385,8 @@ async fn corrupt_record_is_reported_and_skipped_the_rest_forwarded() {
     }
     assert!(gw.stop().await.success());
     // Find the record of "m2" (the spool also holds the gateway's audit stream), offline.
-    let key = {
+    {
+        use std::os::unix::fs::FileExt;
         let config = wardgate::config::Config::load(&site.path("wardgate.toml")).unwrap();
         let spool = wardgate::spool::Spool::open(&site.path("data"), config.spool).unwrap();
         let batch = spool.next_batch(1000, &Default::default());
@@ -393,19 +394,18 @@ async fn corrupt_record_is_reported_and_skipped_the_rest_forwarded() {
             .into_iter()
             .find(|(_, r)| &r.payload[..] == b"m2")
             .unwrap();
-        key.to_bytes()
+        // Damage it on disk, in the middle of its sealed bytes.
+        let (segment, at, len) = spool.location(key).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(segment)
+            .unwrap();
+        let mut b = [0u8];
+        let i = at + len as u64 / 2;
+        f.read_exact_at(&mut b, i).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], i).unwrap();
     };
-    {
-        // Damage it on disk.
-        let db = sled::open(site.path("data/spool")).unwrap();
-        let records = db.open_tree("records").unwrap();
-        let (k, v) = (key, records.get(key).unwrap().unwrap());
-        let mut v = v.to_vec();
-        let i = v.len() / 2;
-        v[i] ^= 0xff;
-        records.insert(k, v).unwrap();
-        db.flush().unwrap();
-    }
     let mut consumer = upstream.consumer("hospital/#").await;
     link.set_up(true);
     let mut gw = site.start().await;

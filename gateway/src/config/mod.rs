@@ -63,8 +63,6 @@ pub const DEFAULT_MANAGEMENT_PORTS: [u16; 1] = [22];
 pub const DEFAULT_THROTTLE_LIMIT: Duration = Duration::from_secs(300);
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 pub const DEFAULT_SPOOL_DEVICE_QUOTA: u64 = 32 << 20;
-/// sled's page cache; small, for a small board.
-pub const DEFAULT_SPOOL_CACHE: u64 = 16 << 20;
 pub const DEFAULT_MAX_AGE_ALARM: Duration = Duration::from_secs(30 * 86_400);
 pub const DEFAULT_MAX_AGE_VITAL: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_MAX_AGE_ROUTINE: Duration = Duration::from_secs(86_400);
@@ -739,7 +737,9 @@ impl Validator<'_> {
     fn spool(&mut self, s: &raw::RawSpool) -> crate::spool::SpoolLimits {
         let max_bytes = self.size(s.max_bytes.as_ref(), DEFAULT_SPOOL_MAX_BYTES);
         let device_quota = self.size(s.device_quota.as_ref(), DEFAULT_SPOOL_DEVICE_QUOTA);
-        let cache_bytes = self.size(s.cache.as_ref(), DEFAULT_SPOOL_CACHE);
+        // sled's cache, before the spool became a log: still read, so that a file naming
+        // it loads, and checked, but it sizes nothing now.
+        let _ = self.size(s.cache.as_ref(), 0);
         let max_rejected = self.size(s.max_rejected.as_ref(), DEFAULT_SPOOL_MAX_REJECTED);
         let max_records = self.count(
             s.max_records.as_ref(),
@@ -763,7 +763,6 @@ impl Validator<'_> {
         crate::spool::SpoolLimits {
             max_bytes,
             device_quota,
-            cache_bytes,
             max_rejected,
             max_records,
             max_age: [

@@ -364,7 +364,7 @@ async fn sender(
             _ = stop.cancelled() => break,
             _ = tick.tick() => {
                 round += 1;
-                let (topic, payload) = if round % 3 == 0 {
+                let (topic, payload) = if round.is_multiple_of(3) {
                     let what = if id.starts_with("pump") { "occlusion" } else { "spo2-low" };
                     (format!("ward/{id}/alarm/{what}"), format!("{{\"seq\":{round},\"priority\":\"high\"}}"))
                 } else if id.starts_with("pump") {

@@ -456,9 +456,8 @@ async fn relay(
             let durable = match &packet {
                 // Stored when it first came: acknowledged again, not stored again.
                 Packet::Publish(_) if repeat => None,
-                // On this worker: the store's insert is memory work (sled writes to disk on
-                // its own threads and ours flushes); moving it off cost a third of the
-                // throughput (measured), so it stays until the speed work.
+                // Memory work only (sealing, the quota's plan, a queue): the spool's writer
+                // thread does the disk's.
                 Packet::Publish(p) => match spool_publish(&shared.spool, device, grant, p) {
                     Ok(d) => {
                         crate::counters::bump(device, |c| c.accepted += 1);

@@ -5,7 +5,7 @@
 //!   ([`Spool::remove`]), its expiry (`max_age` of its priority class) or its eviction.
 //! - [`Durable`] resolves only after a `flush` that covers the record: the edge lets a
 //!   QoS 1 PUBLISH reach the broker (and so be acknowledged) only then. Flushes are group
-//!   commits: one flush thread takes every waiter queued while the previous flush ran, so
+//!   commits: the writer thread takes every record queued while the previous flush ran, so
 //!   the flush rate, not the message rate, bounds the disk work.
 //! - Records are encrypted at rest (see [`record`]); the key lives in `data_dir/spool.key`
 //!   (0600), is made at first start, and never leaves the process or reaches a log.
@@ -19,17 +19,17 @@
 //!   records in bulk. Records read back at open are as old as their wall-clock receipt
 //!   time says if it is plausible (not before 2026, not in the future), else new.
 //! - Sequence numbers never repeat, across restarts too: blocks of [`SEQ_BLOCK`] are
-//!   reserved in the meta tree before use.
+//!   reserved in the log before use.
 //! - A record is handed to the uplink ([`Spool::next_batch`]) only once a group commit has
 //!   covered it, whatever its QoS: what the upstream has seen is on disk here, so a crash
 //!   can never give its sequence number (with its block reservation, flushed by the same
 //!   commit) to another record.
 //! - A record that cannot be read back (corrupt, wrong version) is reported
-//!   (`spool.corrupt_record`), moved to the `corrupt` tree for inspection, and skipped.
+//!   (`spool.corrupt_record`), its bytes kept in `corrupt/` for inspection, and skipped.
 //! - A record the upstream refuses, or that cannot be published upstream at all, is moved
-//!   to the `rejected` tree ([`Spool::reject`]): out of the drain order, so it never holds
-//!   back the records behind it; counted per device and audited (`spool.rejected`). The
-//!   tree keeps the newest `max_rejected` bytes for an engineer to inspect; older ones are
+//!   aside ([`Spool::reject`]): out of the drain order, so it never holds back the records
+//!   behind it; counted per device and audited (`spool.rejected`). The spool keeps the
+//!   newest `max_rejected` bytes for an engineer to inspect; older ones are
 //!   deleted, each deletion audited (`spool.rejected_dropped`). Rejected records are not
 //!   retried: the upstream's answer (not authorised, quota, topic invalid) would not change.
 //! - A device's last will is stored at its CONNECT ([`Spool::hold_will`]): encrypted and
@@ -38,22 +38,39 @@
 //!   the abnormal close ([`Spool::release_will`]), or deleted after a clean DISCONNECT
 //!   ([`Spool::drop_will`]). Wills still held when the spool opens belong to sessions a
 //!   stopped gateway ended, not failed devices: they are deleted (`spool.wills_dropped`).
+//! - Disk work happens on one thread, the writer: [`Spool::append`] seals the record, plans
+//!   its room and queues it (memory work only, safe on an async worker); the writer writes
+//!   every queued record and deletion with one `fdatasync` per batch.
+//! - The files hold at most the live records plus a stated slack: `max_bytes` +
+//!   `max_rejected` + [`SpoolLimits::slack`] (a quarter of `max_bytes`, at least four
+//!   segments) + two segments + 12 bytes a record. Beyond the slack the writer compacts
+//!   the oldest segment (see [`log`]).
 //!
-//! On disk (`data_dir/spool/`, sled 0.34): tree `records` (key → sealed value, see
-//! [`record`]), tree `meta` (`format` = [`FORMAT_VERSION`], `seq_limit`), tree `corrupt`,
-//! tree `rejected` (rejection number u64 BE ‖ key → sealed value, oldest first), tree `held`
-//! (key → empty: the records of `records` that are held wills). A gateway older than the
-//! `held` tree would forward a held will it finds as a record: format 1 is kept so that an
-//! update can still be rolled back.
-//! An in-memory index of keys, devices and sizes is rebuilt at open by reading every
-//! record (which also finds corrupt ones before the uplink does).
+//! On disk (`data_dir/spool-log/`, format [`FORMAT_VERSION`]): an append-only log of
+//! segment files, described in [`log`]; `corrupt/` keeps damaged bytes for an engineer.
+//! An in-memory index of keys, devices, sizes and places is rebuilt at open by replaying
+//! the log and reading every live record (which also finds damaged ones before the uplink
+//! does). A format-1 spool (sled's trees in `data_dir/spool/`) is moved into the log at the
+//! first open, whole or not at all. An update rolled back to a sled-spool wardgate starts
+//! with an empty spool; the log's records stay on disk and are forwarded once the newer
+//! version runs again.
+//!
+//! Why a log and not sled: sled 0.34 (the store until format 1) grew to 2.8-4.1 × `max_bytes`
+//! on disk under churn, with no setting to bound it, and wrote on the caller's thread. The
+//! log is bounded by construction (above) and needs no cache; its figures against sled's
+//! are in the README (Spool) and were measured with `cargo bench -p wardgate --bench
+//! throughput`.
 //!
 //! Tested by the unit tests below (quotas, eviction order, expiry, sequence persistence,
 //! corruption) and by the system tests (kill -9 under load, plaintext search of the files).
 
+pub mod log;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
@@ -62,17 +79,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, Notify};
 
 use crate::device::DeviceId;
+use log::{Frame, Loc, Log};
 pub use record::{Key, Priority, Record, RecordError};
 use record::{Sealer, KEY_LEN, SECRET_LEN};
 
-/// Version of the spool's on-disk layout (trees and meta keys).
-pub const FORMAT_VERSION: u64 = 1;
+/// Version of the spool's on-disk layout: 2 is the segment log ([`log`]); 1 was sled's
+/// trees in `data_dir/spool/`, moved into the log at the first open.
+pub const FORMAT_VERSION: u64 = 2;
 /// Sequence numbers reserved at a time.
 pub const SEQ_BLOCK: u64 = 4096;
-const META_FORMAT: &[u8] = b"format";
-const META_SEQ_LIMIT: &[u8] = b"seq_limit";
-/// How often sled flushes on its own (acknowledged deletions, between group commits).
-const BACKGROUND_FLUSH_MS: u64 = 500;
+const LOG_DIR: &str = "spool-log";
+const SLED_DIR: &str = "spool";
 
 /// Limits, from the `[spool]` section.
 #[derive(Debug, Clone)]
@@ -81,17 +98,36 @@ pub struct SpoolLimits {
     pub device_quota: u64,
     /// Indexed by `Priority as usize`.
     pub max_age: [Duration; 3],
-    pub cache_bytes: u64,
     /// Bytes of rejected records kept for inspection (the newest).
     pub max_rejected: u64,
-    /// Records kept at most: bounds the in-memory index (about 100 bytes a record).
+    /// Records kept at most: bounds the in-memory index (about 150 bytes a record).
     pub max_records: usize,
+}
+
+impl SpoolLimits {
+    /// Bytes of one segment file: small enough that compaction works in small steps.
+    fn segment_bytes(&self) -> u64 {
+        (self.max_bytes / 32).clamp(256 << 10, 8 << 20)
+    }
+
+    /// Bytes on disk beyond the live records' before the oldest segment is compacted.
+    fn slack(&self) -> u64 {
+        (self.max_bytes / 4).max(4 * self.segment_bytes())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool store {path}: {source}")]
-    Store {
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spool store {path} is open in another process (a running gateway?)")]
+    Busy { path: PathBuf },
+    #[error("moving the format-1 spool {path} into the log: {source}")]
+    Migrate {
         path: PathBuf,
         #[source]
         source: sled::Error,
@@ -100,19 +136,18 @@ pub enum SpoolError {
     KeyFile {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("spool key {0} is missing but the spool holds records; refusing to start rather than discard them")]
     KeyMissing(PathBuf),
     #[error(
-        "spool format version {found} in {path}; this wardgate reads version {FORMAT_VERSION}"
+        "spool format {found:?} in {path}; this wardgate reads {:?}",
+        log::FORMAT
     )]
-    Format { path: PathBuf, found: u64 },
-    #[error("spool write failed: {0}")]
-    Write(#[from] sled::Error),
+    Format { path: PathBuf, found: String },
     #[error(transparent)]
     Record(#[from] RecordError),
-    #[error("spool flush failed: {0}")]
+    #[error("spool write failed: {0}")]
     Flush(String),
     #[error(
         "no room in the spool for a {priority} record of {size} bytes from {device}: {reason}"
@@ -123,6 +158,13 @@ pub enum SpoolError {
         size: u64,
         reason: &'static str,
     },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Per-device counters.
@@ -141,10 +183,23 @@ pub struct SpoolStats {
     pub records: usize,
     pub bytes: u64,
     pub corrupt: u64,
-    /// Records in the `rejected` tree now, and their bytes.
+    /// Rejected records kept now, and their bytes.
     pub rejected: u64,
     pub rejected_bytes: u64,
     pub devices: BTreeMap<DeviceId, DeviceCounters>,
+}
+
+/// Where a record's sealed bytes are: still on their way to the writer, or in the log.
+#[derive(Debug, Clone)]
+enum Place {
+    Pending(Arc<[u8]>),
+    At(Loc),
+}
+
+impl Place {
+    fn is_at(&self, loc: Loc) -> bool {
+        matches!(self, Place::At(l) if *l == loc)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +211,16 @@ struct Entry {
     born: i64,
     /// A held last will: not forwarded, not expired.
     held: bool,
+    place: Place,
+}
+
+/// A record refused upstream, kept for inspection.
+#[derive(Debug)]
+struct SetAside {
+    key: Key,
+    device: Option<DeviceId>,
+    size: u64,
+    place: Place,
 }
 
 #[derive(Debug, Default)]
@@ -173,15 +238,27 @@ struct State {
     seq_limit: u64,
     counters: BTreeMap<DeviceId, DeviceCounters>,
     corrupt: u64,
-    rejected: u64,
+    /// Rejected records by rejection number, oldest first.
+    rejected: BTreeMap<u64, SetAside>,
     rejected_bytes: u64,
-    /// Number of the next rejection (key prefix in the `rejected` tree).
+    /// Number of the next rejection.
     next_rejection: u64,
+    /// The segment files, for reads.
+    files: BTreeMap<u64, Arc<File>>,
+    /// Frame bytes of live frames (records and rejected records) per segment, and in all.
+    live: BTreeMap<u64, u64>,
+    live_bytes: u64,
+    /// The writer's queue; `None` once closing. Sent to under this lock, so that records
+    /// reach the log in sequence order.
+    ops: Option<mpsc::Sender<Op>>,
 }
 
 impl State {
     fn insert(&mut self, key: Key, entry: Entry) {
         self.total_bytes += entry.size;
+        if let Place::At(loc) = entry.place {
+            self.add_live(loc);
+        }
         let share = self.devices.entry(entry.device.clone()).or_default();
         share.bytes += entry.size;
         share.keys.insert(key);
@@ -191,6 +268,9 @@ impl State {
     fn take(&mut self, key: Key) -> Option<Entry> {
         let entry = self.index.remove(&key)?;
         self.total_bytes -= entry.size;
+        if let Place::At(loc) = entry.place {
+            self.sub_live(loc);
+        }
         if let Some(share) = self.devices.get_mut(&entry.device) {
             share.bytes -= entry.size;
             share.keys.remove(&key);
@@ -199,6 +279,70 @@ impl State {
             }
         }
         Some(entry)
+    }
+
+    fn add_live(&mut self, loc: Loc) {
+        *self.live.entry(loc.segment).or_default() += u64::from(loc.len);
+        self.live_bytes += u64::from(loc.len);
+    }
+
+    fn sub_live(&mut self, loc: Loc) {
+        if let Some(n) = self.live.get_mut(&loc.segment) {
+            *n = n.saturating_sub(u64::from(loc.len));
+        }
+        self.live_bytes = self.live_bytes.saturating_sub(u64::from(loc.len));
+    }
+
+    /// `key`'s record is now at `loc` (written, or copied by a compaction from `from`).
+    fn place(&mut self, key: Key, loc: Loc, from: Option<Loc>) {
+        let Some(entry) = self.index.get_mut(&key) else {
+            return;
+        };
+        let moved = match (&entry.place, from) {
+            (Place::Pending(_), None) => None,
+            (Place::At(old), Some(from)) if *old == from => Some(from),
+            _ => return,
+        };
+        entry.place = Place::At(loc);
+        if let Some(old) = moved {
+            self.sub_live(old);
+        }
+        self.add_live(loc);
+    }
+
+    /// Like [`State::place`], for a rejected record.
+    fn place_rejected(&mut self, number: u64, loc: Loc, from: Option<Loc>) {
+        let Some(entry) = self.rejected.get_mut(&number) else {
+            return;
+        };
+        let moved = match (&entry.place, from) {
+            (Place::Pending(_), None) => None,
+            (Place::At(old), Some(from)) if *old == from => Some(from),
+            _ => return,
+        };
+        entry.place = Place::At(loc);
+        if let Some(old) = moved {
+            self.sub_live(old);
+        }
+        self.add_live(loc);
+    }
+
+    fn send(&self, op: Op) {
+        // With the writer gone, records stay pending and their waiters hear of it.
+        if let Some(ops) = &self.ops {
+            let _ = ops.send(op);
+        }
+    }
+
+    /// How to read `place`'s bytes once the lock is let go.
+    fn source(&self, place: &Place) -> Source {
+        match place {
+            Place::Pending(v) => Source::Memory(v.clone()),
+            Place::At(loc) => match self.files.get(&loc.segment) {
+                Some(f) => Source::Disk(f.clone(), *loc),
+                None => Source::Missing(*loc),
+            },
+        }
     }
 
     fn counters(&mut self, device: &DeviceId) -> &mut DeviceCounters {
@@ -276,6 +420,32 @@ impl State {
     }
 }
 
+/// Where to read a record's sealed bytes.
+enum Source {
+    Memory(Arc<[u8]>),
+    Disk(Arc<File>, Loc),
+    /// Its segment is gone (cannot happen while the index is right; reported if it does).
+    Missing(Loc),
+}
+
+impl Source {
+    fn read(self) -> io::Result<Vec<u8>> {
+        match self {
+            Source::Memory(v) => Ok(v.to_vec()),
+            Source::Disk(file, loc) => {
+                let (at, len) = loc.value();
+                let mut buf = vec![0; len];
+                file.read_exact_at(&mut buf, at)?;
+                Ok(buf)
+            }
+            Source::Missing(loc) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("segment {:016x} is gone", loc.segment),
+            )),
+        }
+    }
+}
+
 /// The keys of `keys` a record of `priority` may evict, in eviction order: routine, then
 /// vital (never an alarm), none more urgent than it, oldest first within each.
 fn evictable(keys: &BTreeSet<Key>, priority: Priority) -> impl Iterator<Item = Key> + '_ {
@@ -309,29 +479,75 @@ enum Room {
     OwnOnly,
 }
 
-/// A record waiting for a group commit: who to tell, and its sequence number.
-type FlushWaiter = (oneshot::Sender<Result<(), String>>, u64);
+/// Who waits for a group commit.
+#[derive(Debug)]
+enum Reply {
+    /// A [`Durable`].
+    Durable(oneshot::Sender<Result<(), String>>),
+    /// [`Spool::flush`], from a plain thread.
+    Flush(mpsc::Sender<Result<(), String>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<(), String>) {
+        match self {
+            Reply::Durable(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Flush(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// Work for the writer thread, in the order it reaches the log.
+#[derive(Debug)]
+enum Op {
+    Record {
+        key: Key,
+        held: bool,
+        value: Arc<[u8]>,
+        durable: Option<Reply>,
+    },
+    Delete(Key),
+    SeqLimit(u64),
+    Reject {
+        number: u64,
+        key: Key,
+        value: Arc<[u8]>,
+    },
+    Unreject(u64),
+    Sync(Reply),
+}
+
+/// What the spool and its writer thread share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    durable: Durability,
+    corrupt_dir: PathBuf,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 struct Inner {
     path: PathBuf,
-    db: sled::Db,
-    records: sled::Tree,
-    meta: sled::Tree,
-    corrupt: sled::Tree,
-    rejected: sled::Tree,
-    held: sled::Tree,
+    shared: Arc<Shared>,
     sealer: Sealer,
     limits: SpoolLimits,
-    state: Mutex<State>,
-    /// `None` once dropping: closing it stops the flush thread.
-    flush_tx: Mutex<Option<mpsc::Sender<FlushWaiter>>>,
-    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
-    durable: Arc<Durability>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The origin of the monotonic clock records are aged on.
     opened: std::time::Instant,
+    /// Held (locked) while the spool is open: one process at a time.
+    _lock: File,
 }
 
-/// What the group commits have made durable, shared with the flush thread.
+/// What the group commits have made durable, shared with the writer thread.
 #[derive(Debug, Default)]
 struct Durability {
     /// Every record with a lower sequence number is on disk (or gone).
@@ -342,10 +558,10 @@ struct Durability {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Close the queue, then wait for the flush thread so that its handle on the store
-        // is gone before anyone reopens it.
-        self.flush_tx.get_mut().map(Option::take).ok();
-        if let Ok(Some(handle)) = self.flusher.get_mut().map(Option::take) {
+        // Close the queue, then wait for the writer so that everything queued is written
+        // and its handles on the files are gone before anyone reopens them.
+        self.shared.state().ops = None;
+        if let Ok(Some(handle)) = self.writer.get_mut().map(Option::take) {
             let _ = handle.join();
         }
     }
@@ -374,7 +590,7 @@ impl Durable {
         match self.0.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SpoolError::Flush(e)),
-            Err(_) => Err(SpoolError::Flush("the flush thread stopped".into())),
+            Err(_) => Err(SpoolError::Flush("the spool's writer stopped".into())),
         }
     }
 }
@@ -406,7 +622,7 @@ fn load_or_make_secret(path: &Path, store_has_data: bool) -> Result<[u8; SECRET_
         path: path.to_owned(),
         source,
     };
-    match std::fs::read(path) {
+    match fs::read(path) {
         Ok(bytes) => match <[u8; SECRET_LEN]>::try_from(bytes.as_slice()) {
             Ok(secret) => return Ok(secret),
             // Nothing is sealed under a key that is not whole (a crash while an older
@@ -421,13 +637,13 @@ fn load_or_make_secret(path: &Path, store_has_data: bool) -> Result<[u8; SECRET_
                 );
             }
             Err(_) => {
-                return Err(key_err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
+                return Err(key_err(io::Error::new(
+                    io::ErrorKind::InvalidData,
                     format!("expected {SECRET_LEN} bytes, found {}", bytes.len()),
                 )))
             }
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if store_has_data {
                 return Err(SpoolError::KeyMissing(path.to_owned()));
             }
@@ -440,90 +656,334 @@ fn load_or_make_secret(path: &Path, store_has_data: bool) -> Result<[u8; SECRET_
     Ok(secret)
 }
 
+/// Makes a private directory (0700) if it is not there.
+fn private_dir(path: &Path) -> Result<(), SpoolError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io_error(path))
+}
+
+/// Keeps damaged bytes for an engineer as `corrupt/{name}`; false if they were kept
+/// before (found again by a later open).
+fn keep_corrupt(dir: &Path, name: &str, bytes: &[u8]) -> bool {
+    use std::io::Write;
+    let made = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join(name));
+    match made {
+        Ok(mut f) => {
+            if let Err(e) = f.write_all(bytes) {
+                tracing::error!(event = "spool.write_failed", error = %e, "cannot keep damaged spool bytes");
+            }
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => {
+            tracing::error!(event = "spool.write_failed", error = %e, "cannot keep damaged spool bytes");
+            true
+        }
+    }
+}
+
+/// Reports damaged bytes set aside (`what` names them).
+fn report_corrupt(what: &str, error: &str) {
+    crate::audit::record(
+        "spool.corrupt_record",
+        None,
+        &format!("record={what} error={error}"),
+    );
+    tracing::error!(
+        event = "spool.corrupt_record",
+        record = what,
+        error,
+        "unreadable spool record set aside; the rest is forwarded"
+    );
+}
+
+/// What replaying the log found.
+#[derive(Default)]
+struct Replayed {
+    records: BTreeMap<Key, (Loc, bool)>,
+    rejected: BTreeMap<u64, (Key, Loc)>,
+    seq_limit: u64,
+    max_seq: Option<u64>,
+    files: BTreeMap<u64, Arc<File>>,
+    /// Bytes of each segment (after cutting off a torn write).
+    lens: BTreeMap<u64, u64>,
+    corrupt: u64,
+}
+
+/// Reads every segment in order.
+fn replay(dir: &Path, corrupt_dir: &Path) -> Result<Replayed, SpoolError> {
+    let mut r = Replayed::default();
+    let found = log::segments(dir).map_err(io_error(dir))?;
+    let newest = found.keys().last().copied();
+    for (&n, path) in &found {
+        let err = io_error(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_error(path))?;
+        let bytes = fs::read(path).map_err(io_error(path))?;
+        let damage = log::scan(&bytes, |offset, frame, len, value_at| {
+            let loc = Loc {
+                segment: n,
+                offset,
+                len,
+                value_at,
+            };
+            match frame {
+                Frame::Record { key, held, .. } => {
+                    r.max_seq = r.max_seq.max(Some(key.seq));
+                    r.records.insert(key, (loc, held));
+                }
+                Frame::Delete(key) => {
+                    r.records.remove(&key);
+                }
+                Frame::SeqLimit(limit) => r.seq_limit = r.seq_limit.max(limit),
+                Frame::Rejected { number, key, .. } => {
+                    r.max_seq = r.max_seq.max(Some(key.seq));
+                    r.rejected.insert(number, (key, loc));
+                }
+                Frame::Unreject(number) => {
+                    r.rejected.remove(&number);
+                }
+            }
+        });
+        let mut len = bytes.len() as u64;
+        let torn = damage.tail.clone().filter(|_| Some(n) == newest);
+        for range in damage
+            .skipped
+            .iter()
+            .chain(&damage.tail)
+            .filter(|t| Some(*t) != torn.as_ref())
+        {
+            if keep_corrupt(
+                corrupt_dir,
+                &format!("{n:016x}-{:x}.bin", range.start),
+                &bytes[range.clone()],
+            ) {
+                r.corrupt += 1;
+                report_corrupt(
+                    &format!("segment {n:016x} bytes {}..{}", range.start, range.end),
+                    "frames that do not check (length or CRC)",
+                );
+            }
+        }
+        if let Some(tail) = damage.tail {
+            if torn.is_some() {
+                tracing::info!(
+                    event = "spool.torn_write_dropped",
+                    segment = n,
+                    bytes = tail.len(),
+                    "the end of a write a stop cut short (never acknowledged) cut off"
+                );
+            }
+            file.set_len(tail.start as u64).map_err(io_error(path))?;
+            file.sync_all().map_err(err)?;
+            len = tail.start as u64;
+        }
+        r.files.insert(n, Arc::new(file));
+        r.lens.insert(n, len);
+    }
+    Ok(r)
+}
+
+/// Moves a format-1 spool (sled's trees in `data_dir/spool/`) into a new log at `dir`,
+/// whole or not at all: built beside it, renamed into place, and only then is the old
+/// store deleted.
+fn migrate_sled(data_dir: &Path, dir: &Path) -> Result<(), SpoolError> {
+    let old = data_dir.join(SLED_DIR);
+    if !old.exists() {
+        return Ok(());
+    }
+    if dir.exists() {
+        // Moved before a stop cut the deletion of the old store short.
+        fs::remove_dir_all(&old).map_err(io_error(&old))?;
+        return log::sync_dir(data_dir).map_err(io_error(data_dir));
+    }
+    let tmp = data_dir.join("spool-log.moving");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
+    }
+    private_dir(&tmp.join("corrupt"))?;
+    let sled_err = |source| SpoolError::Migrate {
+        path: old.clone(),
+        source,
+    };
+    let db = sled::Config::new().path(&old).open().map_err(sled_err)?;
+    let tree = |name: &str| db.open_tree(name).map_err(sled_err);
+    let (records, held, rejected, meta, corrupt) = (
+        tree("records")?,
+        tree("held")?,
+        tree("rejected")?,
+        tree("meta")?,
+        tree("corrupt")?,
+    );
+    let seq_limit = meta
+        .get(b"seq_limit")
+        .map_err(sled_err)?
+        .map_or(0, |v| read_u64(&v));
+    let mut log =
+        Log::start(&tmp, 8 << 20, BTreeMap::new(), 0, seq_limit).map_err(io_error(&tmp))?;
+    let mut moved = 0u64;
+    let mut push = |log: &mut Log, frame: Frame| -> Result<(), SpoolError> {
+        log.push(&frame).map_err(io_error(&tmp))?;
+        moved += 1;
+        if moved.is_multiple_of(1024) {
+            log.commit(false).map_err(io_error(&tmp))?;
+        }
+        Ok(())
+    };
+    for item in records.iter() {
+        let (k, v) = item.map_err(sled_err)?;
+        match Key::from_bytes(&k) {
+            Some(key) => {
+                let held = held.contains_key(&k).map_err(sled_err)?;
+                push(
+                    &mut log,
+                    Frame::Record {
+                        key,
+                        held,
+                        value: &v,
+                    },
+                )?;
+            }
+            None => {
+                keep_corrupt(
+                    &tmp.join("corrupt"),
+                    &format!("sled-key-{}.bin", hex_of(&k)),
+                    &v,
+                );
+            }
+        }
+    }
+    for item in rejected.iter() {
+        let (k, v) = item.map_err(sled_err)?;
+        if let (Some(number), Some(key)) = (
+            k.get(..8).map(read_u64),
+            k.get(8..).and_then(Key::from_bytes),
+        ) {
+            push(
+                &mut log,
+                Frame::Rejected {
+                    number,
+                    key,
+                    value: &v,
+                },
+            )?;
+        }
+    }
+    for (i, item) in corrupt.iter().enumerate() {
+        let (_, v) = item.map_err(sled_err)?;
+        keep_corrupt(&tmp.join("corrupt"), &format!("sled-{i}.bin"), &v);
+    }
+    log.commit(true).map_err(io_error(&tmp))?;
+    drop(log);
+    drop(db);
+    crate::fsutil::write_private(&tmp.join("format"), log::FORMAT.as_bytes())
+        .map_err(io_error(&tmp))?;
+    fs::rename(&tmp, dir).map_err(io_error(dir))?;
+    log::sync_dir(data_dir).map_err(io_error(data_dir))?;
+    fs::remove_dir_all(&old).map_err(io_error(&old))?;
+    log::sync_dir(data_dir).map_err(io_error(data_dir))?;
+    tracing::info!(
+        event = "spool.format_moved",
+        from = 1,
+        to = FORMAT_VERSION,
+        frames = moved,
+        "the spool's records moved from sled into the segment log"
+    );
+    Ok(())
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `data_dir`.
     pub fn open(data_dir: &Path, limits: SpoolLimits) -> Result<Spool, SpoolError> {
-        let path = data_dir.join("spool");
-        let store_err = |source| SpoolError::Store {
-            path: path.clone(),
-            source,
-        };
-        let existed = path.exists();
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(limits.cache_bytes)
-            .flush_every_ms(Some(BACKGROUND_FLUSH_MS))
-            .open()
-            .map_err(store_err)?;
-        let records = db.open_tree("records").map_err(store_err)?;
-        let meta = db.open_tree("meta").map_err(store_err)?;
-        let corrupt = db.open_tree("corrupt").map_err(store_err)?;
-        let rejected = db.open_tree("rejected").map_err(store_err)?;
-        let held = db.open_tree("held").map_err(store_err)?;
-        let secret =
-            load_or_make_secret(&data_dir.join("spool.key"), existed && !records.is_empty())?;
+        let path = data_dir.join(LOG_DIR);
+        migrate_sled(data_dir, &path)?;
+        private_dir(&path)?;
+        let lock_path = path.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(SpoolError::Busy { path }),
+            Err(fs::TryLockError::Error(e)) => return Err(io_error(&lock_path)(e)),
+        }
+        let format_path = path.join("format");
+        match fs::read_to_string(&format_path) {
+            Ok(found) if found == log::FORMAT => {}
+            Ok(found) => {
+                return Err(SpoolError::Format {
+                    path: format_path,
+                    found,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                crate::fsutil::write_private(&format_path, log::FORMAT.as_bytes())
+                    .map_err(io_error(&format_path))?;
+            }
+            Err(e) => return Err(io_error(&format_path)(e)),
+        }
+        let corrupt_dir = path.join("corrupt");
+        private_dir(&corrupt_dir)?;
+        let kept_corrupt = fs::read_dir(&corrupt_dir)
+            .map_err(io_error(&corrupt_dir))?
+            .count() as u64;
+
+        let replayed = replay(&path, &corrupt_dir)?;
+        let has_data = !replayed.records.is_empty() || !replayed.rejected.is_empty();
+        let secret = load_or_make_secret(&data_dir.join("spool.key"), has_data)?;
         let sealer = Sealer::new(&secret);
 
-        match meta.get(META_FORMAT).map_err(store_err)? {
-            Some(v) => {
-                let found = read_u64(&v);
-                if found != FORMAT_VERSION {
-                    return Err(SpoolError::Format { path, found });
-                }
-            }
-            None => {
-                meta.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(store_err)?;
-            }
-        }
-
-        let mut state = State::default();
-        let mut max_seq = None;
+        let mut state = State {
+            corrupt: kept_corrupt + replayed.corrupt,
+            files: replayed.files.clone(),
+            ..State::default()
+        };
+        let mut deletes = Vec::new();
+        let mut wills_dropped = 0;
         let wall_now = now_ms();
-        for item in records.iter() {
-            let (k, v) = item.map_err(store_err)?;
-            let key = Key::from_bytes(&k);
-            if let Some(key) = key {
-                max_seq = max_seq.max(Some(key.seq));
-            }
-            match key.map(|key| (key, sealer.open(key, &v))) {
-                Some((key, Ok(rec))) => state.insert(
+        for (&key, &(loc, held)) in &replayed.records {
+            let value = state
+                .source(&Place::At(loc))
+                .read()
+                .map_err(io_error(&path))?;
+            match sealer.open(key, &value) {
+                Ok(_) if held => {
+                    deletes.push(key);
+                    wills_dropped += 1;
+                }
+                Ok(rec) => state.insert(
                     key,
                     Entry {
                         device: rec.device,
-                        size: (v.len() + KEY_LEN) as u64,
+                        size: (value.len() + KEY_LEN) as u64,
                         born: -age_at_open(rec.received_at_ms, wall_now),
                         held: false,
+                        place: Place::At(loc),
                     },
                 ),
-                Some((key, Err(e))) => {
-                    quarantine(
-                        &records,
-                        &corrupt,
-                        &k,
-                        &v,
-                        &format!("{key:?}"),
-                        &e.to_string(),
-                    )?;
+                Err(e) => {
+                    let name = format!("{:016x}-{:x}.bin", loc.segment, loc.offset);
+                    keep_corrupt(&corrupt_dir, &name, &value);
+                    report_corrupt(&format!("{key:?}"), &e.to_string());
                     state.corrupt += 1;
-                }
-                None => {
-                    quarantine(&records, &corrupt, &k, &v, "unreadable key", "bad key")?;
-                    state.corrupt += 1;
+                    deletes.push(key);
                 }
             }
         }
-        let mut wills_dropped = 0;
-        for item in held.iter() {
-            let (k, _) = item.map_err(store_err)?;
-            if let Some(key) = Key::from_bytes(&k) {
-                if state.take(key).is_some() {
-                    records.remove(&k).map_err(store_err)?;
-                    wills_dropped += 1;
-                }
-            }
-        }
-        held.clear().map_err(store_err)?;
         if wills_dropped > 0 {
             tracing::info!(
                 event = "spool.wills_dropped",
@@ -531,75 +991,95 @@ impl Spool {
                 "last wills of sessions the previous run ended deleted, not forwarded"
             );
         }
-        for item in rejected.iter() {
-            let (k, v) = item.map_err(store_err)?;
-            state.rejected += 1;
-            state.rejected_bytes += (k.len() + v.len()) as u64;
-            state.next_rejection = state.next_rejection.max(read_u64(&k[..8.min(k.len())]) + 1);
+        for (&number, &(key, loc)) in &replayed.rejected {
+            let value = state
+                .source(&Place::At(loc))
+                .read()
+                .map_err(io_error(&path))?;
+            let size = (value.len() + 8 + KEY_LEN) as u64;
+            state.rejected_bytes += size;
+            state.add_live(loc);
+            state.rejected.insert(
+                number,
+                SetAside {
+                    key,
+                    device: sealer.open(key, &value).ok().map(|r| r.device),
+                    size,
+                    place: Place::At(loc),
+                },
+            );
         }
-        let stored_limit = meta
-            .get(META_SEQ_LIMIT)
-            .map_err(store_err)?
-            .map_or(0, |v| read_u64(&v));
-        state.next_seq = stored_limit.max(max_seq.map_or(0, |s| s + 1));
+        state.next_rejection = replayed.rejected.keys().last().map_or(0, |n| n + 1);
+        state.next_seq = replayed
+            .seq_limit
+            .max(replayed.max_seq.map_or(0, |s| s + 1));
         state.seq_limit = state.next_seq + SEQ_BLOCK;
-        meta.insert(META_SEQ_LIMIT, &state.seq_limit.to_be_bytes())
-            .map_err(store_err)?;
-        db.flush().map_err(store_err)?;
 
-        let (flush_tx, flush_rx) = mpsc::channel::<FlushWaiter>();
-        let flusher = db.clone();
-        // Everything read back at open is on disk.
-        let durable = Arc::new(Durability {
-            below: AtomicU64::new(state.next_seq),
-            wake: Notify::new(),
+        let head = replayed.lens.keys().last().map_or(0, |n| n + 1);
+        let mut log = Log::start(
+            &path,
+            limits.segment_bytes(),
+            replayed.lens,
+            head,
+            state.seq_limit,
+        )
+        .map_err(io_error(&path))?;
+        for key in deletes {
+            log.push(&Frame::Delete(key)).map_err(io_error(&path))?;
+        }
+        log.commit(true).map_err(io_error(&path))?;
+        state.files.extend(log.take_new());
+
+        let (ops, rx) = mpsc::channel();
+        state.ops = Some(ops);
+        let records = state.index.len();
+        let bytes = state.total_bytes;
+        let corrupt = state.corrupt;
+        let shared = Arc::new(Shared {
+            // Everything read back at open is on disk.
+            durable: Durability {
+                below: AtomicU64::new(state.next_seq),
+                wake: Notify::new(),
+            },
+            state: Mutex::new(state),
+            corrupt_dir,
         });
-        let progress = durable.clone();
-        let flusher = std::thread::Builder::new()
-            .name("wardgate-spool-flush".into())
-            .spawn(move || group_commit(flusher, flush_rx, &progress))
-            .map_err(|source| SpoolError::KeyFile {
-                path: path.clone(),
-                source,
-            })?;
-
+        let writer = {
+            let shared = shared.clone();
+            let slack = limits.slack();
+            std::thread::Builder::new()
+                .name("wardgate-spool-write".into())
+                .spawn(move || write_loop(log, &rx, &shared, slack))
+                .map_err(io_error(&path))?
+        };
         tracing::info!(
             event = "spool.opened",
             path = %path.display(),
-            records = state.index.len(),
-            bytes = state.total_bytes,
-            corrupt = state.corrupt,
+            records,
+            bytes,
+            corrupt,
             "spool opened"
         );
         Ok(Spool {
             inner: Arc::new(Inner {
                 path,
-                db,
-                records,
-                meta,
-                corrupt,
-                rejected,
-                held,
+                shared,
                 sealer,
                 limits,
-                state: Mutex::new(state),
-                flush_tx: Mutex::new(Some(flush_tx)),
-                flusher: Mutex::new(Some(flusher)),
-                durable,
+                writer: Mutex::new(Some(writer)),
                 opened: std::time::Instant::now(),
+                _lock: lock,
             }),
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.shared.state()
     }
 
     /// Stores `record`. Returns a [`Durable`] that resolves once it is on disk, or a
-    /// refusal when no room can be made for it.
+    /// refusal when no room can be made for it. Memory work only: the writer thread does
+    /// the disk's.
     pub fn append(&self, record: &Record, priority: Priority) -> Result<Durable, SpoolError> {
         self.append_in(record, priority, Room::Any, false)
             .map(|(_, d)| d)
@@ -642,26 +1122,21 @@ impl Spool {
 
     /// Takes a held will out of the store; `None` if it is not there.
     fn take_will(&self, key: Key) -> Option<Result<Record, SpoolError>> {
-        let inner = &self.inner;
-        let mut st = self.state();
-        if !st.index.get(&key).is_some_and(|e| e.held) {
-            return None;
-        }
-        let value = match inner.records.get(key.to_bytes()) {
-            Ok(Some(v)) => v,
-            Ok(None) => return None,
-            Err(e) => return Some(Err(e.into())),
+        let source = {
+            let mut st = self.state();
+            if !st.index.get(&key).is_some_and(|e| e.held) {
+                return None;
+            }
+            let entry = st.take(key)?;
+            st.send(Op::Delete(key));
+            st.source(&entry.place)
         };
-        st.take(key);
-        let removed = inner
-            .records
-            .remove(key.to_bytes())
-            .and_then(|_| inner.held.remove(key.to_bytes()));
-        if let Err(e) = removed {
-            return Some(Err(e.into()));
-        }
-        drop(st);
-        Some(inner.sealer.open(key, &value).map_err(SpoolError::from))
+        Some(
+            source
+                .read()
+                .map_err(io_error(&self.inner.path))
+                .and_then(|v| Ok(self.inner.sealer.open(key, &v)?)),
+        )
     }
 
     fn append_in(
@@ -674,14 +1149,8 @@ impl Spool {
         let inner = &self.inner;
         let mut st = self.state();
         let seq = st.next_seq;
-        if seq >= st.seq_limit {
-            st.seq_limit = seq + SEQ_BLOCK;
-            inner
-                .meta
-                .insert(META_SEQ_LIMIT, &st.seq_limit.to_be_bytes())?;
-        }
         let key = Key { priority, seq };
-        let value = inner.sealer.seal(key, record)?;
+        let value: Arc<[u8]> = inner.sealer.seal(key, record)?.into();
         let size = (value.len() + KEY_LEN) as u64;
         let victims = match st.plan(&record.device, priority, size, &inner.limits, room) {
             Ok(v) => v,
@@ -710,12 +1179,14 @@ impl Spool {
                 });
             }
         };
+        if seq >= st.seq_limit {
+            st.seq_limit = seq + SEQ_BLOCK;
+            let limit = st.seq_limit;
+            st.send(Op::SeqLimit(limit));
+        }
         for victim in victims {
             if let Some(entry) = st.take(victim) {
-                inner.records.remove(victim.to_bytes())?;
-                if entry.held {
-                    inner.held.remove(victim.to_bytes())?;
-                }
+                st.send(Op::Delete(victim));
                 let c = st.counters(&entry.device);
                 c.evicted += 1;
                 let evicted = c.evicted;
@@ -738,11 +1209,14 @@ impl Spool {
                 );
             }
         }
-        if held {
-            // Marked first: a crash in between leaves a mark without a record, harmless.
-            inner.held.insert(key.to_bytes(), &[])?;
-        }
-        inner.records.insert(key.to_bytes(), value)?;
+        let (tx, rx) = oneshot::channel();
+        // If the writer is gone, `tx` is dropped and the Durable reports the failure.
+        st.send(Op::Record {
+            key,
+            held,
+            value: value.clone(),
+            durable: Some(Reply::Durable(tx)),
+        });
         st.insert(
             key,
             Entry {
@@ -750,23 +1224,13 @@ impl Spool {
                 size,
                 born: self.mono_ms(),
                 held,
+                place: Place::Pending(value),
             },
         );
         if !held {
             st.counters(&record.device).stored += 1;
         }
         st.next_seq += 1;
-        drop(st);
-        let (tx, rx) = oneshot::channel();
-        // If the flush thread is gone, `tx` is dropped and the Durable reports the failure.
-        if let Some(queue) = inner
-            .flush_tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            let _ = queue.send((tx, seq));
-        }
         Ok((key, Durable(rx)))
     }
 
@@ -793,8 +1257,8 @@ impl Spool {
         let mut out = Vec::new();
         let mut stale = Vec::new();
         let mut paced = false;
-        let durable = self.inner.durable.below.load(Ordering::Acquire);
-        let keys: Vec<(Key, i64)> = {
+        let durable = self.inner.shared.durable.below.load(Ordering::Acquire);
+        let keys: Vec<(Key, i64, Source)> = {
             let st = self.state();
             let mut keys = Vec::new();
             let ready = st
@@ -812,19 +1276,17 @@ impl Spool {
                     }
                     budget -= 1;
                 }
-                keys.push((*k, e.born));
+                keys.push((*k, e.born, st.source(&e.place)));
             }
             keys
         };
-        for (key, born) in keys {
+        for (key, born, source) in keys {
             if self.too_old(key.priority, born, now) {
                 stale.push(key);
                 continue;
             }
-            let value = match self.inner.records.get(key.to_bytes()) {
-                Ok(Some(v)) => v,
-                // Evicted or acknowledged in the meantime.
-                Ok(None) => continue,
+            let value = match source.read() {
+                Ok(v) => v,
                 Err(e) => {
                     tracing::error!(event = "spool.read_failed", error = %e, "spool read failed");
                     break;
@@ -844,6 +1306,18 @@ impl Spool {
     /// The sequence number the next record will get: every record stored so far is below.
     pub fn next_seq(&self) -> u64 {
         self.state().next_seq
+    }
+
+    /// Where a record's sealed bytes are on disk (segment file, offset, length), once
+    /// written: for inspection and for the tests that damage them.
+    pub fn location(&self, key: Key) -> Option<(PathBuf, u64, usize)> {
+        match self.state().index.get(&key)?.place {
+            Place::At(loc) => {
+                let (at, len) = loc.value();
+                Some((log::segment_path(&self.inner.path, loc.segment), at, len))
+            }
+            Place::Pending(_) => None,
+        }
     }
 
     /// The monotonic clock, in ms since the spool opened.
@@ -877,7 +1351,7 @@ impl Spool {
         let mut per_device: BTreeMap<(DeviceId, Priority), u64> = BTreeMap::new();
         for key in keys {
             if let Some(entry) = st.take(*key) {
-                let _ = self.inner.records.remove(key.to_bytes());
+                st.send(Op::Delete(*key));
                 st.counters(&entry.device).expired += 1;
                 *per_device.entry((entry.device, key.priority)).or_default() += 1;
             }
@@ -903,54 +1377,62 @@ impl Spool {
         n
     }
 
+    /// Moves a record that cannot be read back to `corrupt/` and reports it.
     fn set_aside(&self, key: Key, value: &[u8], error: &RecordError) {
-        let removed = self.state().take(key).is_some();
-        if removed {
-            let what = format!("{key:?}");
-            if quarantine(
-                &self.inner.records,
-                &self.inner.corrupt,
-                &key.to_bytes(),
-                value,
-                &what,
-                &error.to_string(),
-            )
-            .is_ok()
-            {
-                self.state().corrupt += 1;
-            }
-        }
+        let mut st = self.state();
+        let Some(entry) = st.take(key) else { return };
+        st.send(Op::Delete(key));
+        let name = match entry.place {
+            Place::At(loc) => format!("{:016x}-{:x}.bin", loc.segment, loc.offset),
+            Place::Pending(_) => format!("pending-{}.bin", key.seq),
+        };
+        keep_corrupt(&self.inner.shared.corrupt_dir, &name, value);
+        st.corrupt += 1;
+        drop(st);
+        report_corrupt(&format!("{key:?}"), &error.to_string());
     }
 
     /// Sets a record aside that cannot be delivered upstream (`reason` says why): it leaves
-    /// the drain order at once, and is kept in the `rejected` tree within `max_rejected`.
+    /// the drain order at once, and is kept within `max_rejected` bytes.
     pub fn reject(&self, key: Key, reason: &str) {
         let inner = &self.inner;
-        let mut st = self.state();
-        let value = match inner.records.get(key.to_bytes()) {
-            Ok(Some(v)) => v,
+        let Some(source) = ({
+            let st = self.state();
+            st.index.get(&key).map(|e| st.source(&e.place))
+        }) else {
             // Acknowledged, expired or evicted meanwhile.
-            Ok(None) => return,
+            return;
+        };
+        let value: Arc<[u8]> = match source.read() {
+            Ok(v) => v.into(),
             Err(e) => {
                 tracing::error!(event = "spool.read_failed", error = %e, "spool read failed");
                 return;
             }
         };
+        let mut st = self.state();
         let Some(entry) = st.take(key) else { return };
-        let mut slot = st.next_rejection.to_be_bytes().to_vec();
-        slot.extend_from_slice(&key.to_bytes());
+        let number = st.next_rejection;
         st.next_rejection += 1;
-        // Kept first, then taken out of the drain order: a crash in between forwards it
-        // once more, it never loses it.
-        let moved = inner
-            .rejected
-            .insert(&slot, value.clone())
-            .and_then(|_| inner.records.remove(key.to_bytes()));
-        if let Err(e) = moved {
-            tracing::error!(event = "spool.write_failed", error = %e, "cannot set a rejected record aside");
-        }
-        st.rejected += 1;
-        st.rejected_bytes += (slot.len() + value.len()) as u64;
+        // Kept first, then taken out of the drain order, in the log's order too: a stop in
+        // between forwards it once more, it never loses it.
+        st.send(Op::Reject {
+            number,
+            key,
+            value: value.clone(),
+        });
+        st.send(Op::Delete(key));
+        let size = (value.len() + 8 + KEY_LEN) as u64;
+        st.rejected.insert(
+            number,
+            SetAside {
+                key,
+                device: Some(entry.device.clone()),
+                size,
+                place: Place::Pending(value),
+            },
+        );
+        st.rejected_bytes += size;
         st.counters(&entry.device).rejected += 1;
         let rejected = st.counters(&entry.device).rejected;
         crate::audit::record(
@@ -968,24 +1450,26 @@ impl Spool {
             "record set aside: it cannot be delivered upstream"
         );
         while st.rejected_bytes > inner.limits.max_rejected {
-            let Ok(Some((k, v))) = inner.rejected.pop_min() else {
+            let Some((number, old)) = st.rejected.pop_first() else {
                 break;
             };
-            st.rejected -= 1;
-            st.rejected_bytes = st.rejected_bytes.saturating_sub((k.len() + v.len()) as u64);
-            let old = Key::from_bytes(&k[8.min(k.len())..]);
-            let device = old
-                .and_then(|old| inner.sealer.open(old, &v).ok())
-                .map(|r| r.device);
+            if let Place::At(loc) = old.place {
+                st.sub_live(loc);
+            }
+            st.rejected_bytes = st.rejected_bytes.saturating_sub(old.size);
+            st.send(Op::Unreject(number));
             crate::audit::record(
                 "spool.rejected_dropped",
-                device.as_ref().map(DeviceId::as_str),
-                &format!("record={old:?} reason=more than max_rejected bytes set aside"),
+                old.device.as_ref().map(DeviceId::as_str),
+                &format!(
+                    "record={:?} reason=more than max_rejected bytes set aside",
+                    old.key
+                ),
             );
             tracing::warn!(
                 event = "spool.rejected_dropped",
-                device = device.as_ref().map_or("-", DeviceId::as_str),
-                record = ?old,
+                device = old.device.as_ref().map_or("-", DeviceId::as_str),
+                record = ?old.key,
                 "oldest rejected record deleted: more than max_rejected bytes set aside"
             );
         }
@@ -994,10 +1478,9 @@ impl Spool {
     /// Removes a record the upstream has acknowledged. Durability of the removal is not
     /// awaited: after a crash the record is sent again (a duplicate, never a loss).
     pub fn remove(&self, key: Key) {
-        if self.state().take(key).is_some() {
-            if let Err(e) = self.inner.records.remove(key.to_bytes()) {
-                tracing::error!(event = "spool.remove_failed", error = %e, "spool remove failed");
-            }
+        let mut st = self.state();
+        if st.take(key).is_some() {
+            st.send(Op::Delete(key));
         }
     }
 
@@ -1005,7 +1488,7 @@ impl Spool {
     /// after it was enabled (call `enable` on it before looking at the spool, so that none
     /// is missed).
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
-        self.inner.durable.wake.notified()
+        self.inner.shared.durable.wake.notified()
     }
 
     pub fn stats(&self) -> SpoolStats {
@@ -1014,7 +1497,7 @@ impl Spool {
             records: st.index.len(),
             bytes: st.total_bytes,
             corrupt: st.corrupt,
-            rejected: st.rejected,
+            rejected: st.rejected.len() as u64,
             rejected_bytes: st.rejected_bytes,
             devices: st.counters.clone(),
         }
@@ -1023,70 +1506,219 @@ impl Spool {
     /// Waits until every record appended so far is durable (and so in `next_batch`).
     #[cfg(test)]
     async fn settle(&self) {
+        let durable = &self.inner.shared.durable;
         loop {
-            let committed = self.inner.durable.wake.notified();
+            let committed = durable.wake.notified();
             tokio::pin!(committed);
             committed.as_mut().enable();
-            if self.inner.durable.below.load(Ordering::Acquire) >= self.state().next_seq {
+            if durable.below.load(Ordering::Acquire) >= self.state().next_seq {
                 return;
             }
             committed.await;
         }
     }
 
-    /// Flushes everything now (used at shutdown).
+    /// Makes everything queued so far durable (used at shutdown). Blocks.
     pub fn flush(&self) -> Result<(), SpoolError> {
-        self.inner.db.flush()?;
-        Ok(())
+        let (tx, rx) = mpsc::channel();
+        self.state().send(Op::Sync(Reply::Flush(tx)));
+        match rx.recv() {
+            Ok(result) => result.map_err(SpoolError::Flush),
+            Err(_) => Err(SpoolError::Flush("the spool's writer stopped".into())),
+        }
     }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn read_u64(v: &[u8]) -> u64 {
     v.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
-/// Moves an unreadable record to the `corrupt` tree and reports it.
-fn quarantine(
-    records: &sled::Tree,
-    corrupt: &sled::Tree,
-    key: &[u8],
-    value: &[u8],
-    what: &str,
-    error: &str,
-) -> Result<(), SpoolError> {
-    corrupt.insert(key, value)?;
-    records.remove(key)?;
-    crate::audit::record(
-        "spool.corrupt_record",
-        None,
-        &format!("record={what} error={error}"),
-    );
-    tracing::error!(
-        event = "spool.corrupt_record",
-        record = what,
-        error,
-        "unreadable spool record set aside; the rest is forwarded"
-    );
-    Ok(())
+/// The writer thread: writes every op queued while the previous batch was written, with
+/// one `fdatasync` when anyone waits for it (group commit), then compacts if the log has
+/// grown more than `slack` beyond its live records. Records are queued in sequence order
+/// under the spool's lock, so a sync covers every sequence number below the highest written.
+fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64) {
+    let mut written_below = shared.durable.below.load(Ordering::Acquire);
+    compact_logged(&mut log, shared, slack);
+    while let Ok(first) = rx.recv() {
+        let mut placed = Vec::new();
+        let mut failed = Vec::new();
+        let mut rejected = Vec::new();
+        let mut replies = Vec::new();
+        let mut batch_below = written_below;
+        let mut result = Ok(());
+        for op in std::iter::once(first).chain(rx.try_iter()) {
+            let frame = match &op {
+                Op::Record {
+                    key, held, value, ..
+                } => Frame::Record {
+                    key: *key,
+                    held: *held,
+                    value,
+                },
+                Op::Delete(key) => Frame::Delete(*key),
+                Op::SeqLimit(limit) => Frame::SeqLimit(*limit),
+                Op::Reject { number, key, value } => Frame::Rejected {
+                    number: *number,
+                    key: *key,
+                    value,
+                },
+                Op::Unreject(number) => Frame::Unreject(*number),
+                Op::Sync(_) => Frame::SeqLimit(0),
+            };
+            let pushed = match op {
+                Op::Sync(_) => None,
+                _ if result.is_err() => None,
+                _ => Some(log.push(&frame)),
+            };
+            match (pushed, op) {
+                (Some(Err(e)), _) => result = Err(e),
+                (Some(Ok(loc)), Op::Record { key, durable, .. }) => {
+                    placed.push((key, loc));
+                    batch_below = batch_below.max(key.seq + 1);
+                    replies.extend(durable);
+                }
+                (Some(Ok(loc)), Op::Reject { number, .. }) => rejected.push((number, loc)),
+                (_, Op::Sync(reply)) => replies.push(reply),
+                (None, Op::Record { key, durable, .. }) => {
+                    failed.push(key);
+                    replies.extend(durable);
+                }
+                _ => {}
+            }
+        }
+        let result = match result {
+            Ok(()) => log.commit(!replies.is_empty()),
+            Err(e) => {
+                log.discard();
+                Err(e)
+            }
+        };
+        {
+            let mut st = shared.state();
+            st.files.extend(log.take_new());
+            match &result {
+                Ok(()) => {
+                    for (key, loc) in placed {
+                        st.place(key, loc, None);
+                    }
+                    for (number, loc) in rejected {
+                        st.place_rejected(number, loc, None);
+                    }
+                }
+                Err(e) => {
+                    // Not on disk: refused, as if there had been no room.
+                    failed.extend(placed.iter().map(|(key, _)| *key));
+                    for key in &failed {
+                        if let Some(entry) = st.take(*key) {
+                            st.counters(&entry.device).refused += 1;
+                        }
+                    }
+                    for (number, _) in &rejected {
+                        if let Some(r) = st.rejected.remove(number) {
+                            st.rejected_bytes = st.rejected_bytes.saturating_sub(r.size);
+                        }
+                    }
+                    tracing::error!(
+                        event = "spool.write_failed",
+                        error = %e,
+                        records = failed.len(),
+                        "spool write failed: the batch's records are refused"
+                    );
+                }
+            }
+        }
+        if result.is_ok() {
+            written_below = batch_below;
+            if !replies.is_empty() {
+                shared
+                    .durable
+                    .below
+                    .fetch_max(written_below, Ordering::Release);
+                shared.durable.wake.notify_waiters();
+            }
+        }
+        let outcome = result.map_err(|e| e.to_string());
+        for reply in replies {
+            reply.send(outcome.clone());
+        }
+        compact_logged(&mut log, shared, slack);
+    }
+    if let Err(e) = log.commit(true) {
+        tracing::error!(event = "spool.write_failed", error = %e, "final spool write failed");
+    }
 }
 
-/// The flush thread: one `flush` for every waiter queued while the previous one ran.
-/// Records are inserted in sequence order under the spool's lock before their waiter is
-/// queued, so a flush covers every sequence number up to the highest in its batch.
-fn group_commit(db: sled::Db, rx: mpsc::Receiver<FlushWaiter>, durable: &Durability) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
-        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-        if result.is_ok() {
-            let highest = batch.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
-            durable.below.fetch_max(highest + 1, Ordering::Release);
-            durable.wake.notify_waiters();
+fn compact_logged(log: &mut Log, shared: &Shared, slack: u64) {
+    if let Err(e) = compact(log, shared, slack) {
+        tracing::error!(event = "spool.compaction_failed", error = %e, "spool compaction failed; retried after the next write");
+    }
+}
+
+/// While the log holds more than `slack` bytes beyond its live frames, writes the oldest
+/// segment's live frames again at the head, makes them durable, and deletes the segment.
+fn compact(log: &mut Log, shared: &Shared, slack: u64) -> io::Result<()> {
+    for _ in 0..=log.segment_count() {
+        if log.disk_bytes() <= shared.state().live_bytes + slack {
+            return Ok(());
         }
-        for (waiter, _) in batch {
-            let _ = waiter.send(result.clone());
+        let Some(oldest) = log.oldest_sealed() else {
+            log.roll()?;
+            continue;
+        };
+        let bytes = log.read_segment(oldest)?;
+        let mut keep = Vec::new();
+        {
+            let st = shared.state();
+            log::scan(&bytes, |offset, frame, len, value_at| {
+                let loc = Loc {
+                    segment: oldest,
+                    offset,
+                    len,
+                    value_at,
+                };
+                let live = match &frame {
+                    Frame::Record { key, .. } => {
+                        st.index.get(key).is_some_and(|e| e.place.is_at(loc))
+                    }
+                    Frame::Rejected { number, .. } => {
+                        st.rejected.get(number).is_some_and(|r| r.place.is_at(loc))
+                    }
+                    _ => false,
+                };
+                if live {
+                    keep.push((frame, loc));
+                }
+            });
+        }
+        let mut moves = Vec::with_capacity(keep.len());
+        for (frame, from) in keep {
+            moves.push((log.push(&frame)?, from, frame));
+        }
+        log.commit(true)?;
+        {
+            let mut st = shared.state();
+            st.files.extend(log.take_new());
+            for (loc, from, frame) in moves {
+                match frame {
+                    Frame::Record { key, .. } => st.place(key, loc, Some(from)),
+                    Frame::Rejected { number, .. } => st.place_rejected(number, loc, Some(from)),
+                    _ => {}
+                }
+            }
+        }
+        log.drop_segment(oldest)?;
+        let mut st = shared.state();
+        st.files.remove(&oldest);
+        if let Some(left) = st.live.remove(&oldest) {
+            debug_assert_eq!(left, 0, "live frames left in a compacted segment");
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
