@@ -106,12 +106,12 @@ pub struct SpoolLimits {
 
 impl SpoolLimits {
     /// Bytes of one segment file: small enough that compaction works in small steps.
-    fn segment_bytes(&self) -> u64 {
+    pub fn segment_bytes(&self) -> u64 {
         (self.max_bytes / 32).clamp(256 << 10, 8 << 20)
     }
 
     /// Bytes on disk beyond the live records' before the oldest segment is compacted.
-    fn slack(&self) -> u64 {
+    pub fn slack(&self) -> u64 {
         (self.max_bytes / 4).max(4 * self.segment_bytes())
     }
 }
