@@ -37,11 +37,14 @@ build_need() {
   apt_need_pkg libnftnl-dev libmnl-dev
 }
 
-# pymodbus, the independent Modbus simulator of the tests, in target/pyvenv (a virtualenv,
-# so the system's Python is left alone).
-pymodbus_need() {
-  local venv=target/pyvenv want=3.8.6
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import pymodbus, sys; sys.exit(pymodbus.__version__ != '$want')" 2>/dev/null; then
+# The tests' independent Python peers, in target/pyvenv (a virtualenv, so the system's
+# Python is left alone): pymodbus, the Modbus simulator, and python-tuf (with the
+# cryptography its Ed25519 checks need), the second TUF implementation.
+python_peers_need() {
+  local venv=target/pyvenv modbus=3.8.6 tuf=6.0.0 ssl=1.6.0
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "
+import sys, pymodbus, tuf, securesystemslib, cryptography
+sys.exit(not (pymodbus.__version__ == '$modbus' and tuf.__version__ == '$tuf' and securesystemslib.__version__ == '$ssl'))" 2>/dev/null; then
     return 0
   fi
   apt_need python3:python3
@@ -49,7 +52,7 @@ pymodbus_need() {
     apt_need_pkg python3-venv
     python3 -m venv "$venv"
   fi
-  "$venv/bin/python" -m pip install -q "pymodbus==$want"
+  "$venv/bin/python" -m pip install -q "pymodbus==$modbus" "tuf==$tuf" "securesystemslib[crypto]==$ssl"
 }
 
 # rust_need COMPONENT ... — adds rustup components that are missing.

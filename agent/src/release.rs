@@ -9,12 +9,15 @@
 //! REPO/targets/    SHA256.NAME for every bundle file
 //! ```
 //!
-//! A bundle is two targets: the image (`{version}/{file}`) whose `custom` metadata holds
+//! A bundle is two targets: the image (`{version}-{file}`) whose `custom` metadata holds
 //! `version`, `hardware` (the boards it fits) and `sbom` (the SBOM target's name), and the
-//! SBOM itself (`{version}/sbom.{ext}`). Keys are Ed25519 PKCS#8 files, mode 0600.
+//! SBOM itself (`{version}-sbom-{file}`). Target names hold no `/`, so that every TUF
+//! client finds a target at the same `targets/SHA256.NAME`; metadata times are whole
+//! seconds, as the specification writes them. Keys are Ed25519 PKCS#8 files, mode 0600.
 //!
 //! Tested by `agent/tests/release.rs`, which builds repositories with this tool and loads
-//! them with tough's client, as the agent will.
+//! them with tough's client, as the agent will, and by `agent/tests/python_tuf.rs`, where
+//! python-tuf's client (an independent implementation) reads and downloads them.
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
@@ -87,10 +90,14 @@ fn targets_dir(repo: &Path) -> PathBuf {
     repo.join("targets")
 }
 
+/// `days` from now, in whole seconds: the TUF specification's metadata times carry none
+/// finer ("YYYY-MM-DDTHH:MM:SSZ"), and python-tuf refuses metadata whose do.
 fn expiry(days: u64) -> anyhow::Result<jiff::Timestamp> {
     let secs = i64::try_from(days.saturating_mul(86_400)).unwrap_or(i64::MAX);
     jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .as_second()
+        .checked_add(secs)
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
         .context("expiry out of range")
 }
 
@@ -299,9 +306,12 @@ pub async fn add(repo: &Path, bundle: &Bundle, keys: &[PathBuf], days: u64) -> a
             .map(str::to_owned)
             .with_context(|| format!("{} has no file name", p.display()))
     };
-    let image_name = TargetName::new(format!("{}/{}", bundle.version, file_name(&bundle.image)?))?;
+    // Flat names (no '/'): a hash-prefixed file is then `HASH.NAME` for every client.
+    // With a directory in the name, tough prefixes the whole path (`HASH.1.0/x.img`) where
+    // the specification, and python-tuf, prefix the file name (`1.0/HASH.x.img`).
+    let image_name = TargetName::new(format!("{}-{}", bundle.version, file_name(&bundle.image)?))?;
     let sbom_name = TargetName::new(format!(
-        "{}/sbom-{}",
+        "{}-sbom-{}",
         bundle.version,
         file_name(&bundle.sbom)?
     ))?;
