@@ -295,33 +295,25 @@ impl State {
 
     /// `key`'s record is now at `loc` (written, or copied by a compaction from `from`).
     fn place(&mut self, key: Key, loc: Loc, from: Option<Loc>) {
-        let Some(entry) = self.index.get_mut(&key) else {
-            return;
-        };
-        let moved = match (&entry.place, from) {
-            (Place::Pending(_), None) => None,
-            (Place::At(old), Some(from)) if *old == from => Some(from),
-            _ => return,
-        };
-        entry.place = Place::At(loc);
-        if let Some(old) = moved {
-            self.sub_live(old);
+        if let Some(entry) = self.index.get_mut(&key) {
+            if let Some(old) = relocate(&mut entry.place, loc, from) {
+                self.count_move(old, loc);
+            }
         }
-        self.add_live(loc);
     }
 
     /// Like [`State::place`], for a rejected record.
     fn place_rejected(&mut self, number: u64, loc: Loc, from: Option<Loc>) {
-        let Some(entry) = self.rejected.get_mut(&number) else {
-            return;
-        };
-        let moved = match (&entry.place, from) {
-            (Place::Pending(_), None) => None,
-            (Place::At(old), Some(from)) if *old == from => Some(from),
-            _ => return,
-        };
-        entry.place = Place::At(loc);
-        if let Some(old) = moved {
+        if let Some(entry) = self.rejected.get_mut(&number) {
+            if let Some(old) = relocate(&mut entry.place, loc, from) {
+                self.count_move(old, loc);
+            }
+        }
+    }
+
+    /// Live bytes leave `old` (if the frame was on disk before) for `loc`.
+    fn count_move(&mut self, old: Option<Loc>, loc: Loc) {
+        if let Some(old) = old {
             self.sub_live(old);
         }
         self.add_live(loc);
@@ -418,6 +410,19 @@ impl State {
         }
         Ok(victims)
     }
+}
+
+/// Moves `place` to `loc` if it is still where the writer found it: pending (a first write,
+/// `from` = `None`) or at `from` (a compaction's copy). Returns where it was (`None`: only in
+/// memory), or nothing if the record moved on meanwhile.
+fn relocate(place: &mut Place, loc: Loc, from: Option<Loc>) -> Option<Option<Loc>> {
+    let was = match (&*place, from) {
+        (Place::Pending(_), None) => None,
+        (Place::At(old), Some(from)) if *old == from => Some(from),
+        _ => return None,
+    };
+    *place = Place::At(loc);
+    Some(was)
 }
 
 /// Where to read a record's sealed bytes.
@@ -1046,10 +1051,10 @@ impl Spool {
         });
         let writer = {
             let shared = shared.clone();
-            let slack = limits.slack();
+            let (slack, batch) = (limits.slack(), limits.segment_bytes());
             std::thread::Builder::new()
                 .name("wardgate-spool-write".into())
-                .spawn(move || write_loop(log, &rx, &shared, slack))
+                .spawn(move || write_loop(log, &rx, &shared, slack, batch))
                 .map_err(io_error(&path))?
         };
         tracing::info!(
@@ -1537,11 +1542,13 @@ fn read_u64(v: &[u8]) -> u64 {
     v.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
-/// The writer thread: writes every op queued while the previous batch was written, with
-/// one `fdatasync` when anyone waits for it (group commit), then compacts if the log has
-/// grown more than `slack` beyond its live records. Records are queued in sequence order
-/// under the spool's lock, so a sync covers every sequence number below the highest written.
-fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64) {
+/// The writer thread: writes the ops queued while the previous batch was written, up to
+/// `batch` bytes, with one `fdatasync` when anyone waits for it (group commit), then
+/// compacts if the log has grown more than `slack` beyond its live records. A batch is
+/// capped so that the log never outgrows its bound by more than a batch between two
+/// compactions. Records are queued in sequence order under the spool's lock, so a sync
+/// covers every sequence number below the highest written.
+fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64, batch: u64) {
     let mut written_below = shared.durable.below.load(Ordering::Acquire);
     compact_logged(&mut log, shared, slack);
     while let Ok(first) = rx.recv() {
@@ -1551,6 +1558,7 @@ fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64
         let mut replies = Vec::new();
         let mut batch_below = written_below;
         let mut result = Ok(());
+        let start = log.disk_bytes();
         for op in std::iter::once(first).chain(rx.try_iter()) {
             let frame = match &op {
                 Op::Record {
@@ -1589,6 +1597,10 @@ fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64
                     replies.extend(durable);
                 }
                 _ => {}
+            }
+            if log.disk_bytes() - start >= batch {
+                // The rest waits in the queue for the next batch.
+                break;
             }
         }
         let result = match result {

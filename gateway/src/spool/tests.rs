@@ -190,14 +190,7 @@ async fn sequence_numbers_never_repeat_across_restarts() {
 async fn records_survive_reopen_and_corrupt_ones_are_set_aside() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
-        for n in 0..5 {
-            s.append(&rec("pump-1", n), Priority::Vital)
-                .unwrap()
-                .wait()
-                .await
-                .unwrap();
-        }
+        let s = with_vitals(dir.path(), 5).await;
         // Flip one byte of the third record's ciphertext behind the spool's back.
         let k = Key {
             priority: Priority::Vital,
@@ -215,6 +208,19 @@ async fn records_survive_reopen_and_corrupt_ones_are_set_aside() {
     let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
     assert_eq!(s.stats().records, 4);
     assert_eq!(s.stats().corrupt, 1);
+}
+
+/// A spool in `dir` holding `n` durable vitals of pump-1, payloads `0000000{0..n}`.
+async fn with_vitals(dir: &Path, n: u32) -> Spool {
+    let s = Spool::open(dir, limits(1 << 20, 1 << 20)).unwrap();
+    for n in 0..n {
+        s.append(&rec("pump-1", n), Priority::Vital)
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    s
 }
 
 /// Flips the last byte of `key`'s sealed value on disk, behind the spool's back.
@@ -238,18 +244,18 @@ fn corrupt_files(data_dir: &Path) -> usize {
         .count()
 }
 
-/// Bytes of every file under `dir`.
+/// Bytes of every file under `dir` (a file compaction deletes meanwhile counts nothing).
 fn disk_use(dir: &Path) -> u64 {
     fs::read_dir(dir)
         .unwrap()
-        .map(|e| {
+        .filter_map(|e| {
             let e = e.unwrap();
-            let m = e.metadata().unwrap();
-            if m.is_dir() {
+            let m = e.metadata().ok()?;
+            Some(if m.is_dir() {
                 disk_use(&e.path())
             } else {
                 m.len()
-            }
+            })
         })
         .sum()
 }
@@ -290,6 +296,10 @@ async fn disk_use_stays_within_max_bytes_plus_the_stated_slack_over_many_turnove
                 s.append(&sized("pump-1", n, 200), Priority::Routine)
                     .unwrap(),
             );
+            if n % 500 == 0 {
+                // While the writer works too: the bound holds at every moment.
+                highest = highest.max(disk_use(&dir.path().join("s")));
+            }
             if n % 3 == 0 && key_seq > 10 {
                 s.remove(Key {
                     priority: Priority::Routine,
@@ -320,16 +330,7 @@ async fn disk_use_stays_within_max_bytes_plus_the_stated_slack_over_many_turnove
 #[tokio::test]
 async fn a_write_a_stop_cut_short_is_dropped_and_everything_durable_kept() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
-        for n in 0..3 {
-            s.append(&rec("pump-1", n), Priority::Vital)
-                .unwrap()
-                .wait()
-                .await
-                .unwrap();
-        }
-    }
+    drop(with_vitals(dir.path(), 3).await);
     // Half a frame at the end of the newest segment, as a power cut mid-write leaves it.
     let segs = log::segments(&dir.path().join("spool-log")).unwrap();
     let newest = segs.values().last().unwrap();
@@ -555,13 +556,14 @@ async fn rejected_records_leave_the_drain_order_and_are_kept_within_max_rejected
 async fn a_held_will_takes_room_but_is_neither_forwarded_nor_expired_until_released() {
     let dir = tempfile::tempdir().unwrap();
     let mut l = limits(1 << 20, 1 << 20);
-    l.max_age = [Duration::from_millis(1); 3];
+    let max_age = Duration::from_millis(500);
+    l.max_age = [max_age; 3];
     let s = Spool::open(dir.path(), l).unwrap();
-    let mut will = rec("pump-1", 1);
-    will.received_at_ms = 0; // long past every max_age
-    let held = s.hold_will(&will, Priority::Alarm).unwrap();
+    let held = s.hold_will(&rec("pump-1", 1), Priority::Alarm).unwrap();
     let dropped = s.hold_will(&rec("pump-2", 2), Priority::Alarm).unwrap();
     assert_eq!(s.stats().records, 2, "held wills take room");
+    // Held past every max_age (ages run on the monotonic clock: only time passing makes one).
+    std::thread::sleep(max_age + Duration::from_millis(100));
     assert_eq!(s.expire(), 0);
     assert!(
         payloads(&s).await.is_empty(),
