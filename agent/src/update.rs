@@ -273,10 +273,11 @@ fn trusted_root(source: &Source) -> Result<Vec<u8>, UpdateError> {
     }
 }
 
-/// Every bundle in the repository: (target name, version, hardware, length, sbom).
+/// Every bundle in the repository: (target name, version, hardware, length, sbom). Those
+/// delegated roles list count too (tough has checked each against its role's paths).
 fn bundles(repo: &tough::Repository) -> Result<Vec<(Candidate, Vec<String>)>, UpdateError> {
     let mut out = Vec::new();
-    for (name, t) in &repo.targets().signed.targets {
+    for (name, t) in repo.targets().signed.targets_iter() {
         let Some(v) = t.custom.get("version") else {
             continue; // an SBOM
         };

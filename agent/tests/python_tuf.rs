@@ -1,6 +1,8 @@
-//! Interoperability with python-tuf (PyPI `tuf`), a TUF implementation independent of tough:
-//! its `ngclient` runs the client workflow against repositories `wardgate-release` made,
-//! served over HTTP by the tests' own server (loopback, a port from the OS).
+//! Interoperability with python-tuf (PyPI `tuf`), a TUF implementation independent of tough,
+//! both ways: its `ngclient` runs the client workflow against repositories `wardgate-release`
+//! made, and the agent loads and installs from repositories its metadata API made
+//! (`tests/tuf/repo.py`), attacks included. Served over HTTP by the tests' own server
+//! (loopback, a port from the OS).
 //!
 //! python-tuf lives in the test virtualenv `target/pyvenv` (made by `scripts/test`).
 
@@ -13,6 +15,9 @@ use std::path::{Path, PathBuf};
 
 use common::server::Server;
 use common::{ok, Fleet, SIGNERS};
+use wardgate_agent::http::{Fetcher, Limits};
+use wardgate_agent::slots::BootControl;
+use wardgate_agent::update;
 
 fn python() -> PathBuf {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python");
@@ -118,4 +123,175 @@ async fn python_tuf_reads_and_downloads_what_wardgate_release_made_across_a_root
         trusted["signed"]["version"], 2,
         "python-tuf trusts root 2 now"
     );
+}
+
+/// A repository python-tuf's metadata API made (`tests/tuf/repo.py`), in `f`'s `py-repo`.
+struct PyRepo<'a> {
+    f: &'a Fleet,
+}
+
+impl PyRepo<'_> {
+    fn new(f: &Fleet) -> PyRepo<'_> {
+        let r = PyRepo { f };
+        r.run(&["init"], &[]);
+        r
+    }
+
+    /// Runs `repo.py COMMAND py-repo ARGS`; panics with its words if it fails.
+    fn run(&self, command: &[&str], args: &[&str]) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tuf/repo.py");
+        let out = std::process::Command::new(python())
+            .arg(script)
+            .args(command)
+            .arg(self.f.p("py-repo"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "repo.py {command:?} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Adds bundle `version` (its image: `image` repeated) with the given hash algorithms.
+    fn add(&self, version: &str, image: &str, extra: &[&str]) -> Vec<u8> {
+        let bytes = image.repeat(2000).into_bytes();
+        let img = self.f.p(&format!("py-{version}.img"));
+        std::fs::write(&img, &bytes).unwrap();
+        let sbom = self.f.p(&format!("py-sbom-{version}.json"));
+        std::fs::write(&sbom, format!("{{\"version\": \"{version}\"}}")).unwrap();
+        let mut args = vec![
+            version.to_owned(),
+            img.display().to_string(),
+            sbom.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&["add"], &args);
+        bytes
+    }
+
+    /// The agent's view of it over HTTP, trusting its root 1, with its own datastore.
+    fn source(&self, server: &Server) -> update::Source {
+        update::Source {
+            metadata_url: server.url("http", "metadata/"),
+            targets_url: server.url("http", "targets/"),
+            trusted_root: self.f.p("py-repo/metadata/1.root.json"),
+            datastore: self.f.p("py-store"),
+            fetcher: Fetcher::new(Limits::default(), None),
+        }
+    }
+}
+
+fn v(s: &str) -> update::Version {
+    s.parse().unwrap()
+}
+
+/// Loads the repository as the agent does and installs its newest bundle into slot B.
+async fn install_newest(f: &Fleet, py: &PyRepo<'_>, server: &Server) -> Result<String, String> {
+    let repo = update::load(&py.source(server))
+        .await
+        .map_err(|e| e.to_string())?;
+    let c = update::newest(&repo, "qemu-virt", &v("1.0.0"))
+        .map_err(|e| e.to_string())?
+        .ok_or("no bundle for qemu-virt")?;
+    let mut a = common::appliance(f);
+    a.install(&repo, &c).await.map_err(|e| e.to_string())?;
+    Ok(c.version.to_string())
+}
+
+async fn py_served() -> (Fleet, Server) {
+    let f = Fleet::new(1);
+    let server = Server::start(f.p("py-repo"), None).await;
+    (f, server)
+}
+
+#[tokio::test]
+async fn a_bundle_in_a_repository_python_tuf_made_is_installed_byte_for_byte() {
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    let image = py.add(
+        "1.1.0",
+        "python-tuf made this ",
+        &["--hash", "sha256", "--hash", "sha512"],
+    );
+    assert_eq!(install_newest(&f, &py, &server).await.unwrap(), "1.1.0");
+    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
+    assert_eq!(&slot[..image.len()], &image[..]);
+}
+
+#[tokio::test]
+async fn a_bundle_a_delegated_role_lists_is_found_and_installed() {
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    let image = py.add("1.2.0", "listed by the bundles role ", &["--delegate"]);
+    assert_eq!(install_newest(&f, &py, &server).await.unwrap(), "1.2.0");
+    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
+    assert_eq!(&slot[..image.len()], &image[..]);
+}
+
+#[tokio::test]
+async fn python_tuf_repositories_under_attack_are_refused_as_tough_made_ones_are() {
+    // An expired timestamp.
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    py.add("1.1.0", "good ", &[]);
+    py.run(&["timestamp"], &["--expired"]);
+    let e = install_newest(&f, &py, &server).await.unwrap_err();
+    assert!(e.to_lowercase().contains("expire"), "{e}");
+
+    // Targets signed by a key the root does not name.
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    py.add("1.1.0", "good ", &[]);
+    py.run(&["stranger-targets"], &[]);
+    let e = install_newest(&f, &py, &server).await.unwrap_err();
+    assert!(e.to_lowercase().contains("signature"), "{e}");
+
+    // A timestamp rolled back below the one the board already trusts.
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    py.add("1.1.0", "good ", &[]);
+    update::load(&py.source(&server)).await.unwrap();
+    py.run(&["timestamp"], &["--version", "1"]);
+    let e = install_newest(&f, &py, &server).await.unwrap_err();
+    assert!(e.to_lowercase().contains("version"), "{e}");
+
+    // An image whose bytes do not match its hash: refused, nothing armed.
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    py.add("1.1.0", "good ", &[]);
+    py.run(&["flip"], &["1.1.0-py-1.1.0.img"]);
+    let e = install_newest(&f, &py, &server).await.unwrap_err();
+    assert!(e.to_lowercase().contains("hash"), "{e}");
+    assert_eq!(common::appliance(&f).boot.state().unwrap().trial, None);
+}
+
+#[tokio::test]
+async fn a_python_tuf_root_rotation_is_followed_only_with_both_signatures_and_sticks() {
+    // Root 2 signed by its new key alone: refused.
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    py.add("1.1.0", "good ", &[]);
+    py.run(&["rotate-root"], &["--sign-with", "root2"]);
+    let e = install_newest(&f, &py, &server).await.unwrap_err();
+    assert!(e.to_lowercase().contains("root"), "{e}");
+
+    // Signed by the old and the new key: followed. Then a root 3 signed by the old key
+    // alone (which root 2 no longer names) is refused: the board trusts the new key only.
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    py.add("1.1.0", "good ", &[]);
+    py.run(&["rotate-root"], &[]);
+    assert_eq!(install_newest(&f, &py, &server).await.unwrap(), "1.1.0");
+    let trusted: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.p("py-store/root.json")).unwrap()).unwrap();
+    assert_eq!(trusted["signed"]["version"], 2);
+    py.run(
+        &["rotate-root"],
+        &["--sign-with", "root", "--sign-with", "root3"],
+    );
+    let e = install_newest(&f, &py, &server).await.unwrap_err();
+    assert!(e.to_lowercase().contains("root"), "{e}");
 }
