@@ -14,3 +14,12 @@ pub mod http;
 pub mod release;
 pub mod slots;
 pub mod update;
+
+/// Test-only crash points: with `WARDGATE_AGENT_CRASH_AT` naming this point, the process
+/// aborts here, as a power cut would stop it (for the tests of each crash window:
+/// `progress-saved`, `trial-armed`, `boot-committed`, `floor-raised`).
+pub(crate) fn crash_point(name: &str) {
+    if std::env::var_os("WARDGATE_AGENT_CRASH_AT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}

@@ -247,14 +247,6 @@ pub fn is_invalidated(path: &Path) -> std::io::Result<bool> {
     Ok(head.iter().all(|&b| b == 0))
 }
 
-/// Test-only crash points: with `WARDGATE_AGENT_CRASH_AT` naming this point, the process
-/// aborts here, as a power cut would stop it (for the tests of each crash window).
-fn crash_point(name: &str) {
-    if std::env::var_os("WARDGATE_AGENT_CRASH_AT").is_some_and(|v| v == name) {
-        std::process::abort();
-    }
-}
-
 /// The lowest version this appliance will ever install again: raised when a slot is
 /// committed, never lowered, kept across updates (outside the slots).
 #[derive(Debug, Clone)]
@@ -535,7 +527,7 @@ impl<B: BootControl> Appliance<B> {
             }
         }
         self.boot.try_once(target).map_err(|e| e.to_string())?;
-        crash_point("trial-armed");
+        crate::crash_point("trial-armed");
         self.save(&Record::Pending {
             version: candidate.version.to_string(),
             slot: target,
@@ -571,8 +563,9 @@ impl<B: BootControl> Appliance<B> {
             match health {
                 Ok(()) => {
                     self.boot.commit(slot).map_err(|e| e.to_string())?;
-                    crash_point("boot-committed");
+                    crate::crash_point("boot-committed");
                     self.floor.raise(&version.parse()?)?;
+                    crate::crash_point("floor-raised");
                     Record::Committed { version, slot }
                 }
                 Err(reason) => {

@@ -515,6 +515,7 @@ async fn stream_into(
                     ..here.clone()
                 }
                 .save(r.progress)?;
+                crate::crash_point("progress-saved");
             }
         }
     }

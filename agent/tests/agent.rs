@@ -605,6 +605,67 @@ async fn a_crash_between_the_boot_commit_and_the_record_is_finished_as_a_commit(
     assert_eq!(s["version_floor"], "1.1.0", "{s}");
 }
 
+/// Issue 13, item 11 (commit order): killed after raising the floor, before the record says
+/// committed: the next start finishes the commit (the floor stays where it is).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_the_floor_raise_and_the_record_is_finished_as_a_commit() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
+    assert_eq!(b.power_cycle(), Slot::B);
+    b.healthy(true);
+    let mut agent = b.spawn_run_crashing_at(&[], "floor-raised");
+    assert!(
+        !agent.wait().unwrap().success(),
+        "the agent did not crash at the floor"
+    );
+    let s = b.status();
+    assert_eq!(s["version_floor"], "1.1.0", "{s}");
+    assert_eq!(s["last_update"]["state"], "pending", "{s}");
+    b.healthy(false);
+    let agent = b.spawn_run();
+    wait_for("the trial's verdict", Duration::from_secs(30), || {
+        b.has_event("committed") || b.has_event("rolled_back")
+    });
+    stop(agent);
+    assert!(!b.has_event("rolled_back"), "{:?}", b.events());
+    let s = b.status();
+    assert_eq!(s["last_update"]["state"], "committed", "{s}");
+    assert_eq!(s["boot"]["default"], "B", "{s}");
+    assert_eq!(s["version_floor"], "1.1.0", "{s}");
+}
+
+/// Issue 13, item 11 (crash windows): killed right after a download made its progress
+/// durable, the next check resumes from there, and what is armed is exactly the signed
+/// image (the kept bytes pass through the hash).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_after_saving_download_progress_resumes_and_arms_only_the_signed_image() {
+    let b = Board::new(&[], Options::default()).await;
+    let image = b.fleet.add_large("2.0.0", 10 << 20);
+    let (ok, out) = b.agent_crashing_at("progress-saved", &["check", "--now"]);
+    assert!(!ok, "{out}");
+    let progress: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.fleet.p("state/download.json")).unwrap()).unwrap();
+    let kept = progress["offset"].as_u64().unwrap();
+    // Made durable every 4 MiB, at the end of the chunk that passed it.
+    assert!((4 << 20..5 << 20).contains(&kept), "{progress}");
+    assert_eq!(b.status()["boot"]["trial"], serde_json::Value::Null);
+
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    let reqs = b.server.requests("wardgate-2.0.0.img");
+    assert_eq!(
+        reqs.last().unwrap().range,
+        Some(format!("bytes={kept}-")),
+        "{reqs:?}"
+    );
+    assert!(
+        std::fs::read(b.fleet.p("slot-b.img")).unwrap() == image,
+        "slot B is the image"
+    );
+    assert_eq!(b.reboots(), 1);
+}
+
 /// Issue 13, item 11 (crash windows): the agent killed between arming a trial and recording
 /// the install leaves the boot loader holding a trial nobody will judge. Its next start
 /// disarms it (and says so), the board keeps booting its committed slot, and the next check
