@@ -89,8 +89,9 @@ pub struct Candidate {
     pub target: String,
     pub version: Version,
     pub length: u64,
-    /// The signed SHA-256 of the image, hex.
-    pub sha256: String,
+    /// The signed digest of the image, hex: its SHA-256, or its SHA-512 when the repository
+    /// lists only that.
+    pub digest: String,
     pub sbom: Option<String>,
 }
 
@@ -295,13 +296,18 @@ fn bundles(repo: &tough::Repository) -> Result<Vec<(Candidate, Vec<String>)>, Up
             .get("sbom")
             .and_then(|s| s.as_str())
             .map(str::to_owned);
-        let sha256 = t.hashes.sha256.iter().map(|b| format!("{b:02x}")).collect();
+        let digest = t
+            .hashes
+            .digest()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         out.push((
             Candidate {
                 target: name.raw().to_owned(),
                 version,
                 length: t.length,
-                sha256,
+                digest,
                 sbom,
             },
             fits,
@@ -364,7 +370,9 @@ pub const PROGRESS_EVERY: u64 = 4 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub target: String,
-    pub sha256: String,
+    /// The image's signed digest ([`Candidate::digest`]); `sha256` in earlier versions.
+    #[serde(alias = "sha256")]
+    pub digest: String,
     pub length: u64,
     pub slot: PathBuf,
     /// Bytes of the target synced to the slot.
@@ -410,7 +418,7 @@ pub async fn write_to_slot(
 ) -> Result<u64, UpdateError> {
     let here = Progress {
         target: candidate.target.clone(),
-        sha256: candidate.sha256.clone(),
+        digest: candidate.digest.clone(),
         length: candidate.length,
         slot: slot.to_owned(),
         offset: 0,

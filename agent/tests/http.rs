@@ -34,7 +34,7 @@ fn source(f: &Fleet, server: &Server, scheme: &str, fetcher: Fetcher) -> Source 
 fn kept_4mib(f: &Fleet, c: &update::Candidate) -> update::Progress {
     update::Progress {
         target: c.target.clone(),
-        sha256: c.sha256.clone(),
+        digest: c.digest.clone(),
         length: c.length,
         slot: f.p("slot-b.img"),
         offset: 4 << 20,

@@ -295,3 +295,22 @@ async fn a_python_tuf_root_rotation_is_followed_only_with_both_signatures_and_st
     let e = install_newest(&f, &py, &server).await.unwrap_err();
     assert!(e.to_lowercase().contains("root"), "{e}");
 }
+
+#[tokio::test]
+async fn a_bundle_hashed_with_sha512_alone_is_installed_and_checked() {
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    let image = py.add("1.1.0", "sha512 only ", &["--hash", "sha512"]);
+    assert_eq!(install_newest(&f, &py, &server).await.unwrap(), "1.1.0");
+    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
+    assert_eq!(&slot[..image.len()], &image[..]);
+
+    // The SHA-512 is checked, not skipped: a flipped bit is refused, nothing armed.
+    let (f, server) = py_served().await;
+    let py = PyRepo::new(&f);
+    py.add("1.1.0", "sha512 only ", &["--hash", "sha512"]);
+    py.run(&["flip"], &["1.1.0-py-1.1.0.img"]);
+    let e = install_newest(&f, &py, &server).await.unwrap_err();
+    assert!(e.to_lowercase().contains("hash"), "{e}");
+    assert_eq!(common::appliance(&f).boot.state().unwrap().trial, None);
+}

@@ -272,7 +272,7 @@ impl Repository {
         target: &Target,
         name: &TargetName,
     ) -> (Vec<u8>, String) {
-        let sha256 = &target.hashes.sha256.clone().into_vec();
+        let sha256 = &target.hashes.digest();
         if self.consistent_snapshot {
             (
                 sha256.clone(),

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 
 use crate::{error, transport::TransportStream, TransportError};
-use aws_lc_rs::digest::{Context, SHA256};
+use aws_lc_rs::digest::{Context, SHA256, SHA512};
 use futures::StreamExt;
 use futures_core::Stream;
 use std::{convert::TryInto, path::Path, task::Poll};
@@ -17,12 +17,15 @@ pub(crate) struct DigestAdapter {
 }
 
 impl DigestAdapter {
+    /// Checks `stream` against `hash`: SHA-512 if it is 64 bytes long, else SHA-256 (which a
+    /// hash of any other length never matches).
     pub(crate) fn sha256(stream: TransportStream, hash: &[u8], url: Url) -> TransportStream {
+        let algorithm = if hash.len() == 64 { &SHA512 } else { &SHA256 };
         Box::pin(Self {
             url,
             stream,
             hash: hash.to_owned(),
-            digest: Context::new(&SHA256),
+            digest: Context::new(algorithm),
         })
     }
 }

@@ -550,7 +550,7 @@ impl Repository {
                     .with_context(|_| error::CacheTargetMissingSnafu {
                         target_name: name.clone(),
                     })?;
-                let sha256 = target.hashes.sha256.clone().into_vec();
+                let sha256 = target.hashes.digest();
                 format!("{}.{}", hex::encode(sha256), name.resolved())
             }
             Prefix::None => name.resolved().to_owned(),
@@ -1026,7 +1026,7 @@ async fn load_snapshot(
             url.clone(),
             snapshot_meta.length.unwrap_or(max_snapshot_size),
             "timestamp.json",
-            &hashes.sha256,
+            &hashes.digest(),
         )
         .await?
     } else {
@@ -1231,7 +1231,7 @@ async fn load_targets(
             targets_url.clone(),
             max_targets_file_size,
             specifier,
-            &hashes.sha256,
+            &hashes.digest(),
         )
         .await?
     } else {
@@ -1373,7 +1373,7 @@ async fn load_delegations(
                 role_url.clone(),
                 max_delegated_file_size,
                 specifier,
-                &hashes.sha256,
+                &hashes.digest(),
             )
             .await?
         } else {

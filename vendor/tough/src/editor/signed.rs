@@ -845,7 +845,7 @@ trait TargetsWalker {
                 .fetch(url.clone())
                 .await
                 .with_context(|_| error::TransportSnafu { url: url.clone() })?;
-            let stream = DigestAdapter::sha256(stream, &repo_target.hashes.sha256, url.clone());
+            let stream = DigestAdapter::sha256(stream, &repo_target.hashes.digest(), url.clone());
 
             // The act of reading with the DigestAdapter verifies the checksum, assuming the read
             // succeeds.

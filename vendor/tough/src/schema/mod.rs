@@ -323,9 +323,14 @@ pub struct Metafile {
 }
 
 /// Represents the hash dictionary in a `snapshot.json` file.
+///
+/// wardgate: `sha256` may be absent (empty here, and left out again when serialized, so
+/// that signatures still verify) when `sha512` is given; [`Hashes::digest`] is the one
+/// checked. The specification asks for one or more hashes, not for a particular one.
 #[derive(Debug, Clone, Deserialize, Serialize, Eq, PartialEq)]
 pub struct Hashes {
     /// The SHA 256 digest of a metadata file.
+    #[serde(default = "absent_digest", skip_serializing_if = "is_absent_digest")]
     pub sha256: Decoded<Hex>,
 
     /// Extra arguments found during deserialization.
@@ -335,6 +340,30 @@ pub struct Hashes {
     /// If you're instantiating this struct, you should make this `HashMap::empty()`.
     #[serde(flatten)]
     pub _extra: HashMap<String, Value>,
+}
+
+fn absent_digest() -> Decoded<Hex> {
+    Decoded::from(Vec::new())
+}
+
+fn is_absent_digest(d: &Decoded<Hex>) -> bool {
+    d.is_empty()
+}
+
+impl Hashes {
+    /// The digest to check a file against: its SHA-256 when listed, else its SHA-512 (32 or
+    /// 64 bytes; the length says which). Empty if neither is listed, which no file matches.
+    pub fn digest(&self) -> Vec<u8> {
+        if !self.sha256.is_empty() {
+            return self.sha256.to_vec();
+        }
+        self._extra
+            .get("sha512")
+            .and_then(Value::as_str)
+            .and_then(|h| hex::decode(h).ok())
+            .filter(|d| d.len() == 64)
+            .unwrap_or_default()
+    }
 }
 
 impl Snapshot {
