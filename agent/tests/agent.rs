@@ -574,24 +574,23 @@ async fn a_fresh_board_never_installs_below_its_factory_version() {
     assert_eq!(b.status()["version_floor"], "1.5.0");
 }
 
-/// Issue 13, item 11 (commit order): the agent killed after the boot loader's commit but
-/// before its record said so finishes it as a commit on the next start — not judged again
-/// and recorded as rolled back while the slot stays the default.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_crash_between_the_boot_commit_and_the_record_is_finished_as_a_commit() {
+/// Issue 13, item 11 (commit order): the agent, committing a healthy trial of 1.1.0 in B, is
+/// killed at `point`, before its record says committed. Its next start — with the health
+/// endpoint down now, so judging the slot again would "roll back" — finishes the commit.
+async fn killed_while_committing_then_finished(point: &str) {
     let b = Board::new(&["1.1.0"], Options::default()).await;
     let (ok, out) = b.agent(&["check", "--now"]);
     assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
     assert_eq!(b.power_cycle(), Slot::B);
-    // The trial is healthy; the agent commits B to the boot loader and dies right there.
     b.healthy(true);
-    let mut agent = b.spawn_run_crashing_at(&[], "boot-committed");
-    let status = agent.wait().unwrap();
-    assert!(!status.success(), "the agent did not crash at the commit");
+    let mut agent = b.spawn_run_crashing_at(&[], point);
+    assert!(
+        !agent.wait().unwrap().success(),
+        "the agent did not crash at {point}"
+    );
     let s = b.status();
     assert_eq!(s["boot"]["default"], "B", "{s}");
     assert_eq!(s["last_update"]["state"], "pending", "{s}");
-    // Its health endpoint is down now: judging the slot again would "roll back".
     b.healthy(false);
     let agent = b.spawn_run();
     wait_for("the trial's verdict", Duration::from_secs(30), || {
@@ -602,37 +601,20 @@ async fn a_crash_between_the_boot_commit_and_the_record_is_finished_as_a_commit(
     assert!(!b.has_event("rolled_back"), "{:?}", b.events());
     let s = b.status();
     assert_eq!(s["last_update"]["state"], "committed", "{s}");
+    assert_eq!(s["boot"]["default"], "B", "{s}");
     assert_eq!(s["version_floor"], "1.1.0", "{s}");
 }
 
-/// Issue 13, item 11 (commit order): killed after raising the floor, before the record says
-/// committed: the next start finishes the commit (the floor stays where it is).
+/// Killed right after the boot loader's commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_the_boot_commit_and_the_record_is_finished_as_a_commit() {
+    killed_while_committing_then_finished("boot-committed").await;
+}
+
+/// Killed right after raising the floor (the floor stays where it is).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_between_the_floor_raise_and_the_record_is_finished_as_a_commit() {
-    let b = Board::new(&["1.1.0"], Options::default()).await;
-    let (ok, out) = b.agent(&["check", "--now"]);
-    assert!(ok && out.contains("bundle 1.1.0 installed"), "{out}");
-    assert_eq!(b.power_cycle(), Slot::B);
-    b.healthy(true);
-    let mut agent = b.spawn_run_crashing_at(&[], "floor-raised");
-    assert!(
-        !agent.wait().unwrap().success(),
-        "the agent did not crash at the floor"
-    );
-    let s = b.status();
-    assert_eq!(s["version_floor"], "1.1.0", "{s}");
-    assert_eq!(s["last_update"]["state"], "pending", "{s}");
-    b.healthy(false);
-    let agent = b.spawn_run();
-    wait_for("the trial's verdict", Duration::from_secs(30), || {
-        b.has_event("committed") || b.has_event("rolled_back")
-    });
-    stop(agent);
-    assert!(!b.has_event("rolled_back"), "{:?}", b.events());
-    let s = b.status();
-    assert_eq!(s["last_update"]["state"], "committed", "{s}");
-    assert_eq!(s["boot"]["default"], "B", "{s}");
-    assert_eq!(s["version_floor"], "1.1.0", "{s}");
+    killed_while_committing_then_finished("floor-raised").await;
 }
 
 /// Issue 13, item 11 (crash windows): killed right after a download made its progress

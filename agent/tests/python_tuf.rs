@@ -201,6 +201,13 @@ async fn install_newest(f: &Fleet, py: &PyRepo<'_>, server: &Server) -> Result<S
     Ok(c.version.to_string())
 }
 
+/// [`install_newest`] installs `version`, and slot B then starts with `image`.
+async fn installs(f: &Fleet, py: &PyRepo<'_>, server: &Server, version: &str, image: &[u8]) {
+    assert_eq!(install_newest(f, py, server).await.unwrap(), version);
+    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
+    assert_eq!(&slot[..image.len()], image);
+}
+
 async fn py_served() -> (Fleet, Server) {
     let f = Fleet::new(1);
     let server = Server::start(f.p("py-repo"), None).await;
@@ -216,9 +223,7 @@ async fn a_bundle_in_a_repository_python_tuf_made_is_installed_byte_for_byte() {
         "python-tuf made this ",
         &["--hash", "sha256", "--hash", "sha512"],
     );
-    assert_eq!(install_newest(&f, &py, &server).await.unwrap(), "1.1.0");
-    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
-    assert_eq!(&slot[..image.len()], &image[..]);
+    installs(&f, &py, &server, "1.1.0", &image).await;
 }
 
 #[tokio::test]
@@ -226,9 +231,7 @@ async fn a_bundle_a_delegated_role_lists_is_found_and_installed() {
     let (f, server) = py_served().await;
     let py = PyRepo::new(&f);
     let image = py.add("1.2.0", "listed by the bundles role ", &["--delegate"]);
-    assert_eq!(install_newest(&f, &py, &server).await.unwrap(), "1.2.0");
-    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
-    assert_eq!(&slot[..image.len()], &image[..]);
+    installs(&f, &py, &server, "1.2.0", &image).await;
 }
 
 #[tokio::test]
@@ -301,9 +304,7 @@ async fn a_bundle_hashed_with_sha512_alone_is_installed_and_checked() {
     let (f, server) = py_served().await;
     let py = PyRepo::new(&f);
     let image = py.add("1.1.0", "sha512 only ", &["--hash", "sha512"]);
-    assert_eq!(install_newest(&f, &py, &server).await.unwrap(), "1.1.0");
-    let slot = std::fs::read(f.p("slot-b.img")).unwrap();
-    assert_eq!(&slot[..image.len()], &image[..]);
+    installs(&f, &py, &server, "1.1.0", &image).await;
 
     // The SHA-512 is checked, not skipped: a flipped bit is refused, nothing armed.
     let (f, server) = py_served().await;
