@@ -784,3 +784,60 @@ async fn an_outage_with_a_full_spool_and_a_flooding_device_loses_nothing_acknowl
     gw.stop().await;
     assert_eq!(site.audit_count("spool.evicted", "pump-1"), evicted);
 }
+
+/// Issue 14 (the edge acknowledges QoS 1 itself, and only messages a local subscriber wants
+/// visit the broker): a device's PUBACKs still come in the order of its PUBLISHes
+/// [MQTT-4.6.0-2] when its messages alternate between a topic a display subscribes to and
+/// one nobody does, and the display gets every one of its own.
+#[tokio::test]
+async fn pubacks_keep_the_publish_order_whether_or_not_a_local_subscriber_wants_the_message() {
+    let site = Site::ward();
+    let gw = site.start().await;
+    let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
+    nurse.subscribe("ward/+/alarm/#").await;
+    let mut pump = raw_session(&site, &gw, "pump-1", true).await;
+    for pkid in 1..=20u16 {
+        let topic = if pkid % 2 == 0 {
+            "ward/pump-1/alarm/occlusion"
+        } else {
+            "ward/pump-1/vitals/rate"
+        };
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, format!("m{pkid}"));
+        p.pkid = pkid;
+        pump.send(&RawPacket::Publish(p)).await;
+    }
+    let mut acks = Vec::new();
+    while acks.len() < 20 {
+        match pump.recv().await {
+            Some(RawPacket::PubAck(a)) => acks.push(a.pkid),
+            other => panic!("expected a PUBACK, got {other:?}"),
+        }
+    }
+    assert_eq!(acks, (1..=20).collect::<Vec<u16>>());
+    for pkid in (2..=20).step_by(2) {
+        let p = nurse.next_publish().await;
+        assert_eq!(&p.payload[..], format!("m{pkid}").as_bytes());
+    }
+}
+
+/// Issue 14: a retained message visits the broker though nobody subscribes yet, so a
+/// display that subscribes later still gets it.
+#[tokio::test]
+async fn a_retained_message_reaches_a_display_that_subscribes_later() {
+    let site = Site::ward();
+    let gw = site.start().await;
+    let mut pump = raw_session(&site, &gw, "pump-1", true).await;
+    let mut p = Publish::new("ward/pump-1/alarm/state", QoS::AtLeastOnce, "occluded");
+    p.pkid = 1;
+    p.retain = true;
+    pump.send(&RawPacket::Publish(p)).await;
+    match pump.recv().await {
+        Some(RawPacket::PubAck(a)) => assert_eq!(a.pkid, 1),
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
+    let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
+    nurse.subscribe("ward/+/alarm/#").await;
+    let got = nurse.next_publish().await;
+    assert_eq!(&got.payload[..], b"occluded");
+    assert!(got.retain, "delivered as the retained message");
+}

@@ -499,6 +499,9 @@ async fn relay(
             }
         }
     };
+    // The device's side has one writer: the broker's packets and the edge's own PUBACKs go
+    // to it whole, one after the other.
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u16>();
     let forward = async {
         let mut out = BytesMut::new();
         while let Some((packet, durable)) = rx.recv().await {
@@ -509,12 +512,29 @@ async fn relay(
                     }
                 }
             }
+            if let Packet::Publish(p) = &packet {
+                // QoS 0 and 1 reach the broker only for a local subscriber (or to be
+                // retained); QoS 1 is acknowledged here, in the order received, once
+                // durable. QoS 2 goes through the broker's handshake as before.
+                let local = p.retain || shared.subscriptions.wanted(&p.topic);
+                if p.qos != QoS::ExactlyOnce && !local {
+                    if p.qos == QoS::AtLeastOnce && ack_tx.send(p.pkid).is_err() {
+                        return "device side closed".to_owned();
+                    }
+                    continue;
+                }
+            }
             out.clear();
             if let Err(e) = packet.write(&mut out, usize::MAX) {
                 return format!("cannot encode for the broker: {e}");
             }
             if let Err(e) = br_wr.write_all(&out).await {
                 return format!("broker write failed: {e}");
+            }
+            if let Packet::Publish(p) = &packet {
+                if p.qos == QoS::AtLeastOnce && ack_tx.send(p.pkid).is_err() {
+                    return "device side closed".to_owned();
+                }
             }
             if matches!(packet, Packet::Disconnect) {
                 // Let the broker see the clean DISCONNECT before the socket closes.
@@ -525,7 +545,35 @@ async fn relay(
         }
         "device side closed".to_owned()
     };
-    let outbound = tokio::io::copy(&mut br_rd, &mut dev_wr);
+    let outbound = async {
+        let mut buf = BytesMut::new();
+        let mut ack = BytesMut::new();
+        loop {
+            tokio::select! {
+                pkid = ack_rx.recv() => {
+                    let Some(pkid) = pkid else { return Ok(()) };
+                    ack.clear();
+                    let _ = Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(pkid))
+                        .write(&mut ack, usize::MAX);
+                    dev_wr.write_all(&ack).await?;
+                }
+                frame = mqtt::read_frame(&mut br_rd, &mut buf, usize::MAX) => {
+                    let header = match frame {
+                        Ok(Some(h)) => h,
+                        Ok(None) => return Ok(()),
+                        Err(ReadError::Io(e)) => return Err(e),
+                        Err(e) => return Err(std::io::Error::other(e.to_string())),
+                    };
+                    let frame = buf.split_to(header.frame_length());
+                    // The broker acknowledges the copies the edge gave it of messages the
+                    // edge has acknowledged already.
+                    if !matches!(header.packet_type(), Ok(rumqttc::mqttbytes::PacketType::PubAck)) {
+                        dev_wr.write_all(&frame).await?;
+                    }
+                }
+            }
+        }
+    };
 
     tokio::pin!(forward);
     let reason = tokio::select! {
@@ -538,7 +586,7 @@ async fn relay(
         }
         reason = &mut forward => reason,
         r = outbound => match r {
-            Ok(_) => "broker closed the session".to_owned(),
+            Ok(()) => "broker closed the session".to_owned(),
             Err(e) => format!("relay to device failed: {e}"),
         },
     };
