@@ -261,37 +261,69 @@ impl Uplink {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,
-                event = events.recv() => match event.unwrap_or_else(|| Err(rumqttc::v5::ConnectionError::RequestsDone)) {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(key) = queued.pop_front() {
-                            by_pkid.insert(pkid, key);
+                event = events.recv() => {
+                    let mut event = event.unwrap_or_else(|| Err(rumqttc::v5::ConnectionError::RequestsDone));
+                    // Every event already waiting is taken before the spool is read again:
+                    // one batch per burst of acknowledgements, not one per acknowledgement.
+                    loop {
+                        if let Err(reason) = self.on_event(event, &mut queued, &mut by_pkid, &mut inflight, commands) {
+                            return Some(reason);
+                        }
+                        match events.try_recv() {
+                            Ok(next) => event = next,
+                            Err(_) => break,
                         }
                     }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        let Some(key) = by_pkid.remove(&ack.pkid) else { continue };
-                        inflight.remove(&key);
-                        if matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
-                            self.spool.remove(key);
-                        } else {
-                            self.spool.reject(key, &format!("upstream answered PUBACK {:?}", ack.reason));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        tracing::info!(
-                            event = "uplink.commands_subscribed",
-                            "subscribed to commands from upstream"
-                        );
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        commands.deliver(self, &p.topic, p.payload.clone());
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Some(e.to_string()),
-                },
+                }
                 _ = &mut appended, if idle => {}
                 _ = tokio::time::sleep_until(paced.unwrap_or_else(tokio::time::Instant::now)), if paced.is_some() => {}
             }
         }
+    }
+
+    /// One event of the upstream session; `Err` ends the session with its reason.
+    fn on_event(
+        &self,
+        event: Result<Event, rumqttc::v5::ConnectionError>,
+        queued: &mut VecDeque<Key>,
+        by_pkid: &mut HashMap<u16, Key>,
+        inflight: &mut HashSet<Key>,
+        commands: &command::LocalDelivery,
+    ) -> Result<(), String> {
+        match event {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(key) = queued.pop_front() {
+                    by_pkid.insert(pkid, key);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let Some(key) = by_pkid.remove(&ack.pkid) else {
+                    return Ok(());
+                };
+                inflight.remove(&key);
+                if matches!(
+                    ack.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                ) {
+                    self.spool.remove(key);
+                } else {
+                    self.spool
+                        .reject(key, &format!("upstream answered PUBACK {:?}", ack.reason));
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                tracing::info!(
+                    event = "uplink.commands_subscribed",
+                    "subscribed to commands from upstream"
+                );
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                commands.deliver(self, &p.topic, p.payload.clone());
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(())
     }
 
     /// The upstream PUBLISH of a record, or why it cannot be published (the topic or the
