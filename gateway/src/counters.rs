@@ -44,7 +44,11 @@ static COUNTERS: LazyLock<Mutex<HashMap<DeviceId, EdgeCounters>>> =
 /// Applies `f` to the counters of `device`.
 pub fn bump(device: &DeviceId, f: impl FnOnce(&mut EdgeCounters)) {
     let mut all = COUNTERS.lock().unwrap_or_else(PoisonError::into_inner);
-    f(all.entry(device.clone()).or_default());
+    // Looked up first: the id is cloned only for a device's first count.
+    match all.get_mut(device) {
+        Some(c) => f(c),
+        None => f(all.entry(device.clone()).or_default()),
+    }
 }
 
 pub fn get(device: &DeviceId) -> EdgeCounters {

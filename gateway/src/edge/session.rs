@@ -551,10 +551,17 @@ async fn relay(
         loop {
             tokio::select! {
                 pkid = ack_rx.recv() => {
-                    let Some(pkid) = pkid else { return Ok(()) };
+                    let Some(mut pkid) = pkid else { return Ok(()) };
+                    // Every acknowledgement ready goes in one write (one TLS record).
                     ack.clear();
-                    let _ = Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(pkid))
-                        .write(&mut ack, usize::MAX);
+                    loop {
+                        let _ = Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(pkid))
+                            .write(&mut ack, usize::MAX);
+                        match ack_rx.try_recv() {
+                            Ok(next) => pkid = next,
+                            Err(_) => break,
+                        }
+                    }
                     dev_wr.write_all(&ack).await?;
                 }
                 frame = mqtt::read_frame(&mut br_rd, &mut buf, usize::MAX) => {

@@ -37,7 +37,7 @@ pub(super) struct Subscriptions {
 #[derive(Debug, Default)]
 struct FilterIndex {
     known: HashSet<String>,
-    by_prefix: HashMap<(String, String), Vec<TopicFilter>>,
+    by_prefix: HashMap<String, HashMap<String, Vec<TopicFilter>>>,
     wild: Vec<TopicFilter>,
 }
 
@@ -54,7 +54,9 @@ impl FilterIndex {
         match (levels.next(), levels.next()) {
             (Some(a), Some(b)) if !is_wild(a) && !is_wild(b) => self
                 .by_prefix
-                .entry((a.to_owned(), b.to_owned()))
+                .entry(a.to_owned())
+                .or_default()
+                .entry(b.to_owned())
                 .or_default()
                 .push(parsed),
             _ => self.wild.push(parsed),
@@ -64,7 +66,8 @@ impl FilterIndex {
     fn wanted(&self, topic: &str) -> bool {
         let mut levels = topic.split('/');
         if let (Some(a), Some(b)) = (levels.next(), levels.next()) {
-            if let Some(filters) = self.by_prefix.get(&(a.to_owned(), b.to_owned())) {
+            // Borrowed lookups: nothing is allocated per message.
+            if let Some(filters) = self.by_prefix.get(a).and_then(|m| m.get(b)) {
                 if filters.iter().any(|f| f.matches(topic)) {
                     return true;
                 }
