@@ -8,7 +8,7 @@
 //! lost or duplicated. The target's CPU time and resident memory are read from /proc. Every
 //! measurement starts its target fresh (empty data directory) and its devices anew.
 //!
-//! Scenarios (`--scenario`, comma-separated; default `disk,step,idle`):
+//! Scenarios (`--scenario`, comma-separated; default `disk,step,idle,outage`):
 //! - `disk`: the data disk's raw append+fdatasync rate (one 200-byte record per sync): the
 //!   ceiling for a store that syncs every message, which neither target does (wardgate
 //!   syncs a batch per group commit; mosquitto's `persistence true` saves on its autosave
@@ -17,9 +17,13 @@
 //!   the delivered rate, p50/p99 latency, loss, duplicates, CPU and RSS; the highest rate
 //!   each sustains with p99 under 50 ms, nothing lost and at least 98 % delivered.
 //! - `idle`: `--idle-devices` devices at 1 message/s each: RSS and CPU.
+//! - `outage`: `--outage-rate` messages/s; the line to the upstream is cut for
+//!   `--outage-secs` while the devices go on; then the time until everything sent before
+//!   the line came back has arrived (catch-up), the backlog's drain rate, and loss.
 //!
 //! Run with `scripts/bench` (builds both binaries in release and installs mosquitto).
 
+mod link;
 mod load;
 mod target;
 
@@ -38,8 +42,8 @@ use target::{Kind, Ward};
 #[derive(Debug, Parser)]
 #[command(about = "wardgate against a mosquitto bridge, side by side")]
 struct Args {
-    /// Scenarios to run, in order: disk, step, idle.
-    #[arg(long, value_delimiter = ',', default_value = "disk,step,idle")]
+    /// Scenarios to run, in order: disk, step, idle, outage.
+    #[arg(long, value_delimiter = ',', default_value = "disk,step,idle,outage")]
     scenario: Vec<String>,
     /// Devices publishing in the step scenario.
     #[arg(long, default_value_t = 100)]
@@ -63,6 +67,12 @@ struct Args {
     /// Devices of the idle scenario (1 message/s each).
     #[arg(long, default_value_t = 1000)]
     idle_devices: usize,
+    /// Seconds the outage scenario cuts the upstream off.
+    #[arg(long, default_value_t = 30)]
+    outage_secs: u64,
+    /// Offered rate of the outage scenario, messages/s in all.
+    #[arg(long, default_value_t = 2000)]
+    outage_rate: u32,
     /// Where the Markdown tables go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -195,6 +205,116 @@ async fn measure(
         duplicates: got.duplicates,
         cpu_pct: (cpu1 - cpu0) / secs * 100.0,
         rss_mb: rss_kib as f64 / 1024.0,
+        errors,
+    })
+}
+
+/// What the outage scenario measured of one target.
+#[derive(Debug, Clone, Default)]
+struct Outage {
+    /// Messages sent while the line was down.
+    backlog: u64,
+    /// From the line's return until everything sent before it had arrived.
+    catch_up_s: f64,
+    lost: u64,
+    duplicates: u64,
+    errors: Vec<String>,
+}
+
+/// `rate` messages/s through `kind`; after the warm-up the line to the upstream (`line`)
+/// is cut for `outage`, and the catch-up after it returns is timed.
+#[allow(clippy::too_many_arguments)]
+async fn measure_outage(
+    kind: Kind,
+    ward: &Ward,
+    line: &link::Link,
+    receiver_port: u16,
+    devices: &[Identity],
+    consumer: &Identity,
+    rate: f64,
+    size: usize,
+    outage: Duration,
+    dir: &Path,
+) -> anyhow::Result<Outage> {
+    let _ = std::fs::remove_dir_all(dir);
+    line.set_up(true);
+    let mut t = target::start(kind, ward, dir).await?;
+    let stop_receiver = CancellationToken::new();
+    let receiver = Receiver::start(
+        receiver_port,
+        consumer,
+        devices.len(),
+        stop_receiver.clone(),
+    )
+    .await?;
+    let stop = CancellationToken::new();
+    let (sent, tasks) = load::start_devices(t.port, devices, rate, size, &stop)?;
+    tokio::time::sleep(WARMUP).await;
+    line.set_up(false);
+    let down_sent = sent.messages.load(Ordering::Relaxed);
+    tokio::time::sleep(outage).await;
+    let up_at = now_us();
+    let sent_before = sent.messages.load(Ordering::Relaxed);
+    let backlog = sent_before - down_sent;
+    line.set_up(true);
+    // Caught up when every message sent before the line came back has arrived.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let caught_up = loop {
+        let before = receiver
+            .got
+            .lock()
+            .map(|g| g.arrivals.iter().filter(|(s, _)| *s < up_at).count() as u64)
+            .unwrap_or(0);
+        if before >= sent_before {
+            break Some(now_us());
+        }
+        if tokio::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.cancel();
+    for task in tasks {
+        task.await?;
+    }
+    let total = sent.messages.load(Ordering::Relaxed);
+    let mut last = (
+        receiver.count.load(Ordering::Relaxed),
+        tokio::time::Instant::now(),
+    );
+    loop {
+        let unique = receiver.got.lock().map(|g| g.unique).unwrap_or(0);
+        let n = receiver.count.load(Ordering::Relaxed);
+        if unique >= total {
+            break;
+        }
+        if n != last.0 {
+            last = (n, tokio::time::Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let alive = t.alive();
+    stop_receiver.cancel();
+    let got = receiver.got.clone();
+    receiver.stop().await?;
+    t.stop().await?;
+    let got = got
+        .lock()
+        .map_err(|_| anyhow::anyhow!("receiver poisoned"))?;
+    let mut errors = sent.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    if !alive {
+        errors.push(format!("{} exited during the measurement", kind.name()));
+    }
+    if caught_up.is_none() {
+        errors.push("not caught up within 300 s".into());
+    }
+    Ok(Outage {
+        backlog,
+        catch_up_s: caught_up.map_or(f64::NAN, |at| (at - up_at) as f64 / 1e6),
+        lost: total.saturating_sub(got.unique),
+        duplicates: got.duplicates,
         errors,
     })
 }
@@ -510,7 +630,81 @@ async fn main() -> anyhow::Result<()> {
                 eprint!("{table}");
                 report.push_str(&table);
             }
-            other => anyhow::bail!("unknown scenario {other:?} (disk, step, idle)"),
+            "outage" => {
+                ward.devices = args.devices;
+                let devices = &identities[..args.devices];
+                let line = link::Link::start(hospital.port).await?;
+                let direct = ward.upstream;
+                ward.upstream = line.port;
+                let mut table = format!(
+                    "## Outage: {} devices, {} msg/s, the upstream cut off for {} s, {} runs alternating\n\n\
+                     | run | target | backlog (messages) | catch-up s | drain rate msg/s | lost | dup |\n\
+                     |---|---|---|---|---|---|---|\n",
+                    args.devices, args.outage_rate, args.outage_secs, args.runs
+                );
+                let mut ratio = Vec::new();
+                let mut notes = String::new();
+                for run in 0..args.runs {
+                    let order: Vec<Kind> = if run % 2 == 0 {
+                        kinds.to_vec()
+                    } else {
+                        kinds.iter().rev().copied().collect()
+                    };
+                    let mut drain = [0.0f64; 2];
+                    for kind in order {
+                        let dir = work.join(format!(
+                            "runs/outage-{}-{run}",
+                            kind.name().replace(' ', "-")
+                        ));
+                        let o = measure_outage(
+                            kind,
+                            &ward,
+                            &line,
+                            hospital.port,
+                            devices,
+                            &consumer,
+                            f64::from(args.outage_rate),
+                            args.size,
+                            Duration::from_secs(args.outage_secs),
+                            &dir,
+                        )
+                        .await?;
+                        drain[kind as usize] = o.backlog as f64 / o.catch_up_s;
+                        let _ = writeln!(
+                            table,
+                            "| {run} | {} | {} | {:.1} | {:.0} | {} | {} |",
+                            kind.name(),
+                            o.backlog,
+                            o.catch_up_s,
+                            drain[kind as usize],
+                            o.lost,
+                            o.duplicates
+                        );
+                        for e in o.errors.iter().take(3) {
+                            let _ = writeln!(notes, "- run {run}, {}: {e}", kind.name());
+                        }
+                        eprintln!("outage run {run} {}: {o:?}", kind.name());
+                    }
+                    ratio.push(drain[0] / drain[1]);
+                }
+                ward.upstream = direct;
+                let _ = write!(
+                    table,
+                    "\nDrain-rate ratio (wardgate / mosquitto) {}. The drain rate is the backlog \
+                     over the catch-up time, live traffic flowing meanwhile; wardgate paces a \
+                     backlog at `[uplink] replay_rate` (default 500 msg/s), and the bench runs its \
+                     defaults.\n\n",
+                    spread(&ratio)
+                );
+                if !notes.is_empty() {
+                    table.push_str("Errors seen:\n\n");
+                    table.push_str(&notes);
+                    table.push('\n');
+                }
+                eprint!("{table}");
+                report.push_str(&table);
+            }
+            other => anyhow::bail!("unknown scenario {other:?} (disk, step, idle, outage)"),
         }
     }
     let path = args.out.join(format!("{stamp}.md"));

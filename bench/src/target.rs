@@ -41,7 +41,8 @@ pub struct Ward {
     /// The ward's PKI (`pki::init`): CA, server certificate and key.
     pub pki: PathBuf,
     pub devices: usize,
-    /// The upstream's port and the gateway's identity there.
+    /// The port the targets reach the upstream on (the upstream's, or the outage
+    /// scenario's link to it), and the gateway's identity there.
     pub upstream: u16,
     pub uplink: Identity,
 }
