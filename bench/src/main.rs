@@ -118,7 +118,7 @@ async fn measure(
     dir: &Path,
 ) -> anyhow::Result<Measure> {
     let _ = std::fs::remove_dir_all(dir);
-    let mut t = target::start(kind, ward, dir).await?;
+    let t = target::start(kind, ward, dir).await?;
     let stop_receiver = CancellationToken::new();
     let receiver = Receiver::start(
         ward.upstream,
@@ -143,11 +143,55 @@ async fn measure(
     rss_kib = rss_kib.max(rss);
     let sent1 = sent.messages.load(Ordering::Relaxed);
     let w1 = now_us();
+    let (got, total, errors) =
+        wind_down(kind, t, &stop, tasks, &sent, receiver, &stop_receiver).await?;
+    let secs = (w1 - w0) as f64 / 1e6;
+    let mut latencies: Vec<u64> = got
+        .arrivals
+        .iter()
+        .filter(|(s, _)| (w0..w1).contains(s))
+        .map(|(s, r)| r.saturating_sub(*s))
+        .collect();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+    };
+    let delivered = got
+        .arrivals
+        .iter()
+        .filter(|(_, r)| (w0..w1).contains(r))
+        .count();
+    Ok(Measure {
+        offered: (sent1 - sent0) as f64 / secs,
+        delivered: delivered as f64 / secs,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        lost: total.saturating_sub(got.unique),
+        duplicates: got.duplicates,
+        cpu_pct: (cpu1 - cpu0) / secs * 100.0,
+        rss_mb: rss_kib as f64 / 1024.0,
+        errors,
+    })
+}
+
+/// Stops the devices, waits until everything they sent has arrived (or nothing has for
+/// 5 s), stops the receiver and the target; returns what arrived, how many were sent, and
+/// the errors seen (the target's exit among them).
+async fn wind_down(
+    kind: Kind,
+    mut t: target::Running,
+    stop: &CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sent: &load::Sent,
+    receiver: Receiver,
+    stop_receiver: &CancellationToken,
+) -> anyhow::Result<(load::Received, u64, Vec<String>)> {
     stop.cancel();
     for task in tasks {
         task.await?;
     }
-    // Drain: until everything sent has arrived, or nothing has for 5 s.
     let total = sent.messages.load(Ordering::Relaxed);
     let mut last = (
         receiver.count.load(Ordering::Relaxed),
@@ -171,42 +215,16 @@ async fn measure(
     let got = receiver.got.clone();
     receiver.stop().await?;
     t.stop().await?;
-    let got = got
-        .lock()
-        .map_err(|_| anyhow::anyhow!("receiver poisoned"))?;
-    let secs = (w1 - w0) as f64 / 1e6;
-    let mut latencies: Vec<u64> = got
-        .arrivals
-        .iter()
-        .filter(|(s, _)| (w0..w1).contains(s))
-        .map(|(s, r)| r.saturating_sub(*s))
-        .collect();
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
-    };
-    let delivered = got
-        .arrivals
-        .iter()
-        .filter(|(_, r)| (w0..w1).contains(r))
-        .count();
+    let got = std::mem::take(
+        &mut *got
+            .lock()
+            .map_err(|_| anyhow::anyhow!("receiver poisoned"))?,
+    );
     let mut errors = sent.errors.lock().map(|e| e.clone()).unwrap_or_default();
     if !alive {
         errors.push(format!("{} exited during the measurement", kind.name()));
     }
-    Ok(Measure {
-        offered: (sent1 - sent0) as f64 / secs,
-        delivered: delivered as f64 / secs,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        lost: total.saturating_sub(got.unique),
-        duplicates: got.duplicates,
-        cpu_pct: (cpu1 - cpu0) / secs * 100.0,
-        rss_mb: rss_kib as f64 / 1024.0,
-        errors,
-    })
+    Ok((got, total, errors))
 }
 
 /// What the outage scenario measured of one target.
@@ -238,7 +256,7 @@ async fn measure_outage(
 ) -> anyhow::Result<Outage> {
     let _ = std::fs::remove_dir_all(dir);
     line.set_up(true);
-    let mut t = target::start(kind, ward, dir).await?;
+    let t = target::start(kind, ward, dir).await?;
     let stop_receiver = CancellationToken::new();
     let receiver = Receiver::start(
         receiver_port,
@@ -273,40 +291,8 @@ async fn measure_outage(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    stop.cancel();
-    for task in tasks {
-        task.await?;
-    }
-    let total = sent.messages.load(Ordering::Relaxed);
-    let mut last = (
-        receiver.count.load(Ordering::Relaxed),
-        tokio::time::Instant::now(),
-    );
-    loop {
-        let unique = receiver.got.lock().map(|g| g.unique).unwrap_or(0);
-        let n = receiver.count.load(Ordering::Relaxed);
-        if unique >= total {
-            break;
-        }
-        if n != last.0 {
-            last = (n, tokio::time::Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(5) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let alive = t.alive();
-    stop_receiver.cancel();
-    let got = receiver.got.clone();
-    receiver.stop().await?;
-    t.stop().await?;
-    let got = got
-        .lock()
-        .map_err(|_| anyhow::anyhow!("receiver poisoned"))?;
-    let mut errors = sent.errors.lock().map(|e| e.clone()).unwrap_or_default();
-    if !alive {
-        errors.push(format!("{} exited during the measurement", kind.name()));
-    }
+    let (got, total, mut errors) =
+        wind_down(kind, t, &stop, tasks, &sent, receiver, &stop_receiver).await?;
     if caught_up.is_none() {
         errors.push("not caught up within 300 s".into());
     }
@@ -387,6 +373,15 @@ fn machine() -> String {
     format!("{cpus} CPUs ({model}); {mosquitto}")
 }
 
+/// Which target goes first in run `run`: they take turns.
+fn alternate(run: usize) -> [Kind; 2] {
+    if run.is_multiple_of(2) {
+        [Kind::Wardgate, Kind::Mosquitto]
+    } else {
+        [Kind::Mosquitto, Kind::Wardgate]
+    }
+}
+
 fn spread(values: &[f64]) -> String {
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     if finite.is_empty() {
@@ -460,7 +455,6 @@ async fn main() -> anyhow::Result<()> {
         upstream: hospital.port,
         uplink: Identity { ca, cert, key },
     };
-    let kinds = [Kind::Wardgate, Kind::Mosquitto];
 
     for scenario in &args.scenario {
         match scenario.as_str() {
@@ -495,11 +489,7 @@ async fn main() -> anyhow::Result<()> {
                     let mut p99_ratio = Vec::new();
                     for (run, best_run) in best.iter_mut().enumerate() {
                         // Alternate which goes first.
-                        let order: Vec<Kind> = if run % 2 == 0 {
-                            kinds.to_vec()
-                        } else {
-                            kinds.iter().rev().copied().collect()
-                        };
+                        let order = alternate(run);
                         let mut got = [Measure::default(), Measure::default()];
                         for kind in order {
                             let dir = work.join(format!(
@@ -586,11 +576,7 @@ async fn main() -> anyhow::Result<()> {
                 let mut rss_ratio = Vec::new();
                 let mut cpu_ratio = Vec::new();
                 for run in 0..args.runs {
-                    let order: Vec<Kind> = if run % 2 == 0 {
-                        kinds.to_vec()
-                    } else {
-                        kinds.iter().rev().copied().collect()
-                    };
+                    let order = alternate(run);
                     let mut got = [Measure::default(), Measure::default()];
                     for kind in order {
                         let dir =
@@ -645,11 +631,7 @@ async fn main() -> anyhow::Result<()> {
                 let mut ratio = Vec::new();
                 let mut notes = String::new();
                 for run in 0..args.runs {
-                    let order: Vec<Kind> = if run % 2 == 0 {
-                        kinds.to_vec()
-                    } else {
-                        kinds.iter().rev().copied().collect()
-                    };
+                    let order = alternate(run);
                     let mut drain = [0.0f64; 2];
                     for kind in order {
                         let dir = work.join(format!(
