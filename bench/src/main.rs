@@ -373,6 +373,18 @@ fn machine() -> String {
     format!("{cpus} CPUs ({model}); {mosquitto}")
 }
 
+/// Ends a scenario's section with the errors its measurements saw (a measurement with
+/// errors is not to be trusted), prints it and adds it to the report.
+fn close_section(report: &mut String, mut table: String, notes: &str) {
+    if !notes.is_empty() {
+        table.push_str("Errors seen:\n\n");
+        table.push_str(notes);
+        table.push('\n');
+    }
+    eprint!("{table}");
+    report.push_str(&table);
+}
+
 /// Which target goes first in run `run`: they take turns.
 fn alternate(run: usize) -> [Kind; 2] {
     if run.is_multiple_of(2) {
@@ -554,13 +566,7 @@ async fn main() -> anyhow::Result<()> {
                     best.iter().map(|b| b[1]).collect::<Vec<_>>(),
                     spread(&sustained)
                 );
-                if !notes.is_empty() {
-                    table.push_str("Errors seen:\n\n");
-                    table.push_str(&notes);
-                    table.push('\n');
-                }
-                eprint!("{table}");
-                report.push_str(&table);
+                close_section(&mut report, table, &notes);
             }
             "idle" => {
                 ward.devices = args.idle_devices;
@@ -573,6 +579,7 @@ async fn main() -> anyhow::Result<()> {
                      |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
                     args.idle_devices, args.secs, args.runs
                 );
+                let mut notes = String::new();
                 let mut rss_ratio = Vec::new();
                 let mut cpu_ratio = Vec::new();
                 for run in 0..args.runs {
@@ -593,6 +600,9 @@ async fn main() -> anyhow::Result<()> {
                         )
                         .await?;
                         eprintln!("idle run {run} {}: {}", kind.name(), row(&m));
+                        for e in m.errors.iter().take(3) {
+                            let _ = writeln!(notes, "- run {run}, {}: {e}", kind.name());
+                        }
                         got[kind as usize] = m;
                     }
                     let [w, q] = &got;
@@ -613,8 +623,7 @@ async fn main() -> anyhow::Result<()> {
                     spread(&rss_ratio),
                     spread(&cpu_ratio)
                 );
-                eprint!("{table}");
-                report.push_str(&table);
+                close_section(&mut report, table, &notes);
             }
             "outage" => {
                 ward.devices = args.devices;
@@ -678,13 +687,7 @@ async fn main() -> anyhow::Result<()> {
                      defaults.\n\n",
                     spread(&ratio)
                 );
-                if !notes.is_empty() {
-                    table.push_str("Errors seen:\n\n");
-                    table.push_str(&notes);
-                    table.push('\n');
-                }
-                eprint!("{table}");
-                report.push_str(&table);
+                close_section(&mut report, table, &notes);
             }
             other => anyhow::bail!("unknown scenario {other:?} (disk, step, idle, outage)"),
         }
