@@ -326,6 +326,14 @@ async fn purge_session(broker: &crate::broker::EmbeddedBroker, device: &DeviceId
             let _ = Packet::Disconnect.write(&mut out, 16);
             let _ = stream.write_all(&out).await;
             let _ = stream.shutdown().await;
+            // Until the broker has ended the purging session (it closes the socket), the
+            // device's own CONNECT under the same client id could be taken for a duplicate
+            // and its session ended with the purge's (seen once under load).
+            let mut sink = [0u8; 64];
+            let _ = timeout(BROKER_TIMEOUT, async {
+                while matches!(tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
             Ok(())
         }
         Err(e) => Err(e),
