@@ -628,8 +628,8 @@ fn print_status(s: &Status) {
     println!("edge      {}", s.edge);
     println!("uplink    {}", s.uplink);
     println!(
-        "devices   {} registered, {} connected, {} quarantined",
-        s.devices.registered, s.devices.connected, s.devices.quarantined
+        "devices   {} registered, {} connected, {} quarantined; {} with a broker session",
+        s.devices.registered, s.devices.connected, s.devices.quarantined, s.devices.broker_sessions
     );
     println!(
         "spool     {} records, {} bytes, {} corrupt set aside, {} rejected upstream",

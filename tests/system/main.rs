@@ -15,6 +15,7 @@ mod firewall;
 mod modbus;
 mod quarantine;
 mod rate;
+mod sessions;
 mod support;
 mod updates;
 mod uplink;

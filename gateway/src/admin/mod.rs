@@ -419,6 +419,7 @@ fn status(state: &AdminState) -> proto::Status {
                 .unwrap_or_else(PoisonError::into_inner)
                 .len(),
             connected: devices.len(),
+            broker_sessions: state.edge.broker_sessions(),
             quarantined: state.quarantine.list().len(),
         },
         spool: SpoolStatus {

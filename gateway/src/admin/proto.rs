@@ -89,6 +89,9 @@ pub struct Status {
 pub struct DeviceTotals {
     pub registered: usize,
     pub connected: usize,
+    /// Device connections attached to the embedded broker (the others need none).
+    #[serde(default)]
+    pub broker_sessions: usize,
     pub quarantined: usize,
 }
 

@@ -2,11 +2,13 @@
 //!
 //! It terminates TLS itself (rustls, client certificate required), binds each connection to
 //! the device named by the certificate's CN, checks the MQTT CONNECT against the registry,
-//! and then relays the session to the embedded broker on loopback, inspecting every packet
-//! the device sends: PUBLISH and SUBSCRIBE must fit the device's ACL, PUBLISH topics must
-//! not hold wildcards, packets must fit the class's size limit. Anything else closes the
-//! connection and is logged as a security event ([`crate::events`]). Packets are decoded
-//! and re-encoded, never passed through raw, so the broker sees exactly what was checked.
+//! and serves the session, inspecting every packet the device sends: PUBLISH and SUBSCRIBE
+//! must fit the device's ACL, PUBLISH topics must not hold wildcards, packets must fit the
+//! class's size limit. Anything else closes the connection and is logged as a security
+//! event ([`crate::events`]). The edge itself answers CONNECT, PINGREQ and durable QoS 1
+//! PUBLISH and keeps the device's keepalive; the embedded broker on loopback sees a device
+//! only from its first packet that needs it (see [`sessions`]). Packets are decoded and
+//! re-encoded, never passed through raw, so the broker sees exactly what was checked.
 //!
 //! Invariants:
 //! - every handshake runs in its own task under a timeout, so a stalled client never
@@ -18,13 +20,14 @@
 
 mod exactly_once;
 mod session;
+mod sessions;
 mod subscriptions;
 pub mod tls;
 mod unidentified;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -74,9 +77,11 @@ struct EdgeShared {
     unidentified: unidentified::Unidentified,
     /// QoS 2 packet identifiers awaiting PUBREL, per device.
     exactly_once: exactly_once::ExactlyOnce,
-    /// The rights under which each device's broker session was last opened: a session
-    /// opened under other rights is purged before the device may resume it.
-    sessions: Mutex<HashMap<DeviceId, crate::policy::Acl>>,
+    /// Each device's session: its rights, whether it persists, whether the broker holds
+    /// part of it.
+    sessions: sessions::Sessions,
+    /// Device connections attached to the embedded broker now.
+    attached: AtomicUsize,
     live: Mutex<HashMap<u64, LiveConn>>,
     next_id: AtomicU64,
 }
@@ -105,9 +110,17 @@ impl EdgeShared {
 
     /// Closes every live connection of `device`; returns how many.
     fn close_device(&self, device: &DeviceId) -> usize {
+        self.close_others(device, None)
+    }
+
+    /// Closes every live connection of `device` but `keep`; returns how many.
+    fn close_others(&self, device: &DeviceId, keep: Option<&LiveGuard>) -> usize {
         let live = self.live();
         let mut n = 0;
-        for conn in live.values().filter(|c| &c.device == device) {
+        for (id, conn) in live.iter().filter(|(_, c)| &c.device == device) {
+            if keep.is_some_and(|k| k.id == *id) {
+                continue;
+            }
             conn.close.cancel();
             n += 1;
         }
@@ -196,7 +209,8 @@ impl Edge {
                 throttle_limit,
                 rates: crate::policy::DeviceRates::default(),
                 subscriptions: subscriptions::Subscriptions::default(),
-                sessions: Mutex::default(),
+                sessions: sessions::Sessions::default(),
+                attached: AtomicUsize::new(0),
                 exactly_once: exactly_once::ExactlyOnce::default(),
                 unidentified: unidentified::Unidentified::default(),
                 live: Mutex::new(HashMap::new()),
@@ -274,6 +288,12 @@ impl EdgeHandle {
     /// Closes every live connection of `device`; returns how many.
     pub fn close_device(&self, device: &DeviceId) -> usize {
         self.shared.close_device(device)
+    }
+
+    /// How many device connections are attached to the embedded broker now (the others
+    /// need no broker session: see [`sessions`]).
+    pub fn broker_sessions(&self) -> usize {
+        self.shared.attached.load(Ordering::Relaxed)
     }
 
     /// The live device connections: device and peer address.

@@ -1,16 +1,20 @@
 //! One device connection, from TCP accept to close.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
-use rumqttc::mqttbytes::{Protocol, QoS};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish,
+};
+use rumqttc::mqttbytes::{PacketType, Protocol, QoS};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -111,38 +115,50 @@ pub(super) async fn serve(
         }
     };
 
-    let stale = shared
+    // One connection per client id: a new one takes over (MQTT-3.1.4-2).
+    shared.close_others(&device, Some(&_live));
+    let opening = shared
         .sessions
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(device.clone(), grant.acl.clone())
-        .is_some_and(|acl| acl != grant.acl);
-    if stale && !connect.clean_session {
-        purge_session(&shared.broker, &device, &grant.class).await;
+        .open(&device, &grant.acl, connect.clean_session);
+    if connect.clean_session || opening.stale {
+        shared.exactly_once.clean(&device);
     }
-    let broker = match connect_broker(&shared.broker, &connect).await {
-        Ok(b) => b,
-        Err(e) => {
-            let refusal = Refusal::BrokerUnavailable(e);
-            events::connection_refused(peer, Some(&device), &refusal);
-            let reply = connack(ConnectReturnCode::ServiceUnavailable);
-            let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&reply)).await;
-            return close(tls).await;
+    let mut broker = None;
+    let connack = if opening.attach {
+        if opening.stale {
+            purge_session(&shared.broker, &device, &grant.class).await;
         }
+        match connect_broker(&shared.broker, &connect).await {
+            Ok((stream, connack, backlog)) => {
+                broker = Some((stream, backlog));
+                connack
+            }
+            Err(e) => {
+                let refusal = Refusal::BrokerUnavailable(e);
+                events::connection_refused(peer, Some(&device), &refusal);
+                let reply = connack(ConnectReturnCode::ServiceUnavailable);
+                let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&reply)).await;
+                return close(tls).await;
+            }
+        }
+    } else {
+        if opening.stale {
+            events::session_purged(&device, &grant.class, None);
+        }
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, opening.present))
     };
 
     let will = connect
         .last_will
         .as_ref()
         .and_then(|w| hold_will(&shared.spool, &device, &grant, w));
-    if connect.clean_session {
-        shared.exactly_once.clean(&device);
-    }
     events::device_connected(peer, &device, &grant.class);
-    let (reason, clean) = relay(
+    let ended = relay(
         tls,
         buf,
+        connack,
         broker,
+        &connect,
         &shared,
         &device,
         peer,
@@ -150,15 +166,15 @@ pub(super) async fn serve(
         close_token,
     )
     .await;
+    let failed = !ended.clean && !shutdown.is_cancelled();
     if let Some(key) = will {
-        end_will(
-            &shared.spool,
-            key,
-            &device,
-            clean || shutdown.is_cancelled(),
-        );
+        end_will(&shared.spool, key, &device, !failed);
     }
-    events::device_disconnected(peer, &device, &reason);
+    // The broker publishes the will of a session it holds; the edge, of one it does not.
+    if let (Some(w), true, false) = (&connect.last_will, failed, ended.attached) {
+        publish_will_locally(&shared, &device, w).await;
+    }
+    events::device_disconnected(peer, &device, &ended.reason);
 }
 
 /// Stores the will of a CONNECT (already checked by [`admit`]) in the spool, held until
@@ -168,7 +184,7 @@ fn hold_will(
     spool: &Spool,
     device: &DeviceId,
     grant: &Grant,
-    will: &rumqttc::mqttbytes::v4::LastWill,
+    will: &LastWill,
 ) -> Option<crate::spool::Key> {
     let record = received(device, &will.topic, &will.message, will.qos);
     spool.hold_will(&record, grant.priority(&will.topic)).ok()
@@ -321,7 +337,7 @@ async fn purge_session(broker: &crate::broker::EmbeddedBroker, device: &DeviceId
     let mut purge = Connect::new(device.as_str());
     purge.clean_session = true;
     let result = match connect_broker(broker, &purge).await {
-        Ok((mut stream, _)) => {
+        Ok((mut stream, _, _)) => {
             let mut out = BytesMut::new();
             let _ = Packet::Disconnect.write(&mut out, 16);
             let _ = stream.write_all(&out).await;
@@ -341,13 +357,15 @@ async fn purge_session(broker: &crate::broker::EmbeddedBroker, device: &DeviceId
     events::session_purged(device, class, result.as_ref().err());
 }
 
-/// Opens the device's session on the embedded broker: the device's CONNECT with the
-/// gateway's broker credentials instead of its own (identity is the certificate), and the
-/// broker's CONNACK back.
+/// Opens a session on the embedded broker: the device's CONNECT with the gateway's broker
+/// credentials instead of its own (identity is the certificate) and the edge's own
+/// keepalive (the edge owns the device's; see [`BROKER_KEEPALIVE`]). Returns the
+/// connection, the broker's CONNACK, and whatever the broker sent after it (a resumed
+/// session's queued messages, for the device).
 async fn connect_broker(
     broker: &crate::broker::EmbeddedBroker,
     connect: &Connect,
-) -> Result<(TcpStream, Packet), String> {
+) -> Result<(TcpStream, Packet, BytesMut), String> {
     let mut stream = timeout(BROKER_TIMEOUT, TcpStream::connect(broker.addr))
         .await
         .map_err(|_| "connect timed out".to_owned())?
@@ -355,6 +373,7 @@ async fn connect_broker(
     let _ = stream.set_nodelay(true);
     let mut c = connect.clone();
     c.login = Some(broker.login.mqtt());
+    c.keep_alive = BROKER_KEEPALIVE;
     let mut out = BytesMut::new();
     c.write(&mut out).map_err(|e| e.to_string())?;
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -367,46 +386,134 @@ async fn connect_broker(
     .map_err(|_| "no CONNACK from the broker".to_owned())?
     .map_err(|e| e.to_string())?;
     match connack {
-        Some(p @ Packet::ConnAck(_)) if buf.is_empty() => Ok((stream, p)),
-        Some(Packet::ConnAck(_)) => Err("broker sent data after its CONNACK".into()),
+        Some(p @ Packet::ConnAck(_)) => Ok((stream, p, buf)),
         Some(other) => Err(format!("broker answered CONNECT with {other:?}")),
         None => Err("broker closed the connection".into()),
     }
 }
 
-/// Packets read from a device and not yet written to the broker (waiting for their
-/// records to become durable). Bounds what one device can have in flight.
+/// The keepalive of a device's broker session, in seconds. The edge keeps the device's
+/// own keepalive itself (any value, 0 included) and pings the broker after
+/// [`BROKER_PING`] without writing to it, so the broker never ends a session the device
+/// keeps alive with traffic the broker does not see.
+const BROKER_KEEPALIVE: u16 = 600;
+const BROKER_PING: Duration = Duration::from_secs(BROKER_KEEPALIVE as u64 / 2);
+
+/// Packets read from a device and not yet handled (waiting for their records to become
+/// durable). Bounds what one device can have in flight.
 const PIPELINE_DEPTH: usize = 64;
 
+/// What goes to the device besides the broker's packets, in the order decided.
+enum ToDevice {
+    /// The edge's own acknowledgement of a durable QoS 1 PUBLISH.
+    PubAck(u16),
+    PingResp,
+    /// The session was attached to the broker: its packets (and what it sent after its
+    /// CONNACK) go to the device from here on.
+    Attached(OwnedReadHalf, BytesMut),
+}
+
+/// How a relay ended.
+struct Ended {
+    reason: String,
+    /// The device ended the session with DISCONNECT: its will is not published.
+    clean: bool,
+    /// The session was attached: the broker publishes its will to local subscribers.
+    attached: bool,
+}
+
+/// The writing half of a device's broker session, counted while it lives.
+struct Attachment<'a> {
+    shared: &'a EdgeShared,
+    wr: OwnedWriteHalf,
+    out: BytesMut,
+}
+
+impl<'a> Attachment<'a> {
+    fn new(shared: &'a EdgeShared, wr: OwnedWriteHalf) -> Self {
+        shared.attached.fetch_add(1, Ordering::Relaxed);
+        Attachment {
+            shared,
+            wr,
+            out: BytesMut::new(),
+        }
+    }
+
+    async fn write(&mut self, packet: &Packet) -> Result<(), String> {
+        self.out.clear();
+        packet
+            .write(&mut self.out, usize::MAX)
+            .map_err(|e| format!("cannot encode for the broker: {e}"))?;
+        self.wr
+            .write_all(&self.out)
+            .await
+            .map_err(|e| format!("broker write failed: {e}"))
+    }
+}
+
+impl Drop for Attachment<'_> {
+    fn drop(&mut self) {
+        self.shared.attached.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether `packet` from a device needs its broker session, attached or not (`attached`).
+fn needs_broker(packet: &Packet, attached: bool, shared: &EdgeShared) -> bool {
+    match packet {
+        // QoS 0 and 1 only for a local subscriber or to be retained; QoS 2 goes through
+        // the broker's handshake.
+        Packet::Publish(p) => {
+            p.qos == QoS::ExactlyOnce || p.retain || shared.subscriptions.wanted(&p.topic)
+        }
+        Packet::Subscribe(_) | Packet::Unsubscribe(_) | Packet::PubRel(_) => true,
+        // Acknowledgements of the broker's deliveries, and the end of its session.
+        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::Disconnect => attached,
+        _ => false,
+    }
+}
+
 /// Relays between device and broker until one side ends, a violation, or `close`.
-/// Returns the reason the session ended, and whether it ended cleanly (the device's
-/// DISCONNECT reached the broker).
 ///
-/// Every PUBLISH that passes [`inspect`] is appended to the spool. It is written to the
-/// broker — which acknowledges it to the device — only after its record is durable if it
-/// is QoS 1 or 2; QoS 0 does not wait for its own flush. Packets reach the broker in the
-/// order the device sent them.
+/// Every PUBLISH that passes [`inspect`] is appended to the spool; a QoS 1 or 2 one is
+/// handled only once its record is durable (QoS 0 does not wait for its own flush). The
+/// edge acknowledges QoS 1 itself, in the order received, and answers PINGREQ; the broker
+/// sees a packet only if [`needs_broker`] says so, the session being attached at the first
+/// such packet. Packets reach the broker in the order the device sent them.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     tls: DeviceStream,
     mut buf: BytesMut,
-    broker: (TcpStream, Packet),
+    connack: Packet,
+    broker: Option<(TcpStream, BytesMut)>,
+    connect: &Connect,
     shared: &EdgeShared,
     device: &DeviceId,
     peer: SocketAddr,
     grant: &Grant,
     close: CancellationToken,
-) -> (String, bool) {
-    let (broker, connack) = broker;
+) -> Ended {
     let (mut dev_rd, mut dev_wr) = tokio::io::split(tls);
-    let (mut br_rd, mut br_wr) = broker.into_split();
-
+    let was_attached = AtomicBool::new(broker.is_some());
+    let (from_broker, to_broker) = match broker {
+        Some((stream, backlog)) => {
+            let (rd, wr) = stream.into_split();
+            (Some((rd, backlog)), Some(Attachment::new(shared, wr)))
+        }
+        None => (None, None),
+    };
     let mut out = BytesMut::new();
     let _ = connack.write(&mut out, MAX_CONNECT);
     if let Err(e) = dev_wr.write_all(&out).await {
-        return (format!("device write failed: {e}"), false);
+        return Ended {
+            reason: format!("device write failed: {e}"),
+            clean: false,
+            attached: was_attached.into_inner(),
+        };
     }
-    let clean = std::sync::atomic::AtomicBool::new(false);
+    let clean = AtomicBool::new(false);
+    // MQTT-3.1.2-24: silent for one and a half keepalives, the device is gone.
+    let silence = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Packet, Option<Durable>)>(PIPELINE_DEPTH);
     let mut throttled: u64 = 0;
@@ -415,7 +522,20 @@ async fn relay(
         // Owned by this future, so the forward half sees the channel close once it ends.
         let tx = tx;
         loop {
-            let packet = match mqtt::read_packet(&mut dev_rd, &mut buf, max_packet).await {
+            let read = mqtt::read_packet(&mut dev_rd, &mut buf, max_packet);
+            let read = match silence {
+                Some(limit) => match timeout(limit, read).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Ok(format!(
+                            "silent for {} (one and a half keepalives)",
+                            humantime::format_duration(limit)
+                        ))
+                    }
+                },
+                None => read.await,
+            };
+            let packet = match read {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok("device closed the connection".to_owned()),
                 Err(ReadError::Io(e)) => return Ok(format!("device read failed: {e}")),
@@ -507,12 +627,28 @@ async fn relay(
             }
         }
     };
-    // The device's side has one writer: the broker's packets and the edge's own PUBACKs go
+    // The device's side has one writer: the broker's packets and the edge's own replies go
     // to it whole, one after the other.
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u16>();
+    let (to_device, mut to_device_rx) = tokio::sync::mpsc::unbounded_channel::<ToDevice>();
     let forward = async {
-        let mut out = BytesMut::new();
-        while let Some((packet, durable)) = rx.recv().await {
+        let mut broker = to_broker;
+        let mut ping_at = Instant::now() + BROKER_PING;
+        loop {
+            let next = tokio::select! {
+                next = rx.recv() => next,
+                () = tokio::time::sleep_until(ping_at), if broker.is_some() => {
+                    ping_at = Instant::now() + BROKER_PING;
+                    if let Some(b) = broker.as_mut() {
+                        if let Err(e) = b.write(&Packet::PingReq).await {
+                            return e;
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Some((packet, durable)) = next else {
+                return "device side closed".to_owned();
+            };
             if let (Packet::Publish(p), Some(durable)) = (&packet, durable) {
                 if p.qos != QoS::AtMostOnce {
                     if let Err(e) = durable.wait().await {
@@ -520,72 +656,77 @@ async fn relay(
                     }
                 }
             }
-            if let Packet::Publish(p) = &packet {
-                // QoS 0 and 1 reach the broker only for a local subscriber (or to be
-                // retained); QoS 1 is acknowledged here, in the order received, once
-                // durable. QoS 2 goes through the broker's handshake as before.
-                let local = p.retain || shared.subscriptions.wanted(&p.topic);
-                if p.qos != QoS::ExactlyOnce && !local {
-                    if p.qos == QoS::AtLeastOnce && ack_tx.send(p.pkid).is_err() {
+            if matches!(packet, Packet::PingReq) && to_device.send(ToDevice::PingResp).is_err() {
+                return "device side closed".to_owned();
+            }
+            if needs_broker(&packet, broker.is_some(), shared) {
+                if broker.is_none() {
+                    let (stream, _connack, backlog) =
+                        match connect_broker(&shared.broker, connect).await {
+                            Ok(b) => b,
+                            Err(e) => return format!("embedded broker unavailable: {e}"),
+                        };
+                    let (rd, wr) = stream.into_split();
+                    shared.sessions.attached(device, connect.clean_session);
+                    was_attached.store(true, Ordering::Relaxed);
+                    if to_device.send(ToDevice::Attached(rd, backlog)).is_err() {
                         return "device side closed".to_owned();
                     }
-                    continue;
+                    broker = Some(Attachment::new(shared, wr));
+                }
+                if let Some(b) = broker.as_mut() {
+                    if let Err(e) = b.write(&packet).await {
+                        return e;
+                    }
+                    ping_at = Instant::now() + BROKER_PING;
                 }
             }
-            out.clear();
-            if let Err(e) = packet.write(&mut out, usize::MAX) {
-                return format!("cannot encode for the broker: {e}");
-            }
-            if let Err(e) = br_wr.write_all(&out).await {
-                return format!("broker write failed: {e}");
-            }
             if let Packet::Publish(p) = &packet {
-                if p.qos == QoS::AtLeastOnce && ack_tx.send(p.pkid).is_err() {
+                if p.qos == QoS::AtLeastOnce && to_device.send(ToDevice::PubAck(p.pkid)).is_err() {
                     return "device side closed".to_owned();
                 }
             }
             if matches!(packet, Packet::Disconnect) {
-                // Let the broker see the clean DISCONNECT before the socket closes.
-                let _ = br_wr.shutdown().await;
-                clean.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(b) = broker.as_mut() {
+                    // Let the broker see the clean DISCONNECT before the socket closes.
+                    let _ = b.wr.shutdown().await;
+                }
+                clean.store(true, Ordering::Relaxed);
                 return "device sent DISCONNECT".to_owned();
             }
         }
-        "device side closed".to_owned()
     };
     let outbound = async {
-        let mut buf = BytesMut::new();
-        let mut ack = BytesMut::new();
+        let mut from_broker = from_broker;
+        let mut batch = BytesMut::new();
         loop {
             tokio::select! {
-                pkid = ack_rx.recv() => {
-                    let Some(mut pkid) = pkid else { return Ok(()) };
-                    // Every acknowledgement ready goes in one write (one TLS record).
-                    ack.clear();
+                item = to_device_rx.recv() => {
+                    let Some(mut item) = item else { return Ok::<(), std::io::Error>(()) };
+                    // Every reply ready goes in one write (one TLS record).
+                    batch.clear();
                     loop {
-                        let _ = Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(pkid))
-                            .write(&mut ack, usize::MAX);
-                        match ack_rx.try_recv() {
-                            Ok(next) => pkid = next,
+                        let _ = match item {
+                            ToDevice::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)).write(&mut batch, usize::MAX),
+                            ToDevice::PingResp => Packet::PingResp.write(&mut batch, usize::MAX),
+                            ToDevice::Attached(rd, backlog) => {
+                                from_broker = Some((rd, backlog));
+                                Ok(0)
+                            }
+                        };
+                        match to_device_rx.try_recv() {
+                            Ok(next) => item = next,
                             Err(_) => break,
                         }
                     }
-                    dev_wr.write_all(&ack).await?;
-                }
-                frame = mqtt::read_frame(&mut br_rd, &mut buf, usize::MAX) => {
-                    let header = match frame {
-                        Ok(Some(h)) => h,
-                        Ok(None) => return Ok(()),
-                        Err(ReadError::Io(e)) => return Err(e),
-                        Err(e) => return Err(std::io::Error::other(e.to_string())),
-                    };
-                    let frame = buf.split_to(header.frame_length());
-                    // The broker acknowledges the copies the edge gave it of messages the
-                    // edge has acknowledged already.
-                    if !matches!(header.packet_type(), Ok(rumqttc::mqttbytes::PacketType::PubAck)) {
-                        dev_wr.write_all(&frame).await?;
+                    if !batch.is_empty() {
+                        dev_wr.write_all(&batch).await?;
                     }
                 }
+                frame = broker_frame(&mut from_broker) => match frame? {
+                    Some(frame) => dev_wr.write_all(&frame).await?,
+                    None => return Ok(()),
+                },
             }
         }
     };
@@ -595,7 +736,7 @@ async fn relay(
         _ = close.cancelled() => "closed by the gateway".to_owned(),
         r = inbound => {
             let reason = stopped(shared, device, peer, r);
-            // What the device sent before and was accepted reaches the broker first.
+            // What the device sent before and was accepted is handled first.
             let _ = timeout(CLOSE_TIMEOUT, &mut forward).await;
             reason
         }
@@ -611,7 +752,83 @@ async fn relay(
     } else {
         reason
     };
-    (reason, clean.load(std::sync::atomic::Ordering::Relaxed))
+    Ended {
+        reason,
+        clean: clean.load(Ordering::Relaxed),
+        attached: was_attached.load(Ordering::Relaxed),
+    }
+}
+
+/// The next frame the broker sends for the device, `None` once it closes; never, while
+/// the session is not attached. The broker's PUBACKs (for copies of messages the edge has
+/// acknowledged already) and PINGRESPs (answers to the edge's pings) stay here.
+async fn broker_frame(
+    from: &mut Option<(OwnedReadHalf, BytesMut)>,
+) -> std::io::Result<Option<BytesMut>> {
+    let Some((rd, buf)) = from.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        let header = match mqtt::read_frame(rd, buf, usize::MAX).await {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(None),
+            Err(ReadError::Io(e)) => return Err(e),
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        };
+        let frame = buf.split_to(header.frame_length());
+        if !matches!(
+            header.packet_type(),
+            Ok(PacketType::PubAck | PacketType::PingResp)
+        ) {
+            return Ok(Some(frame));
+        }
+    }
+}
+
+/// Publishes the will of a session the broker does not hold to the local subscribers
+/// that want it (or retains it), as the broker does for the sessions it holds; at QoS 1
+/// at most (its upstream copy keeps the will's own QoS). One short broker connection of
+/// the gateway's own, under a client id no device can have.
+async fn publish_will_locally(shared: &EdgeShared, device: &DeviceId, will: &LastWill) {
+    if !will.retain && !shared.subscriptions.wanted(&will.topic) {
+        return;
+    }
+    let result = async {
+        let mut connect = Connect::new(format!("_will-{device}"));
+        connect.clean_session = true;
+        let (stream, _, _) = connect_broker(&shared.broker, &connect).await?;
+        let (mut rd, wr) = stream.into_split();
+        let mut link = Attachment::new(shared, wr);
+        let qos = if will.qos == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let mut publish = Publish::from_bytes(&will.topic, qos, will.message.clone());
+        publish.retain = will.retain;
+        publish.pkid = u16::from(qos != QoS::AtMostOnce);
+        link.write(&Packet::Publish(publish)).await?;
+        if qos == QoS::AtLeastOnce {
+            let mut buf = BytesMut::new();
+            timeout(BROKER_TIMEOUT, async {
+                loop {
+                    match mqtt::read_packet(&mut rd, &mut buf, MAX_CONNECT).await {
+                        Ok(Some(Packet::PubAck(_))) => return Ok(()),
+                        Ok(Some(_)) => {}
+                        Ok(None) => return Err("broker closed the connection".to_owned()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            })
+            .await
+            .map_err(|_| "no PUBACK from the broker".to_owned())??;
+        }
+        link.write(&Packet::Disconnect).await
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(event = "edge.will_not_delivered_locally", %device, error, "last will not delivered to local subscribers");
+    }
 }
 
 /// Why the inbound half of a relay stopped a session.
@@ -688,7 +905,7 @@ fn spool_publish(
     spool: &Spool,
     device: &DeviceId,
     grant: &Grant,
-    p: &rumqttc::mqttbytes::v4::Publish,
+    p: &Publish,
 ) -> Result<Durable, crate::spool::SpoolError> {
     let record = received(device, &p.topic, &p.payload, p.qos);
     spool.append(&record, grant.priority(&p.topic))
