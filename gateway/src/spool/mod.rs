@@ -88,6 +88,10 @@ use record::{Sealer, KEY_LEN, SECRET_LEN};
 pub const FORMAT_VERSION: u64 = 2;
 /// Sequence numbers reserved at a time.
 pub const SEQ_BLOCK: u64 = 4096;
+/// Sealed bytes of recently written records kept in memory for the uplink.
+const RECENT_BYTES: usize = 4 << 20;
+/// How long the deletion of a forwarded record may wait for a write to go with.
+const DELETE_LINGER: Duration = Duration::from_millis(500);
 const LOG_DIR: &str = "spool-log";
 const SLED_DIR: &str = "spool";
 
@@ -189,6 +193,25 @@ pub struct SpoolStats {
     pub devices: BTreeMap<DeviceId, DeviceCounters>,
 }
 
+/// Whether [`Spool::next_batch_paced`] may read from disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    Disk,
+    /// Memory only: the batch stops before a record that only the disk has.
+    Memory,
+}
+
+/// What [`Spool::next_batch_paced`] found.
+#[derive(Debug)]
+pub struct Batch {
+    /// Durable records in drain order.
+    pub records: Vec<(Key, Record)>,
+    /// Stopped at a backlog record beyond the budget.
+    pub paced: bool,
+    /// Stopped at a record only the disk has ([`Reads::Memory`]).
+    pub on_disk: bool,
+}
+
 /// Where a record's sealed bytes are: still on their way to the writer, or in the log.
 #[derive(Debug, Clone)]
 enum Place {
@@ -251,6 +274,14 @@ struct State {
     /// The writer's queue; `None` once closing. Sent to under this lock, so that records
     /// reach the log in sequence order.
     ops: Option<mpsc::Sender<Op>>,
+    /// Sealed bytes of records written recently and not yet removed, at most
+    /// [`RECENT_BYTES`] of them: in steady state the uplink reads every record from here,
+    /// so it need not wait on the disk (or leave its async worker) to forward.
+    recent: HashMap<Key, Arc<[u8]>>,
+    recent_bytes: usize,
+    /// Deletions of forwarded records not yet queued: they go with the writer's next op,
+    /// or after [`DELETE_LINGER`], rather than waking it once each.
+    deferred: Vec<Key>,
 }
 
 impl State {
@@ -267,6 +298,9 @@ impl State {
 
     fn take(&mut self, key: Key) -> Option<Entry> {
         let entry = self.index.remove(&key)?;
+        if let Some(v) = self.recent.remove(&key) {
+            self.recent_bytes -= v.len();
+        }
         self.total_bytes -= entry.size;
         if let Place::At(loc) = entry.place {
             self.sub_live(loc);
@@ -296,6 +330,12 @@ impl State {
     /// `key`'s record is now at `loc` (written, or copied by a compaction from `from`).
     fn place(&mut self, key: Key, loc: Loc, from: Option<Loc>) {
         if let Some(entry) = self.index.get_mut(&key) {
+            if let Place::Pending(v) = &entry.place {
+                if self.recent_bytes + v.len() <= RECENT_BYTES {
+                    self.recent_bytes += v.len();
+                    self.recent.insert(key, v.clone());
+                }
+            }
             if let Some(old) = relocate(&mut entry.place, loc, from) {
                 self.count_move(old, loc);
             }
@@ -319,10 +359,28 @@ impl State {
         self.add_live(loc);
     }
 
-    fn send(&self, op: Op) {
+    fn send(&mut self, op: Op) {
+        self.send_deferred();
         // With the writer gone, records stay pending and their waiters hear of it.
         if let Some(ops) = &self.ops {
             let _ = ops.send(op);
+        }
+    }
+
+    /// Queues the deferred deletions, in the order they were made.
+    fn send_deferred(&mut self) {
+        if let Some(ops) = &self.ops {
+            for key in self.deferred.drain(..) {
+                let _ = ops.send(Op::Delete(key));
+            }
+        }
+    }
+
+    /// How to read the bytes of `key`, at `place`, once the lock is let go.
+    fn source_of(&self, key: &Key, place: &Place) -> Source {
+        match self.recent.get(key) {
+            Some(v) => Source::Memory(v.clone()),
+            None => self.source(place),
         }
     }
 
@@ -565,7 +623,11 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Close the queue, then wait for the writer so that everything queued is written
         // and its handles on the files are gone before anyone reopens them.
-        self.shared.state().ops = None;
+        {
+            let mut st = self.shared.state();
+            st.send_deferred();
+            st.ops = None;
+        }
         if let Ok(Some(handle)) = self.writer.get_mut().map(Option::take) {
             let _ = handle.join();
         }
@@ -1244,24 +1306,27 @@ impl Spool {
     /// Records past their class's `max_age` are expired instead of returned; unreadable
     /// ones are reported and moved aside.
     pub fn next_batch(&self, max: usize, skip: &HashSet<Key>) -> Vec<(Key, Record)> {
-        self.next_batch_paced(max, skip, 0, 0).0
+        self.next_batch_paced(max, skip, 0, 0, Reads::Disk).records
     }
 
     /// Like [`Spool::next_batch`], with at most `budget` records older than `backlog_below`
     /// (sequence numbers below it: the backlog an outage left). The batch stops at the first
-    /// backlog record beyond the budget, so the drain order is kept; the flag says whether
-    /// it stopped there.
+    /// backlog record beyond the budget, so the drain order is kept (`paced` says it did);
+    /// with [`Reads::Memory`] it stops at the first record it would have to read from disk
+    /// (`on_disk` says it did), so that an async caller reads from disk only off its worker.
     pub fn next_batch_paced(
         &self,
         max: usize,
         skip: &HashSet<Key>,
         backlog_below: u64,
         mut budget: usize,
-    ) -> (Vec<(Key, Record)>, bool) {
+        reads: Reads,
+    ) -> Batch {
         let now = self.mono_ms();
         let mut out = Vec::new();
         let mut stale = Vec::new();
         let mut paced = false;
+        let mut on_disk = false;
         let durable = self.inner.shared.durable.below.load(Ordering::Acquire);
         let keys: Vec<(Key, i64, Source)> = {
             let st = self.state();
@@ -1274,6 +1339,11 @@ impl Spool {
                 if keys.len() == max {
                     break;
                 }
+                let source = st.source_of(k, &e.place);
+                if reads == Reads::Memory && matches!(source, Source::Disk(..)) {
+                    on_disk = true;
+                    break;
+                }
                 if k.seq < backlog_below {
                     if budget == 0 {
                         paced = true;
@@ -1281,7 +1351,7 @@ impl Spool {
                     }
                     budget -= 1;
                 }
-                keys.push((*k, e.born, st.source(&e.place)));
+                keys.push((*k, e.born, source));
             }
             keys
         };
@@ -1305,7 +1375,11 @@ impl Spool {
         if !stale.is_empty() {
             self.expire_keys(&stale);
         }
-        (out, paced)
+        Batch {
+            records: out,
+            paced,
+            on_disk,
+        }
     }
 
     /// The sequence number the next record will get: every record stored so far is below.
@@ -1403,7 +1477,7 @@ impl Spool {
         let inner = &self.inner;
         let Some(source) = ({
             let st = self.state();
-            st.index.get(&key).map(|e| st.source(&e.place))
+            st.index.get(&key).map(|e| st.source_of(&key, &e.place))
         }) else {
             // Acknowledged, expired or evicted meanwhile.
             return;
@@ -1482,10 +1556,13 @@ impl Spool {
 
     /// Removes a record the upstream has acknowledged. Durability of the removal is not
     /// awaited: after a crash the record is sent again (a duplicate, never a loss).
+    ///
+    /// Its deletion reaches the log with the next write (or within [`DELETE_LINGER`]): a
+    /// crash before then sends it upstream once more, under the same sequence number.
     pub fn remove(&self, key: Key) {
         let mut st = self.state();
         if st.take(key).is_some() {
-            st.send(Op::Delete(key));
+            st.deferred.push(key);
         }
     }
 
@@ -1551,7 +1628,15 @@ fn read_u64(v: &[u8]) -> u64 {
 fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64, batch: u64) {
     let mut written_below = shared.durable.below.load(Ordering::Acquire);
     compact_logged(&mut log, shared, slack);
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.recv_timeout(DELETE_LINGER) {
+            Ok(op) => op,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                shared.state().send_deferred();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut placed = Vec::new();
         let mut failed = Vec::new();
         let mut rejected = Vec::new();

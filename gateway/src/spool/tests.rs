@@ -641,10 +641,18 @@ async fn a_paced_batch_takes_backlog_records_only_within_its_budget_and_in_order
     };
     // The live alarm drains first, unpaced; two backlog records fit the budget; the live
     // routine record waits behind the backlog of its class.
-    let (batch, paced) = s.next_batch_paced(10, &HashSet::new(), backlog_below, 2);
+    let Batch {
+        records: batch,
+        paced,
+        ..
+    } = s.next_batch_paced(10, &HashSet::new(), backlog_below, 2, Reads::Disk);
     assert!(paced);
     assert_eq!(payloads(batch), ["00000010", "00000000", "00000001"]);
-    let (batch, paced) = s.next_batch_paced(10, &HashSet::new(), backlog_below, 10);
+    let Batch {
+        records: batch,
+        paced,
+        ..
+    } = s.next_batch_paced(10, &HashSet::new(), backlog_below, 10, Reads::Disk);
     assert!(!paced);
     assert_eq!(payloads(batch).len(), 6);
 }
@@ -694,4 +702,77 @@ async fn max_records_bounds_the_index_like_max_bytes() {
     );
     let order: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(order, ["00000003", "00000004", "00000005"]);
+}
+
+/// Issue 14: in steady state the uplink forwards from memory (recently written records are
+/// kept, bounded), so it need not leave its async worker; a record only the disk has (here:
+/// read back at open) stops a memory-only batch, and the disk pass returns it in order.
+#[tokio::test]
+async fn recent_records_are_read_from_memory_older_ones_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
+        s.settle().await;
+    }
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    s.append(&rec("pump-1", 2), Priority::Alarm).unwrap();
+    s.settle().await;
+    let b = s.next_batch_paced(10, &HashSet::new(), 0, 0, Reads::Memory);
+    assert!(
+        b.on_disk,
+        "the record from before the reopen is only on disk"
+    );
+    assert_eq!(b.records.len(), 1);
+    assert_eq!(
+        &b.records[0].1.payload[..],
+        b"00000002",
+        "written, and still in memory"
+    );
+    let skip: HashSet<Key> = b.records.iter().map(|(k, _)| *k).collect();
+    let b = s.next_batch_paced(10, &skip, 0, 0, Reads::Memory);
+    assert!(b.on_disk && b.records.is_empty());
+    let b = s.next_batch_paced(10, &skip, 0, 0, Reads::Disk);
+    assert!(!b.on_disk);
+    assert_eq!(&b.records[0].1.payload[..], b"00000001");
+    // Removed records leave the memory they took.
+    for (k, _) in s.next_batch(10, &HashSet::new()) {
+        s.remove(k);
+    }
+    assert_eq!(s.state().recent_bytes, 0);
+    assert!(s.state().recent.is_empty());
+}
+
+/// Issue 14: the deletion of a forwarded record waits for the writer's next write rather
+/// than waking it alone, but with nothing else to write it still reaches the log within
+/// `DELETE_LINGER`: the record does not come back at the next open.
+#[tokio::test]
+async fn a_forwarded_records_deletion_reaches_the_log_without_other_writes() {
+    fn log_bytes(dir: &Path) -> u64 {
+        fs::read_dir(dir.join(LOG_DIR))
+            .unwrap()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
+    s.settle().await;
+    let before = log_bytes(dir.path());
+    let (key, _) = s.next_batch(1, &HashSet::new()).remove(0);
+    s.remove(key);
+    let deadline = std::time::Instant::now() + DELETE_LINGER * 10;
+    // The writer gives no signal for a lingering delete: poll the files, with a deadline.
+    while log_bytes(dir.path()) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no delete frame written"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(s);
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    assert_eq!(s.stats().records, 0);
 }

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::UplinkConfig;
 use crate::pki::cert;
 use crate::registry::SharedRegistry;
-use crate::spool::{Key, Record, Spool};
+use crate::spool::{Key, Reads, Record, Spool};
 use pace::{Backoff, Pace};
 pub use topic::{TopicMap, UnmappableTopic, MAX_TOPIC_LEN};
 
@@ -218,16 +218,21 @@ impl Uplink {
             let room = window.saturating_sub(inflight.len());
             if room > 0 {
                 let budget = pace.available(room);
-                // Reads from the store, which may block on its disk.
-                let (batch, held_back) = tokio::task::block_in_place(|| {
+                let next = |reads| {
                     self.spool
-                        .next_batch_paced(room, &inflight, backlog_below, budget)
-                });
-                if held_back {
+                        .next_batch_paced(room, &inflight, backlog_below, budget, reads)
+                };
+                // Recent records come from memory; older ones (a backlog) from the disk,
+                // which may block: off this async worker.
+                let mut batch = next(Reads::Memory);
+                if batch.records.is_empty() && batch.on_disk {
+                    batch = tokio::task::block_in_place(|| next(Reads::Disk));
+                }
+                if batch.paced {
                     paced = Some(pace.next_at());
                 }
-                idle = batch.is_empty() && !held_back;
-                for (key, record) in batch {
+                idle = batch.records.is_empty() && !batch.paced && !batch.on_disk;
+                for (key, record) in batch.records {
                     let publish = match self.prepare(key, &record, max_packet) {
                         Ok(p) => p,
                         Err(reason) => {
