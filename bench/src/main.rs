@@ -683,7 +683,7 @@ async fn main() -> anyhow::Result<()> {
                     table,
                     "\nDrain-rate ratio (wardgate / mosquitto) {}. The drain rate is the backlog \
                      over the catch-up time, live traffic flowing meanwhile; wardgate paces a \
-                     backlog at `[uplink] replay_rate` (default 500 msg/s), and the bench runs its \
+                     backlog at `[uplink] replay_rate`, and the bench runs its \
                      defaults.\n\n",
                     spread(&ratio)
                 );
