@@ -136,6 +136,7 @@ fn limits() -> SpoolLimits {
         max_age: [Duration::from_secs(86_400); 3],
         max_rejected: 16 << 20,
         max_records: 1 << 30,
+        commit_interval: wardgate::config::DEFAULT_SPOOL_COMMIT_INTERVAL,
     }
 }
 

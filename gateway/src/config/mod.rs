@@ -73,6 +73,11 @@ pub const DEFAULT_SPOOL_MAX_REJECTED: u64 = 16 << 20;
 /// Records the spool keeps at most: its in-memory index costs about 80-120 bytes a record
 /// (measured by the throughput bench), so about 60 MB at this bound.
 pub const DEFAULT_SPOOL_MAX_RECORDS: usize = 500_000;
+/// The shortest time between two of the spool's fdatasyncs; records arriving meanwhile
+/// share the next one. See `[spool] commit_interval` in the example configuration.
+pub const DEFAULT_SPOOL_COMMIT_INTERVAL: Duration = Duration::from_millis(2);
+/// Above this, acknowledgements would wait too long for their flush.
+pub const MAX_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// Unacknowledged upstream publishes at most. 32 capped the uplink near 12-16k msg/s on
 /// loopback (measured by `wardgate-bench`); 256 sustained 20k. The upstream's Receive
 /// Maximum, if lower, still rules (rumqttc keeps to it).
@@ -766,12 +771,31 @@ impl Validator<'_> {
                 self.error(m.span(), "spool max_bytes must be at least 64KiB");
             }
         }
+        // "0s" is allowed: each flush then starts as soon as the previous one is done.
+        let commit_interval = match &s.commit_interval {
+            None => DEFAULT_SPOOL_COMMIT_INTERVAL,
+            Some(c) => {
+                let r = units::parse_duration(c.get_ref());
+                self.check(c.span(), r)
+                    .unwrap_or(DEFAULT_SPOOL_COMMIT_INTERVAL)
+            }
+        };
+        if let (Some(c), true) = (&s.commit_interval, commit_interval > MAX_COMMIT_INTERVAL) {
+            self.error(
+                c.span(),
+                format!(
+                    "commit_interval must be at most {}: every acknowledgement waits for it",
+                    humantime::format_duration(MAX_COMMIT_INTERVAL)
+                ),
+            );
+        }
         let a = &s.max_age;
         crate::spool::SpoolLimits {
             max_bytes,
             device_quota,
             max_rejected,
             max_records,
+            commit_interval,
             max_age: [
                 self.duration(a.alarm.as_ref(), DEFAULT_MAX_AGE_ALARM),
                 self.duration(a.vital.as_ref(), DEFAULT_MAX_AGE_VITAL),
@@ -1337,6 +1361,22 @@ address = "10.0.0.5"
             assert!(diag.message.contains("the gateway's own"), "{diag:?}");
         }
         assert!(d[0].line < d[1].line);
+    }
+
+    #[test]
+    fn commit_interval_is_a_duration_of_at_most_a_tenth_of_a_second() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/w.toml")).unwrap();
+        assert_eq!(c.spool.commit_interval, DEFAULT_SPOOL_COMMIT_INTERVAL);
+        let text = format!("{MINIMAL}\n[spool]\ncommit_interval = \"0s\"\n");
+        let c = Config::parse(&text, Path::new("/etc/w.toml")).unwrap();
+        assert_eq!(c.spool.commit_interval, Duration::ZERO);
+        let d = errors(&format!("{MINIMAL}\n[spool]\ncommit_interval = \"1s\"\n"));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(
+            d[0].message
+                .contains("commit_interval must be at most 100ms"),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -121,6 +121,7 @@ pub struct RawSpool {
     pub cache: Option<S<RawSize>>,
     pub max_rejected: Option<S<RawSize>>,
     pub max_records: Option<S<i64>>,
+    pub commit_interval: Option<S<String>>,
     #[serde(default)]
     pub max_age: RawMaxAge,
 }

@@ -3,10 +3,13 @@
 //! Invariants:
 //! - A message is in the spool from [`Spool::append`] until the upstream broker's PUBACK
 //!   ([`Spool::remove`]), its expiry (`max_age` of its priority class) or its eviction.
+//!   A removal's delete frame goes with the writer's next batch, or within
+//!   [`DELETE_LINGER`]: a crash in between brings the record back, and it is sent again
+//!   under its sequence number (a duplicate, never a loss).
 //! - [`Durable`] resolves only after a `flush` that covers the record: the edge lets a
-//!   QoS 1 PUBLISH reach the broker (and so be acknowledged) only then. Flushes are group
-//!   commits: the writer thread takes every record queued while the previous flush ran, so
-//!   the flush rate, not the message rate, bounds the disk work.
+//!   QoS 1 PUBLISH be acknowledged only then. Flushes are group commits: the writer thread
+//!   takes every record queued while the previous flush ran, and two flushes are at least
+//!   `commit_interval` apart, so the flush rate, not the message rate, bounds the disk work.
 //! - Records are encrypted at rest (see [`record`]); the key lives in `data_dir/spool.key`
 //!   (0600), is made at first start, and never leaves the process or reaches a log.
 //! - When the spool (`max_bytes`) or a device's share (`device_quota`) is full, a new record
@@ -40,7 +43,9 @@
 //!   stopped gateway ended, not failed devices: they are deleted (`spool.wills_dropped`).
 //! - Disk work happens on one thread, the writer: [`Spool::append`] seals the record, plans
 //!   its room and queues it (memory work only, safe on an async worker); the writer writes
-//!   every queued record and deletion with one `fdatasync` per batch.
+//!   every queued record and deletion with one `fdatasync` per batch. The sealed bytes of
+//!   recently written records stay in memory (up to [`RECENT_BYTES`]) until removed, so
+//!   the uplink reads them without the disk ([`Reads::Memory`]).
 //! - The files hold at most the live records plus a stated slack: `max_bytes` +
 //!   `max_rejected` + [`SpoolLimits::slack`] (a quarter of `max_bytes`, at least four
 //!   segments) + two segments + 12 bytes a record. Beyond the slack the writer compacts
@@ -106,6 +111,9 @@ pub struct SpoolLimits {
     pub max_rejected: u64,
     /// Records kept at most: bounds the in-memory index (about 150 bytes a record).
     pub max_records: usize,
+    /// The shortest time between two fdatasyncs: a record arriving sooner waits for the
+    /// rest of it, with whatever else arrives meanwhile (one flush for all).
+    pub commit_interval: Duration,
 }
 
 impl SpoolLimits {
@@ -582,6 +590,19 @@ enum Op {
     },
     Unreject(u64),
     Sync(Reply),
+}
+
+impl Op {
+    /// Whether someone waits for this op to be durable.
+    fn wants_sync(&self) -> bool {
+        matches!(
+            self,
+            Op::Record {
+                durable: Some(_),
+                ..
+            } | Op::Sync(_)
+        )
+    }
 }
 
 /// What the spool and its writer thread share.
@@ -1114,9 +1135,10 @@ impl Spool {
         let writer = {
             let shared = shared.clone();
             let (slack, batch) = (limits.slack(), limits.segment_bytes());
+            let interval = limits.commit_interval;
             std::thread::Builder::new()
                 .name("wardgate-spool-write".into())
-                .spawn(move || write_loop(log, &rx, &shared, slack, batch))
+                .spawn(move || write_loop(log, &rx, &shared, slack, batch, interval))
                 .map_err(io_error(&path))?
         };
         tracing::info!(
@@ -1625,9 +1647,17 @@ fn read_u64(v: &[u8]) -> u64 {
 /// capped so that the log never outgrows its bound by more than a batch between two
 /// compactions. Records are queued in sequence order under the spool's lock, so a sync
 /// covers every sequence number below the highest written.
-fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64, batch: u64) {
+fn write_loop(
+    mut log: Log,
+    rx: &mpsc::Receiver<Op>,
+    shared: &Shared,
+    slack: u64,
+    batch: u64,
+    interval: Duration,
+) {
     let mut written_below = shared.durable.below.load(Ordering::Acquire);
     compact_logged(&mut log, shared, slack);
+    let mut last_sync = std::time::Instant::now();
     loop {
         let first = match rx.recv_timeout(DELETE_LINGER) {
             Ok(op) => op,
@@ -1637,6 +1667,15 @@ fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
+        // The flush rate is capped, not the message rate: what arrives before the next
+        // flush may run shares it. (Deletions and other unsynced ops need not wait.)
+        if first.wants_sync() {
+            let due = last_sync + interval;
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
         let mut placed = Vec::new();
         let mut failed = Vec::new();
         let mut rejected = Vec::new();
@@ -1688,8 +1727,9 @@ fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64
                 break;
             }
         }
+        let sync = !replies.is_empty();
         let result = match result {
-            Ok(()) => log.commit(!replies.is_empty()),
+            Ok(()) => log.commit(sync),
             Err(e) => {
                 log.discard();
                 Err(e)
@@ -1728,6 +1768,9 @@ fn write_loop(mut log: Log, rx: &mpsc::Receiver<Op>, shared: &Shared, slack: u64
                     );
                 }
             }
+        }
+        if sync {
+            last_sync = std::time::Instant::now();
         }
         if result.is_ok() {
             written_below = batch_below;

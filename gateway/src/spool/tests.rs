@@ -8,6 +8,7 @@ fn limits(max_bytes: u64, device_quota: u64) -> SpoolLimits {
         max_age: [Duration::from_secs(3600); 3],
         max_rejected: 1 << 20,
         max_records: 1 << 30,
+        commit_interval: Duration::ZERO,
     }
 }
 
@@ -775,4 +776,39 @@ async fn a_forwarded_records_deletion_reaches_the_log_without_other_writes() {
     drop(s);
     let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
     assert_eq!(s.stats().records, 0);
+}
+
+/// Issue 14: two flushes are at least `commit_interval` apart, so when records come one at
+/// a time a fast disk is not synced once each; what arrives meanwhile shares the flush.
+#[tokio::test]
+async fn flushes_are_at_least_commit_interval_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let interval = Duration::from_millis(200);
+    let s = Spool::open(
+        dir.path(),
+        SpoolLimits {
+            commit_interval: interval,
+            ..limits(1 << 20, 1 << 20)
+        },
+    )
+    .unwrap();
+    s.append(&rec("pump-1", 0), Priority::Routine)
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    let flushed = std::time::Instant::now();
+    let waits: Vec<Durable> = (1..=5)
+        .map(|n| s.append(&rec("pump-1", n), Priority::Routine).unwrap())
+        .collect();
+    for d in waits {
+        d.wait().await.unwrap();
+    }
+    // Only a broken cap can make this shorter; a slow machine only makes it longer.
+    assert!(
+        flushed.elapsed() >= interval * 3 / 4,
+        "flushed again after {:?}",
+        flushed.elapsed()
+    );
+    assert_eq!(payloads(&s).await.len(), 6);
 }
