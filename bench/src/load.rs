@@ -96,7 +96,7 @@ impl Receiver {
                 let _client = client;
                 loop {
                     let event = tokio::select! {
-                        () = stop.cancelled() => return Ok(()),
+                        () = stop.cancelled() => return Ok::<(), anyhow::Error>(()),
                         e = eventloop.poll() => e?,
                     };
                     let Event::Incoming(Packet::Publish(p)) = event else {
@@ -143,11 +143,128 @@ impl Receiver {
     }
 }
 
-/// The devices' side: how many each sent, and their errors.
+/// The devices' side: how many they sent, how many of each device's were acknowledged,
+/// and their errors.
 #[derive(Debug, Default)]
 pub struct Sent {
     pub messages: AtomicU64,
+    /// How many of each device's messages were acknowledged: with `reconnect`, its
+    /// sequence numbers below this, exactly (one message in flight, sent again until
+    /// acknowledged); otherwise unused.
+    pub acked: Vec<AtomicU64>,
     pub errors: Mutex<Vec<String>>,
+}
+
+impl Received {
+    /// How many of `device`'s sequence numbers below `n` never arrived.
+    pub fn missing_below(&self, device: usize, n: u64) -> u64 {
+        let copies = self.seen.get(device).map_or(&[][..], |s| &s.copies[..]);
+        (0..usize::try_from(n).unwrap_or(usize::MAX))
+            .filter(|&seq| copies.get(seq).is_none_or(|&c| c == 0))
+            .count() as u64
+    }
+}
+
+/// How long a device that lost its connection waits before its client reconnects.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+fn payload(index: usize, seq: u64, size: usize) -> anyhow::Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(size.max(HEADER));
+    payload.extend_from_slice(&u32::try_from(index)?.to_be_bytes());
+    payload.extend_from_slice(&seq.to_be_bytes());
+    payload.extend_from_slice(&now_us().to_be_bytes());
+    payload.resize(size.max(HEADER), b'.');
+    Ok(payload)
+}
+
+/// A device that survives restarts of the target and knows exactly what was
+/// acknowledged: one message in flight, sent again (the same bytes) after every reconnect
+/// until its PUBACK comes (rumqttc drops what is unacknowledged when it reconnects to a
+/// clean session), the next one only then, at most `rate` a second.
+#[allow(clippy::too_many_arguments)]
+async fn stop_and_wait_device(
+    index: usize,
+    id: String,
+    port: u16,
+    who: Identity,
+    rate: f64,
+    size: usize,
+    phase: Duration,
+    stop: CancellationToken,
+    sent: Arc<Sent>,
+) {
+    let run = async {
+        let (client, mut eventloop) = AsyncClient::new(options(&id, port, &who, 1)?, 8);
+        // Polled in a task of its own: a poll is never cancelled midway.
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let _poller = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let event = match eventloop.poll().await {
+                    Ok(Event::Incoming(p @ (Packet::PubAck(_) | Packet::ConnAck(_)))) => p,
+                    Ok(_) => continue,
+                    // The target is restarting: the next poll reconnects.
+                    Err(_) => {
+                        tokio::time::sleep(RECONNECT_PAUSE).await;
+                        continue;
+                    }
+                };
+                if events_tx.send(event).is_err() {
+                    return;
+                }
+            }
+        }));
+        let topic = format!("ward/{id}/vitals/hr");
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let mut next_at = tokio::time::Instant::now() + phase;
+        let mut seq: u64 = 0;
+        // The message in flight, if any.
+        let mut waiting: Option<Vec<u8>> = None;
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return Ok::<(), anyhow::Error>(()),
+                () = tokio::time::sleep_until(next_at), if waiting.is_none() => {
+                    let message = payload(index, seq, size)?;
+                    client.try_publish(&topic, QoS::AtLeastOnce, false, message.clone())?;
+                    sent.messages.fetch_add(1, Ordering::Relaxed);
+                    waiting = Some(message);
+                    next_at += period;
+                    continue;
+                }
+                e = events.recv() => e,
+            };
+            match event {
+                Some(Packet::PubAck(_)) => {
+                    if waiting.take().is_some() {
+                        seq += 1;
+                        if let Some(a) = sent.acked.get(index) {
+                            a.store(seq, Ordering::Relaxed);
+                        }
+                    }
+                }
+                // Connected again: what was in flight goes again.
+                Some(_) => {
+                    if let Some(message) = &waiting {
+                        client.try_publish(&topic, QoS::AtLeastOnce, false, message.clone())?;
+                    }
+                }
+                None => anyhow::bail!("the client's event loop ended"),
+            }
+        }
+    };
+    if let Err(e) = run.await {
+        sent.errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(format!("{id}: {e:#}"));
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One publishing device: `rate` messages/s of `size` bytes until `stop`, starting at
@@ -189,14 +306,9 @@ async fn device(
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let mut payload = Vec::with_capacity(size.max(HEADER));
-            payload.extend_from_slice(&u32::try_from(index)?.to_be_bytes());
-            payload.extend_from_slice(&seq.to_be_bytes());
-            payload.extend_from_slice(&now_us().to_be_bytes());
-            payload.resize(size.max(HEADER), b'.');
             tokio::select! {
                 () = stop.cancelled() => break,
-                r = client.publish(&topic, QoS::AtLeastOnce, false, payload) => r?,
+                r = client.publish(&topic, QoS::AtLeastOnce, false, payload(index, seq, size)?) => r?,
             }
             seq += 1;
             sent.messages.fetch_add(1, Ordering::Relaxed);
@@ -224,18 +336,23 @@ async fn device(
 }
 
 /// `devices` devices (`dev-0` …) publishing `rate` messages/s in all, `size` bytes each,
-/// until `stop`.
+/// until `stop`; with `reconnect`, stop-and-wait devices that survive restarts of the
+/// target and count exactly what was acknowledged.
 pub fn start_devices(
     port: u16,
     identities: &[Identity],
     rate: f64,
     size: usize,
     stop: &CancellationToken,
+    reconnect: bool,
 ) -> anyhow::Result<(Arc<Sent>, Vec<tokio::task::JoinHandle<()>>)> {
     if identities.is_empty() {
         bail!("no devices");
     }
-    let sent = Arc::new(Sent::default());
+    let sent = Arc::new(Sent {
+        acked: identities.iter().map(|_| AtomicU64::new(0)).collect(),
+        ..Sent::default()
+    });
     let per_device = rate / identities.len() as f64;
     let period = 1.0 / per_device;
     let tasks = identities
@@ -243,17 +360,17 @@ pub fn start_devices(
         .enumerate()
         .map(|(i, who)| {
             let phase = Duration::from_secs_f64(period * i as f64 / identities.len() as f64);
-            tokio::spawn(device(
-                i,
-                format!("dev-{i}"),
-                port,
-                who.clone(),
-                per_device,
-                size,
-                phase,
-                stop.clone(),
-                sent.clone(),
-            ))
+            let (id, who, stop, sent) =
+                (format!("dev-{i}"), who.clone(), stop.clone(), sent.clone());
+            if reconnect {
+                tokio::spawn(stop_and_wait_device(
+                    i, id, port, who, per_device, size, phase, stop, sent,
+                ))
+            } else {
+                tokio::spawn(device(
+                    i, id, port, who, per_device, size, phase, stop, sent,
+                ))
+            }
         })
         .collect();
     Ok((sent, tasks))

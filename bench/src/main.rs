@@ -8,7 +8,7 @@
 //! lost or duplicated. The target's CPU time and resident memory are read from /proc. Every
 //! measurement starts its target fresh (empty data directory) and its devices anew.
 //!
-//! Scenarios (`--scenario`, comma-separated; default `disk,step,idle,outage`):
+//! Scenarios (`--scenario`, comma-separated; default `disk,step,idle,outage,crash`):
 //! - `disk`: the data disk's raw append+fdatasync rate (one 200-byte record per sync): the
 //!   ceiling for a store that syncs every message, which neither target does (wardgate
 //!   syncs a batch per group commit; mosquitto's `persistence true` saves on its autosave
@@ -20,6 +20,10 @@
 //! - `outage`: `--outage-rate` messages/s; the line to the upstream is cut for
 //!   `--outage-secs` while the devices go on; then the time until everything sent before
 //!   the line came back has arrived (catch-up), the backlog's drain rate, and loss.
+//! - `crash`: the outage, with the target killed (SIGKILL) at its end and started again on
+//!   its data before the line returns; the devices reconnect and send again what was not
+//!   acknowledged. Counted per device: the messages the target acknowledged that never
+//!   arrived upstream.
 //!
 //! Run with `scripts/bench` (builds both binaries in release and installs mosquitto).
 
@@ -42,8 +46,12 @@ use target::{Kind, Ward};
 #[derive(Debug, Parser)]
 #[command(about = "wardgate against a mosquitto bridge, side by side")]
 struct Args {
-    /// Scenarios to run, in order: disk, step, idle, outage.
-    #[arg(long, value_delimiter = ',', default_value = "disk,step,idle,outage")]
+    /// Scenarios to run, in order: disk, step, idle, outage, crash.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "disk,step,idle,outage,crash"
+    )]
     scenario: Vec<String>,
     /// Devices publishing in the step scenario.
     #[arg(long, default_value_t = 100)]
@@ -128,7 +136,7 @@ async fn measure(
     )
     .await?;
     let stop = CancellationToken::new();
-    let (sent, tasks) = load::start_devices(t.port, devices, rate, size, &stop)?;
+    let (sent, tasks) = load::start_devices(t.port, devices, rate, size, &stop, false)?;
     tokio::time::sleep(WARMUP).await;
     let (cpu0, _) = target::usage(t.pid)?;
     let sent0 = sent.messages.load(Ordering::Relaxed);
@@ -227,6 +235,9 @@ async fn wind_down(
     Ok((got, total, errors))
 }
 
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(300);
+const CATCH_UP_STALL: Duration = Duration::from_secs(60);
+
 /// What the outage scenario measured of one target.
 #[derive(Debug, Clone, Default)]
 struct Outage {
@@ -236,13 +247,19 @@ struct Outage {
     catch_up_s: f64,
     lost: u64,
     duplicates: u64,
+    /// Messages the target acknowledged to their device that never arrived upstream.
+    acked_lost: u64,
+    acked: u64,
     errors: Vec<String>,
 }
 
 /// `rate` messages/s through `kind`; after the warm-up the line to the upstream (`line`)
-/// is cut for `outage`, and the catch-up after it returns is timed.
+/// is cut for `outage`, and the catch-up after it returns is timed. With `crash`, the
+/// target is killed (SIGKILL) at the end of the outage and started again on its data
+/// before the line returns; the devices reconnect.
 #[allow(clippy::too_many_arguments)]
 async fn measure_outage(
+    crash: bool,
     kind: Kind,
     ward: &Ward,
     line: &link::Link,
@@ -266,17 +283,24 @@ async fn measure_outage(
     )
     .await?;
     let stop = CancellationToken::new();
-    let (sent, tasks) = load::start_devices(t.port, devices, rate, size, &stop)?;
+    let (sent, tasks) = load::start_devices(t.port, devices, rate, size, &stop, crash)?;
     tokio::time::sleep(WARMUP).await;
     line.set_up(false);
     let down_sent = sent.messages.load(Ordering::Relaxed);
     tokio::time::sleep(outage).await;
+    let t = if crash {
+        t.crash_and_restart().await?
+    } else {
+        t
+    };
     let up_at = now_us();
     let sent_before = sent.messages.load(Ordering::Relaxed);
     let backlog = sent_before - down_sent;
     line.set_up(true);
-    // Caught up when every message sent before the line came back has arrived.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    // Caught up when every message sent before the line came back has arrived; given up
+    // on after CATCH_UP_DEADLINE, or once none of them has arrived for CATCH_UP_STALL.
+    let deadline = tokio::time::Instant::now() + CATCH_UP_DEADLINE;
+    let mut progress = (0, tokio::time::Instant::now());
     let caught_up = loop {
         let before = receiver
             .got
@@ -284,23 +308,46 @@ async fn measure_outage(
             .map(|g| g.arrivals.iter().filter(|(s, _)| *s < up_at).count() as u64)
             .unwrap_or(0);
         if before >= sent_before {
-            break Some(now_us());
+            break Ok(now_us());
+        }
+        if before != progress.0 {
+            progress = (before, tokio::time::Instant::now());
         }
         if tokio::time::Instant::now() > deadline {
-            break None;
+            break Err(format!(
+                "not caught up within {} s",
+                CATCH_UP_DEADLINE.as_secs()
+            ));
+        }
+        if progress.1.elapsed() > CATCH_UP_STALL {
+            break Err(format!(
+                "stalled: nothing sent before the line came back arrived for {} s",
+                CATCH_UP_STALL.as_secs()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let (got, total, mut errors) =
         wind_down(kind, t, &stop, tasks, &sent, receiver, &stop_receiver).await?;
-    if caught_up.is_none() {
-        errors.push("not caught up within 300 s".into());
+    if let Err(e) = &caught_up {
+        errors.push(e.clone());
     }
+    let acked: Vec<u64> = sent
+        .acked
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .collect();
     Ok(Outage {
         backlog,
         catch_up_s: caught_up.map_or(f64::NAN, |at| (at - up_at) as f64 / 1e6),
         lost: total.saturating_sub(got.unique),
         duplicates: got.duplicates,
+        acked_lost: acked
+            .iter()
+            .enumerate()
+            .map(|(d, &n)| got.missing_below(d, n))
+            .sum(),
+        acked: acked.iter().sum(),
         errors,
     })
 }
@@ -625,17 +672,21 @@ async fn main() -> anyhow::Result<()> {
                 );
                 close_section(&mut report, table, &notes);
             }
-            "outage" => {
+            "outage" | "crash" => {
+                let crash = scenario == "crash";
                 ward.devices = args.devices;
                 let devices = &identities[..args.devices];
                 let line = link::Link::start(hospital.port).await?;
                 let direct = ward.upstream;
                 ward.upstream = line.port;
                 let mut table = format!(
-                    "## Outage: {} devices, {} msg/s, the upstream cut off for {} s, {} runs alternating\n\n\
-                     | run | target | backlog (messages) | catch-up s | drain rate msg/s | lost | dup |\n\
-                     |---|---|---|---|---|---|---|\n",
-                    args.devices, args.outage_rate, args.outage_secs, args.runs
+                    "## {}: {} devices, {} msg/s, the upstream cut off for {} s{}, {} runs alternating\n\n\
+                     | run | target | backlog (messages) | catch-up s | drain rate msg/s | lost | dup | acknowledged | acknowledged, never delivered |\n\
+                     |---|---|---|---|---|---|---|---|---|\n",
+                    if crash { "Outage and kill -9" } else { "Outage" },
+                    args.devices, args.outage_rate, args.outage_secs,
+                    if crash { ", the target killed (SIGKILL) at its end and restarted on its data" } else { "" },
+                    args.runs
                 );
                 let mut ratio = Vec::new();
                 let mut notes = String::new();
@@ -648,6 +699,7 @@ async fn main() -> anyhow::Result<()> {
                             kind.name().replace(' ', "-")
                         ));
                         let o = measure_outage(
+                            crash,
                             kind,
                             &ward,
                             &line,
@@ -663,13 +715,15 @@ async fn main() -> anyhow::Result<()> {
                         drain[kind as usize] = o.backlog as f64 / o.catch_up_s;
                         let _ = writeln!(
                             table,
-                            "| {run} | {} | {} | {:.1} | {:.0} | {} | {} |",
+                            "| {run} | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} |",
                             kind.name(),
                             o.backlog,
                             o.catch_up_s,
                             drain[kind as usize],
                             o.lost,
-                            o.duplicates
+                            o.duplicates,
+                            o.acked,
+                            o.acked_lost
                         );
                         for e in o.errors.iter().take(3) {
                             let _ = writeln!(notes, "- run {run}, {}: {e}", kind.name());
@@ -689,7 +743,7 @@ async fn main() -> anyhow::Result<()> {
                 );
                 close_section(&mut report, table, &notes);
             }
-            other => anyhow::bail!("unknown scenario {other:?} (disk, step, idle, outage)"),
+            other => anyhow::bail!("unknown scenario {other:?} (disk, step, idle, outage, crash)"),
         }
     }
     let path = args.out.join(format!("{stamp}.md"));

@@ -53,9 +53,19 @@ pub struct Running {
     pub port: u16,
     pub pid: u32,
     child: Child,
+    kind: Kind,
+    dir: PathBuf,
 }
 
 impl Running {
+    /// Kills it with SIGKILL (nothing flushed, nothing closed) and starts it again on its
+    /// data and port, as a power cut and a service restart would.
+    pub async fn crash_and_restart(mut self) -> anyhow::Result<Running> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        spawn(self.kind, &self.dir, self.port).await
+    }
+
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;
         self.child.wait().await?;
@@ -93,10 +103,26 @@ async fn wait_listening(port: u16, child: &mut Child, what: &str) -> anyhow::Res
 pub async fn start(kind: Kind, ward: &Ward, dir: &Path) -> anyhow::Result<Running> {
     std::fs::create_dir_all(dir)?;
     let port = free_port()?;
+    match kind {
+        Kind::Wardgate => {
+            std::fs::write(dir.join(WARDGATE_CONFIG), wardgate_config(ward, dir, port))?
+        }
+        Kind::Mosquitto => std::fs::write(
+            dir.join(MOSQUITTO_CONFIG),
+            mosquitto_config(ward, dir, port)?,
+        )?,
+    }
+    spawn(kind, dir, port).await
+}
+
+const WARDGATE_CONFIG: &str = "wardgate.toml";
+const MOSQUITTO_CONFIG: &str = "mosquitto.conf";
+
+/// Runs `kind` with the configuration `start` wrote in `dir`, listening on `port`.
+async fn spawn(kind: Kind, dir: &Path, port: u16) -> anyhow::Result<Running> {
     let mut child = match kind {
         Kind::Wardgate => {
-            let config = dir.join("wardgate.toml");
-            std::fs::write(&config, wardgate_config(ward, dir, port))?;
+            let config = dir.join(WARDGATE_CONFIG);
             let exe = std::env::current_exe()?
                 .parent()
                 .context("bench binary has no directory")?
@@ -118,8 +144,7 @@ pub async fn start(kind: Kind, ward: &Ward, dir: &Path) -> anyhow::Result<Runnin
                 })?
         }
         Kind::Mosquitto => {
-            let config = dir.join("mosquitto.conf");
-            std::fs::write(&config, mosquitto_config(ward, dir, port)?)?;
+            let config = dir.join(MOSQUITTO_CONFIG);
             Command::new("mosquitto")
                 .arg("-c")
                 .arg(&config)
@@ -133,7 +158,13 @@ pub async fn start(kind: Kind, ward: &Ward, dir: &Path) -> anyhow::Result<Runnin
     };
     wait_listening(port, &mut child, kind.name()).await?;
     let pid = child.id().context("no pid")?;
-    Ok(Running { port, pid, child })
+    Ok(Running {
+        port,
+        pid,
+        child,
+        kind,
+        dir: dir.to_owned(),
+    })
 }
 
 fn wardgate_config(ward: &Ward, dir: &Path, port: u16) -> String {
