@@ -722,8 +722,16 @@ async fn main() -> anyhow::Result<()> {
                             drain[kind as usize],
                             o.lost,
                             o.duplicates,
-                            o.acked,
-                            o.acked_lost
+                            if crash {
+                                o.acked.to_string()
+                            } else {
+                                "–".into()
+                            },
+                            if crash {
+                                o.acked_lost.to_string()
+                            } else {
+                                "–".into()
+                            },
                         );
                         for e in o.errors.iter().take(3) {
                             let _ = writeln!(notes, "- run {run}, {}: {e}", kind.name());

@@ -796,9 +796,7 @@ async fn publish_will_locally(shared: &EdgeShared, device: &DeviceId, will: &Las
     let result = async {
         let mut connect = Connect::new(format!("_will-{device}"));
         connect.clean_session = true;
-        let (stream, _, _) = connect_broker(&shared.broker, &connect).await?;
-        let (mut rd, wr) = stream.into_split();
-        let mut link = Attachment::new(shared, wr);
+        let (mut stream, _, _) = connect_broker(&shared.broker, &connect).await?;
         let qos = if will.qos == QoS::AtMostOnce {
             QoS::AtMostOnce
         } else {
@@ -807,12 +805,16 @@ async fn publish_will_locally(shared: &EdgeShared, device: &DeviceId, will: &Las
         let mut publish = Publish::from_bytes(&will.topic, qos, will.message.clone());
         publish.retain = will.retain;
         publish.pkid = u16::from(qos != QoS::AtMostOnce);
-        link.write(&Packet::Publish(publish)).await?;
+        let mut out = BytesMut::new();
+        Packet::Publish(publish)
+            .write(&mut out, usize::MAX)
+            .map_err(|e| e.to_string())?;
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
         if qos == QoS::AtLeastOnce {
             let mut buf = BytesMut::new();
             timeout(BROKER_TIMEOUT, async {
                 loop {
-                    match mqtt::read_packet(&mut rd, &mut buf, MAX_CONNECT).await {
+                    match mqtt::read_packet(&mut stream, &mut buf, MAX_CONNECT).await {
                         Ok(Some(Packet::PubAck(_))) => return Ok(()),
                         Ok(Some(_)) => {}
                         Ok(None) => return Err("broker closed the connection".to_owned()),
@@ -823,7 +825,9 @@ async fn publish_will_locally(shared: &EdgeShared, device: &DeviceId, will: &Las
             .await
             .map_err(|_| "no PUBACK from the broker".to_owned())??;
         }
-        link.write(&Packet::Disconnect).await
+        out.clear();
+        let _ = Packet::Disconnect.write(&mut out, 16);
+        stream.write_all(&out).await.map_err(|e| e.to_string())
     }
     .await;
     if let Err(error) = result {
