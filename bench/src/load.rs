@@ -181,18 +181,18 @@ fn payload(index: usize, seq: u64, size: usize) -> anyhow::Result<Vec<u8>> {
 /// acknowledged: one message in flight, sent again (the same bytes) after every reconnect
 /// until its PUBACK comes (rumqttc drops what is unacknowledged when it reconnects to a
 /// clean session), the next one only then, at most `rate` a second.
-#[allow(clippy::too_many_arguments)]
-async fn stop_and_wait_device(
-    index: usize,
-    id: String,
-    port: u16,
-    who: Identity,
-    rate: f64,
-    size: usize,
-    phase: Duration,
-    stop: CancellationToken,
-    sent: Arc<Sent>,
-) {
+async fn stop_and_wait_device(d: DeviceLoad) {
+    let DeviceLoad {
+        index,
+        id,
+        port,
+        who,
+        rate,
+        size,
+        phase,
+        stop,
+        sent,
+    } = d;
     let run = async {
         let (client, mut eventloop) = AsyncClient::new(options(&id, port, &who, 1)?, 8);
         // Polled in a task of its own: a poll is never cancelled midway.
@@ -259,6 +259,21 @@ async fn stop_and_wait_device(
     }
 }
 
+/// What one device of the load is: its place, identity, share of the rate, and where it
+/// counts what it sent.
+struct DeviceLoad {
+    index: usize,
+    id: String,
+    port: u16,
+    who: Identity,
+    rate: f64,
+    size: usize,
+    /// How far into its first period it starts, so that the devices' sends spread.
+    phase: Duration,
+    stop: CancellationToken,
+    sent: Arc<Sent>,
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -269,18 +284,18 @@ impl Drop for AbortOnDrop {
 
 /// One publishing device: `rate` messages/s of `size` bytes until `stop`, starting at
 /// `phase` into its first period.
-#[allow(clippy::too_many_arguments)]
-async fn device(
-    index: usize,
-    id: String,
-    port: u16,
-    who: Identity,
-    rate: f64,
-    size: usize,
-    phase: Duration,
-    stop: CancellationToken,
-    sent: Arc<Sent>,
-) {
+async fn device(d: DeviceLoad) {
+    let DeviceLoad {
+        index,
+        id,
+        port,
+        who,
+        rate,
+        size,
+        phase,
+        stop,
+        sent,
+    } = d;
     let run = async {
         let (client, mut eventloop) = AsyncClient::new(options(&id, port, &who, 100)?, 64);
         // Connected before it counts.
@@ -359,17 +374,21 @@ pub fn start_devices(
         .iter()
         .enumerate()
         .map(|(i, who)| {
-            let phase = Duration::from_secs_f64(period * i as f64 / identities.len() as f64);
-            let (id, who, stop, sent) =
-                (format!("dev-{i}"), who.clone(), stop.clone(), sent.clone());
+            let d = DeviceLoad {
+                index: i,
+                id: format!("dev-{i}"),
+                port,
+                who: who.clone(),
+                rate: per_device,
+                size,
+                phase: Duration::from_secs_f64(period * i as f64 / identities.len() as f64),
+                stop: stop.clone(),
+                sent: sent.clone(),
+            };
             if reconnect {
-                tokio::spawn(stop_and_wait_device(
-                    i, id, port, who, per_device, size, phase, stop, sent,
-                ))
+                tokio::spawn(stop_and_wait_device(d))
             } else {
-                tokio::spawn(device(
-                    i, id, port, who, per_device, size, phase, stop, sent,
-                ))
+                tokio::spawn(device(d))
             }
         })
         .collect();
