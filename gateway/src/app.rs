@@ -14,6 +14,7 @@ use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
 use crate::firewall::live::LiveFirewall;
+use crate::ingest::Ingest;
 use crate::quarantine::{Quarantine, QuarantineError, StateError};
 use crate::registry::{Registry, RegistryError, SharedRegistry};
 use crate::spool::{Spool, SpoolError};
@@ -54,6 +55,7 @@ pub struct Gateway {
     broker: EmbeddedBroker,
     edge: Edge,
     spool: Spool,
+    ingest: Ingest,
     registry: SharedRegistry,
     quarantine: std::sync::Arc<Quarantine>,
     admin: AdminSocket,
@@ -97,12 +99,13 @@ impl Gateway {
             )?),
             None => None,
         };
+        // The one door into the spool, for every producer.
+        let ingest = Ingest::new(spool.clone(), config.topic_map());
         let edge = Edge::bind(
             config.edge.clone(),
-            config.topic_map(),
+            ingest.clone(),
             registry.clone(),
             broker.clone(),
-            spool.clone(),
             quarantine.clone(),
             config.throttle_limit,
         )
@@ -113,6 +116,7 @@ impl Gateway {
             broker,
             edge,
             spool,
+            ingest,
             registry,
             quarantine,
             admin,
@@ -167,7 +171,7 @@ impl Gateway {
             crate::modbus::ModbusHandle::default()
         } else {
             let sink = crate::modbus::Sink {
-                spool: self.spool.clone(),
+                ingest: self.ingest.clone(),
                 registry: self.registry.clone(),
                 local: crate::modbus::local_client(&self.broker, shutdown.clone()),
             };
@@ -178,7 +182,7 @@ impl Gateway {
                 if let Some(log) = crate::audit::global() {
                     tracker.spawn(crate::audit::forward::run(
                         log,
-                        self.spool.clone(),
+                        self.ingest.clone(),
                         shutdown.clone(),
                     ));
                 }
@@ -201,7 +205,7 @@ impl Gateway {
         // The update agent's reports, audited and forwarded (see `updates`).
         tracker.spawn(crate::updates::run(
             &self.broker,
-            self.spool.clone(),
+            self.ingest.clone(),
             shutdown.clone(),
         ));
         tracker.spawn(sweep_expired(self.spool.clone(), shutdown.clone()));

@@ -276,15 +276,7 @@ pub fn device_connected(peer: SocketAddr, device: &DeviceId, class: &str) {
 }
 
 pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
-    crate::counters::bump(device, |c| {
-        if v.event() == "edge.acl_violation" {
-            c.acl_violations += 1;
-        } else if let Violation::TooManySubscriptions { .. } = v {
-            c.subscription_limit += 1;
-        } else {
-            c.protocol_violations += 1;
-        }
-    });
+    count_violation(device, v);
     audit(
         v.event(),
         Some(device),
@@ -298,6 +290,19 @@ pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
         reason = %v,
         "device disconnected for a policy violation"
     );
+}
+
+/// Counts a violation in the device's counters, by kind.
+pub fn count_violation(device: &DeviceId, v: &Violation) {
+    crate::counters::bump(device, |c| {
+        if v.event() == "edge.acl_violation" {
+            c.acl_violations += 1;
+        } else if let Violation::TooManySubscriptions { .. } = v {
+            c.subscription_limit += 1;
+        } else {
+            c.protocol_violations += 1;
+        }
+    });
 }
 
 /// A device's persistent broker session, opened under rights it no longer has, was ended

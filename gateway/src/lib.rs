@@ -16,6 +16,7 @@ pub mod edge;
 pub mod events;
 pub mod firewall;
 pub mod fsutil;
+pub mod ingest;
 pub mod modbus;
 pub mod mqtt;
 pub mod pki;

@@ -18,8 +18,7 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::device::DeviceId;
-use crate::spool::{Priority, Record, Spool};
+use crate::ingest::Ingest;
 
 /// Where the agent reports, on the embedded broker.
 pub const STATUS_TOPIC: &str = "_gateway/update/status";
@@ -43,7 +42,7 @@ const AUDITED: [&str; 6] = [
 /// Relays the agent's reports until `shutdown`.
 pub fn run(
     broker: &crate::broker::EmbeddedBroker,
-    spool: Spool,
+    ingest: Ingest,
     shutdown: CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
     let mut reports =
@@ -53,7 +52,7 @@ pub fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 p = reports.recv() => match p {
-                    Some(p) if p.topic == STATUS_TOPIC => relay(&spool, &p.payload),
+                    Some(p) if p.topic == STATUS_TOPIC => relay(&ingest, &p.payload),
                     Some(_) => {}
                     None => return,
                 },
@@ -63,7 +62,7 @@ pub fn run(
 }
 
 /// One report: audited if it is a decision, and queued for upstream.
-fn relay(spool: &Spool, payload: &[u8]) {
+fn relay(ingest: &Ingest, payload: &[u8]) {
     let parsed: Option<serde_json::Value> = (payload.len() <= MAX_REPORT)
         .then(|| serde_json::from_slice(payload).ok())
         .flatten();
@@ -107,14 +106,8 @@ fn relay(spool: &Spool, payload: &[u8]) {
             ),
         );
     }
-    let record = Record {
-        device: DeviceId::gateway(),
-        topic: UPDATE_TOPIC.to_owned(),
-        payload: bytes::Bytes::copy_from_slice(payload),
-        qos: 1,
-        received_at_ms: crate::spool::now_ms(),
-    };
-    if let Err(e) = spool.append_own(&record, Priority::Vital) {
+    let payload = bytes::Bytes::copy_from_slice(payload);
+    if let Err(e) = ingest.own(UPDATE_TOPIC, payload, crate::spool::now_ms()) {
         tracing::warn!(event = "update.not_forwarded", error = %e, "agent report not forwarded: no room in the spool");
     }
 }

@@ -11,7 +11,7 @@
 //! skipped (the upstream drops duplicates by index).
 //!
 //! The stream never displaces device data: when the spool is full, room for an audit record
-//! is made only by evicting older audit records ([`Spool::append_own`]), and the stream has
+//! is made only by evicting older audit records ([`Ingest::own`]), and the stream has
 //! the per-device quota like any device. Spool events about the stream itself (its records
 //! evicted or refused) stay in the local log only, so that forwarding cannot feed itself;
 //! the upstream sees the gap in indexes, and `wardgate audit tail` shows what filled it.
@@ -19,8 +19,8 @@
 use tokio_util::sync::CancellationToken;
 
 use super::{AuditLog, Entry};
-use crate::device::{DeviceId, GATEWAY_STREAM};
-use crate::spool::{Priority, Record, Spool};
+use crate::device::GATEWAY_STREAM;
+use crate::ingest::Ingest;
 
 /// The stream's topic; the uplink maps it to `…/_gateway/audit`.
 pub const AUDIT_TOPIC: &str = "audit";
@@ -36,12 +36,12 @@ fn self_inflicted(e: &Entry) -> bool {
 }
 
 /// Forwards records until `shutdown`.
-pub async fn run(log: &'static AuditLog, spool: Spool, shutdown: CancellationToken) {
+pub async fn run(log: &'static AuditLog, ingest: Ingest, shutdown: CancellationToken) {
     loop {
         let appended = log.appended();
         tokio::pin!(appended);
         appended.as_mut().enable();
-        match forward_batch(log, &spool).await {
+        match forward_batch(log, &ingest).await {
             Ok(0) => {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -61,7 +61,7 @@ pub async fn run(log: &'static AuditLog, spool: Spool, shutdown: CancellationTok
 }
 
 /// Appends the next batch to the spool; returns how many records it covered.
-async fn forward_batch(log: &'static AuditLog, spool: &Spool) -> Result<usize, String> {
+async fn forward_batch(log: &'static AuditLog, ingest: &Ingest) -> Result<usize, String> {
     // The flush is disk work: off the async workers.
     let batch = tokio::task::spawn_blocking(move || log.durable_unforwarded(BATCH))
         .await
@@ -75,14 +75,8 @@ async fn forward_batch(log: &'static AuditLog, spool: &Spool) -> Result<usize, S
         if self_inflicted(e) {
             continue;
         }
-        let record = Record {
-            device: DeviceId::gateway(),
-            topic: AUDIT_TOPIC.to_owned(),
-            payload: serde_json::to_vec(e).unwrap_or_default().into(),
-            qos: 1,
-            received_at_ms: e.time_ms,
-        };
-        match spool.append_own(&record, Priority::Vital) {
+        let payload = serde_json::to_vec(e).unwrap_or_default().into();
+        match ingest.own(AUDIT_TOPIC, payload, e.time_ms) {
             Ok(d) => durable = Some(d),
             // The spool has said why (and audited it); the record stays in the local log.
             Err(err) => tracing::warn!(

@@ -39,10 +39,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::EdgeConfig;
 use crate::device::DeviceId;
 use crate::events::{self, Refusal};
+use crate::ingest::Ingest;
 use crate::quarantine::Quarantine;
 use crate::registry::SharedRegistry;
-use crate::spool::Spool;
-use crate::uplink::TopicMap;
 use tls::{TlsError, TlsMaterial};
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
@@ -64,11 +63,10 @@ struct EdgeShared {
     tls: RwLock<Arc<TlsMaterial>>,
     registry: SharedRegistry,
     broker: crate::broker::EmbeddedBroker,
-    spool: Spool,
+    /// The door into the spool: a PUBLISH (or will) against policy, or one the uplink
+    /// could not forward, is refused there.
+    ingest: Ingest,
     quarantine: Arc<Quarantine>,
-    /// What a device topic becomes upstream: a PUBLISH the uplink could not forward is
-    /// refused here.
-    topics: TopicMap,
     /// A device throttled without pause for this long is quarantined.
     throttle_limit: Option<std::time::Duration>,
     rates: crate::policy::DeviceRates,
@@ -181,10 +179,9 @@ impl Edge {
     #[allow(clippy::too_many_arguments)]
     pub async fn bind(
         config: EdgeConfig,
-        topics: TopicMap,
+        ingest: Ingest,
         registry: SharedRegistry,
         broker: crate::broker::EmbeddedBroker,
-        spool: Spool,
         quarantine: Arc<Quarantine>,
         throttle_limit: Option<std::time::Duration>,
     ) -> Result<Edge, EdgeError> {
@@ -203,9 +200,8 @@ impl Edge {
                 tls: RwLock::new(Arc::new(tls)),
                 registry,
                 broker,
-                spool,
+                ingest,
                 quarantine,
-                topics,
                 throttle_limit,
                 rates: crate::policy::DeviceRates::default(),
                 subscriptions: subscriptions::Subscriptions::default(),

@@ -22,12 +22,12 @@ use tokio_util::sync::CancellationToken;
 use super::EdgeShared;
 use crate::device::DeviceId;
 use crate::events::{self, Refusal, Violation};
+use crate::ingest::{Message, Refused};
 use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
 use crate::pki::cert;
-use crate::policy::{acl, Admission, TopicFilter};
+use crate::policy::{Admission, TopicFilter};
 use crate::registry::Grant;
-use crate::spool::{now_ms, Durable, Record, Spool};
-use crate::uplink::{TopicMap, UnmappableTopic};
+use crate::spool::{Durable, Spool};
 
 /// Largest CONNECT accepted before the device's class is known: a will message of up to
 /// this size plus client id and credentials.
@@ -151,7 +151,7 @@ pub(super) async fn serve(
     let will = connect
         .last_will
         .as_ref()
-        .and_then(|w| hold_will(&shared.spool, &device, &grant, w));
+        .and_then(|w| hold_will(&shared, &device, &grant, w));
     events::device_connected(peer, &device, &grant.class);
     let ended = relay(
         tls,
@@ -168,7 +168,7 @@ pub(super) async fn serve(
     .await;
     let failed = !ended.clean && !shutdown.is_cancelled();
     if let Some(key) = will {
-        end_will(&shared.spool, key, &device, !failed);
+        end_will(shared.ingest.spool(), key, &device, !failed);
     }
     // The broker publishes the will of a session it holds; the edge, of one it does not.
     if let (Some(w), true, false) = (&connect.last_will, failed, ended.attached) {
@@ -181,24 +181,17 @@ pub(super) async fn serve(
 /// the session ends. A will the spool has no room for is not held: the spool has refused
 /// and logged it, and the device is still served (its data matters more than its will).
 fn hold_will(
-    spool: &Spool,
+    shared: &EdgeShared,
     device: &DeviceId,
     grant: &Grant,
     will: &LastWill,
 ) -> Option<crate::spool::Key> {
-    let record = received(device, &will.topic, &will.message, will.qos);
-    spool.hold_will(&record, grant.priority(&will.topic)).ok()
-}
-
-/// The record of a message `device` sent now.
-fn received(device: &DeviceId, topic: &str, payload: &bytes::Bytes, qos: QoS) -> Record {
-    Record {
-        device: device.clone(),
-        topic: topic.to_owned(),
-        payload: payload.clone(),
-        qos: qos as u8,
-        received_at_ms: now_ms(),
-    }
+    let m = Message {
+        topic: &will.topic,
+        payload: &will.message,
+        qos: will.qos as u8,
+    };
+    shared.ingest.will(device, grant, m).ok()
 }
 
 /// The end of a session with a held will: a clean DISCONNECT (or the gateway stopping,
@@ -295,11 +288,10 @@ fn admit(
         ));
     }
     if let Some(will) = &connect.last_will {
-        let allowed = acl::validate_topic_name(&will.topic).is_ok()
-            && grant.acl.may_publish(&will.topic)
-            && upstream_form(device, &will.topic, &shared.topics).is_ok()
-            && will.message.len() <= grant.max_payload;
-        if !allowed {
+        let verdict = shared
+            .ingest
+            .verdict(device, &grant, &will.topic, will.message.len());
+        if verdict.is_err() {
             return Err((
                 Refusal::WillNotAllowed {
                     topic: will.topic.clone(),
@@ -547,7 +539,7 @@ async fn relay(
                     return Err(Stop::Violation(Violation::Protocol(e.to_string())))
                 }
             };
-            inspect(&packet, device, grant, &shared.topics).map_err(Stop::Violation)?;
+            inspect(&packet, grant).map_err(Stop::Violation)?;
             if let Packet::Subscribe(s) = &packet {
                 shared
                     .subscriptions
@@ -582,23 +574,39 @@ async fn relay(
                 _ => false,
             };
             let durable = match &packet {
-                // Stored when it first came: acknowledged again, not stored again.
-                Packet::Publish(_) if repeat => None,
-                // Memory work only (sealing, the quota's plan, a queue): the spool's writer
-                // thread does the disk's.
-                Packet::Publish(p) => match spool_publish(&shared.spool, device, grant, p) {
-                    Ok(d) => {
-                        crate::counters::bump(device, |c| c.accepted += 1);
-                        if p.qos == QoS::ExactlyOnce {
-                            shared.exactly_once.stored(device, p.pkid);
+                // Stored when it first came: acknowledged again, not stored again (but
+                // judged again: the answer is the same, and no packet passes unjudged).
+                Packet::Publish(p) if repeat => {
+                    shared
+                        .ingest
+                        .verdict(device, grant, &p.topic, p.payload.len())
+                        .map_err(Stop::Violation)?;
+                    None
+                }
+                // The one door into the spool: policy, priority, append (memory work only;
+                // the spool's writer thread does the disk's).
+                Packet::Publish(p) => {
+                    let m = Message {
+                        topic: &p.topic,
+                        payload: &p.payload,
+                        qos: p.qos as u8,
+                    };
+                    match shared.ingest.device(device, grant, m) {
+                        Ok(d) => {
+                            if p.qos == QoS::ExactlyOnce {
+                                shared.exactly_once.stored(device, p.pkid);
+                            }
+                            Some(d)
                         }
-                        Some(d)
+                        Err(Refused::Policy(v)) => return Err(Stop::Violation(v)),
+                        // QoS 0 has no acknowledgement to withhold; the refusal is counted
+                        // and logged by the spool.
+                        Err(Refused::Spool(_)) if p.qos == QoS::AtMostOnce => continue,
+                        Err(Refused::Spool(e)) => {
+                            return Ok(format!("not stored, so not acknowledged: {e}"))
+                        }
                     }
-                    // QoS 0 has no acknowledgement to withhold; the refusal is counted and
-                    // logged by the spool.
-                    Err(_) if p.qos == QoS::AtMostOnce => continue,
-                    Err(e) => return Ok(format!("not stored, so not acknowledged: {e}")),
-                },
+                }
                 _ => None,
             };
             let last = matches!(packet, Packet::Disconnect);
@@ -904,50 +912,10 @@ fn quarantine_failed(device: &DeviceId, e: &crate::quarantine::QuarantineError) 
     );
 }
 
-/// Appends a device's PUBLISH to the spool.
-fn spool_publish(
-    spool: &Spool,
-    device: &DeviceId,
-    grant: &Grant,
-    p: &Publish,
-) -> Result<Durable, crate::spool::SpoolError> {
-    let record = received(device, &p.topic, &p.payload, p.qos);
-    spool.append(&record, grant.priority(&p.topic))
-}
-
-/// The policy check of one packet from a device.
-fn inspect(
-    packet: &Packet,
-    device: &DeviceId,
-    grant: &Grant,
-    topics: &TopicMap,
-) -> Result<(), Violation> {
+/// The policy check of one packet from a device, but for a PUBLISH's: that is the
+/// [`Ingest`](crate::ingest::Ingest)'s, which judges every message before it is stored.
+fn inspect(packet: &Packet, grant: &Grant) -> Result<(), Violation> {
     match packet {
-        Packet::Publish(p) => {
-            if let Err(e) = acl::validate_topic_name(&p.topic) {
-                return Err(match e {
-                    acl::TopicError::WildcardInTopicName => Violation::WildcardPublish {
-                        topic: p.topic.clone(),
-                    },
-                    e => Violation::InvalidTopic {
-                        topic: p.topic.clone(),
-                        reason: e.to_string(),
-                    },
-                });
-            }
-            if p.payload.len() > grant.max_payload {
-                return Err(Violation::OversizedPacket {
-                    size: p.payload.len(),
-                    max: grant.max_payload,
-                });
-            }
-            if !grant.acl.may_publish(&p.topic) {
-                return Err(Violation::PublishDenied {
-                    topic: p.topic.clone(),
-                });
-            }
-            upstream_form(device, &p.topic, topics)
-        }
         Packet::Subscribe(s) => {
             for f in &s.filters {
                 let filter = TopicFilter::parse(&f.path).map_err(|e| Violation::InvalidTopic {
@@ -962,7 +930,8 @@ fn inspect(
             }
             Ok(())
         }
-        Packet::Unsubscribe(_)
+        Packet::Publish(_)
+        | Packet::Unsubscribe(_)
         | Packet::PubAck(_)
         | Packet::PubRec(_)
         | Packet::PubRel(_)
@@ -973,22 +942,6 @@ fn inspect(
         Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(
             Violation::Protocol("server-to-client packet sent by a client".into()),
         ),
-    }
-}
-
-/// Refuses a topic the uplink could not forward as it is: one whose upstream form would be
-/// too long (it would be set aside there, after being acknowledged here), or would land in
-/// the command space (a device forging commands to itself or others: an ACL violation).
-fn upstream_form(device: &DeviceId, topic: &str, topics: &TopicMap) -> Result<(), Violation> {
-    match topics.check(device, topic) {
-        Ok(()) => Ok(()),
-        Err(UnmappableTopic::CommandSpace) => Err(Violation::PublishDenied {
-            topic: topic.to_owned(),
-        }),
-        Err(e) => Err(Violation::InvalidTopic {
-            topic: topic.to_owned(),
-            reason: e.to_string(),
-        }),
     }
 }
 

@@ -44,7 +44,6 @@ pub use value::{Function, Value, ValueType, WordOrder};
 
 use crate::device::DeviceId;
 use crate::registry::SharedRegistry;
-use crate::spool::Spool;
 
 /// The longest pause between polls of a device that does not answer.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -68,7 +67,7 @@ pub struct ModbusHandle {
 /// Where polled values go: the device's class policy, the spool, and local subscribers.
 #[derive(Debug, Clone)]
 pub struct Sink {
-    pub spool: Spool,
+    pub ingest: crate::ingest::Ingest,
     pub registry: SharedRegistry,
     pub local: rumqttc::AsyncClient,
 }

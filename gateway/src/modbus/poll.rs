@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Bus, BusKind, Function, ModbusDevice, Parity, Register, Sink, Value, WriteJob, MAX_BACKOFF,
 };
-use crate::spool::{now_ms, Record};
+use crate::ingest::{Message, Refused};
+use crate::spool::now_ms;
 
 /// Why a request failed.
 #[derive(Debug)]
@@ -334,28 +335,27 @@ fn emit(sink: &Sink, d: &ModbusDevice, r: &Register, body: &serde_json::Value) {
         tracing::warn!(event = "modbus.unregistered", device = %d.id, "Modbus device no longer registered; value dropped");
         return;
     };
-    if !grant.acl.may_publish(&topic) {
-        crate::counters::bump(&d.id, |c| c.acl_violations += 1);
-        crate::audit::record(
-            "modbus.publish_denied",
-            Some(d.id.as_str()),
-            &format!("topic={topic:?}"),
-        );
-        tracing::warn!(event = "modbus.publish_denied", device = %d.id, topic, "the device's class may not publish this topic");
-        return;
-    }
     let payload = bytes::Bytes::from(serde_json::to_vec(body).unwrap_or_default());
-    let record = Record {
-        device: d.id.clone(),
-        topic: topic.clone(),
-        payload: payload.clone(),
+    let m = Message {
+        topic: &topic,
+        payload: &payload,
         qos: 1,
-        received_at_ms: now_ms(),
     };
-    match sink.spool.append(&record, grant.priority(&topic)) {
-        Ok(_) => crate::counters::bump(&d.id, |c| c.accepted += 1),
+    // Nobody waits for it to be durable: a Modbus device has no acknowledgement to get.
+    match sink.ingest.device(&d.id, &grant, m) {
+        Ok(_) => {}
+        Err(Refused::Policy(v)) => {
+            crate::events::count_violation(&d.id, &v);
+            crate::audit::record(
+                "modbus.publish_denied",
+                Some(d.id.as_str()),
+                &format!("code={} reason={v}", v.code()),
+            );
+            tracing::warn!(event = "modbus.publish_denied", device = %d.id, topic, code = v.code(), reason = %v, "value refused by the device's class policy");
+            return;
+        }
         // The spool has counted and logged the refusal.
-        Err(_) => return,
+        Err(Refused::Spool(_)) => return,
     }
     // Retained: a display that subscribes later gets each register's latest value at once.
     if let Err(e) = sink
