@@ -24,11 +24,14 @@
 //!   its data before the line returns; the devices reconnect and send again what was not
 //!   acknowledged. Counted per device: the messages the target acknowledged that never
 //!   arrived upstream.
+//! - `store` (not in the default list): the spool's workload on the spool's log, sled and
+//!   redb, side by side (see `store`).
 //!
 //! Run with `scripts/bench` (builds both binaries in release and installs mosquitto).
 
 mod link;
 mod load;
+mod store;
 mod target;
 
 use std::fmt::Write as _;
@@ -46,7 +49,7 @@ use target::{Kind, Ward};
 #[derive(Debug, Parser)]
 #[command(about = "wardgate against a mosquitto bridge, side by side")]
 struct Args {
-    /// Scenarios to run, in order: disk, step, idle, outage, crash.
+    /// Scenarios to run, in order: disk, step, idle, outage, crash, store.
     #[arg(
         long,
         value_delimiter = ',',
@@ -87,6 +90,9 @@ struct Args {
     /// Scratch space (PKI, data directories), on the data disk to measure.
     #[arg(long, default_value = "target/bench-run")]
     work: PathBuf,
+    /// Internal: one phase of the store scenario (`engine:phase`), in `--work`.
+    #[arg(long, hide = true)]
+    store_worker: Option<String>,
 }
 
 /// One measurement of one target.
@@ -455,6 +461,83 @@ fn spread(values: &[f64]) -> String {
     }
 }
 
+/// The store scenario's tables: every store, `runs` times in rotating order, and each
+/// store's figures over the log's, as ranges over the runs.
+fn store_section(work: &Path, runs: usize) -> anyhow::Result<String> {
+    let mut table = format!(
+        "## Store: the spool's workload on each store, {runs} runs in rotating order\n\n\
+         Each commit: {} records of {} bytes sealed with the spool's cipher, and once {} are \
+         live the same number of the oldest read back, unsealed and deleted; durable when the \
+         commit returns. Each store in processes of its own (see `bench/src/store.rs`); the \
+         log's `max_bytes` in the churn {} MiB, `commit_interval` 0.\n\n\
+         | store | run | churn rec/s | commit p50 ms | p99 ms | peak RSS MB | disk writes B/rec \
+         | files / live bytes | 1 rec/commit, commits/s | open 100k s | crash: durable | lost |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        store::BATCH,
+        store::PAYLOAD,
+        store::LIVE,
+        store::CHURN_MAX_BYTES >> 20
+    );
+    let mut all: Vec<(&str, store::StoreFigures)> = Vec::new();
+    for run in 0..runs {
+        for i in 0..store::ENGINES.len() {
+            let engine = store::ENGINES[(i + run) % store::ENGINES.len()];
+            let f = store::measure(engine, &store::dir(work, engine, run))?;
+            let _ = writeln!(
+                table,
+                "| {engine} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {} | {} |",
+                run + 1,
+                f.churn_rate,
+                f.commit_p50_ms,
+                f.commit_p99_ms,
+                f.rss_mb,
+                f.written_per_record,
+                f.amplification,
+                f.single_rate,
+                f.recovery_s,
+                f.crash_acked,
+                f.crash_lost
+            );
+            eprintln!("store {engine} run {}: {f:?}", run + 1);
+            all.push((engine, f));
+        }
+    }
+    table.push_str(
+        "\n| over the log's | churn rec/s | commit p99 | peak RSS | disk writes/rec | files/live | open 100k |\n|---|---|---|---|---|---|---|\n",
+    );
+    let log: Vec<&store::StoreFigures> = all
+        .iter()
+        .filter(|(e, _)| *e == "log")
+        .map(|(_, f)| f)
+        .collect();
+    for engine in ["sled", "redb"] {
+        let of: Vec<&store::StoreFigures> = all
+            .iter()
+            .filter(|(e, _)| *e == engine)
+            .map(|(_, f)| f)
+            .collect();
+        let range = |get: fn(&store::StoreFigures) -> f64| {
+            let r: Vec<f64> = of.iter().zip(&log).map(|(a, b)| get(a) / get(b)).collect();
+            let (lo, hi) = r.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
+                (lo.min(*x), hi.max(*x))
+            });
+            format!("{lo:.2}–{hi:.2}")
+        };
+        let _ = writeln!(
+            table,
+            "| {engine} | {} | {} | {} | {} | {} | {} |",
+            range(|f| f.churn_rate),
+            range(|f| f.commit_p99_ms),
+            range(|f| f.rss_mb),
+            range(|f| f.written_per_record),
+            range(|f| f.amplification),
+            range(|f| f.recovery_s),
+        );
+    }
+    table.push('\n');
+    Ok(table)
+}
+
 fn row(m: &Measure) -> String {
     format!(
         "{:.0} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0}",
@@ -465,6 +548,10 @@ fn row(m: &Measure) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(spec) = &args.store_worker {
+        // Off the runtime's workers: the spool's worker starts a runtime of its own.
+        return tokio::task::block_in_place(|| store::run_worker(spec, &args.work));
+    }
     if args.size < 20 {
         anyhow::bail!("--size must be at least 20 bytes (the header)");
     }
@@ -751,7 +838,14 @@ async fn main() -> anyhow::Result<()> {
                 );
                 close_section(&mut report, table, &notes);
             }
-            other => anyhow::bail!("unknown scenario {other:?} (disk, step, idle, outage, crash)"),
+            "store" => {
+                let section = tokio::task::block_in_place(|| store_section(&work, args.runs))?;
+                eprint!("{section}");
+                report.push_str(&section);
+            }
+            other => {
+                anyhow::bail!("unknown scenario {other:?} (disk, step, idle, outage, crash, store)")
+            }
         }
     }
     let path = args.out.join(format!("{stamp}.md"));
