@@ -1296,14 +1296,15 @@ impl Validator<'_> {
     /// Templates that grant access: as [`Self::templates`], and none may reach the
     /// gateway's own topic space (`_gateway/…`, where the update agent reports and takes
     /// "check now, reboot now" commands) — so the first level must be a name (or
-    /// `{device}`), not a wildcard, and not begin with `_`.
+    /// `{device}`): not empty (`/#`), not a wildcard, and not beginning with `_`.
     fn acl_templates(&mut self, list: &[S<String>]) -> Vec<FilterTemplate> {
         for t in list {
             let first = t.get_ref().split('/').next().unwrap_or_default();
-            if first == "+" || first == "#" || first.starts_with('_') {
+            if first.is_empty() || first == "+" || first == "#" || first.starts_with('_') {
                 let r: Result<(), String> = Err(format!(
-                    "topic filter {:?}: its first level must be a name (not a wildcard, not \
-                     starting with '_'): the `_gateway/` topics are the gateway's own",
+                    "topic filter {:?}: its first level must be a name (not empty, not a \
+                     wildcard, not starting with '_'): the `_gateway/` topics are the \
+                     gateway's own",
                     t.get_ref()
                 ));
                 self.check(t.span(), r);
@@ -1345,6 +1346,20 @@ address = "10.0.0.5"
             Ok(_) => panic!("expected errors"),
             Err(ConfigError::Invalid { diagnostics, .. }) => diagnostics,
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_class_filter_must_start_with_a_name_not_an_empty_level() {
+        let text = MINIMAL.replace(
+            "publish = [\"ward/{device}/#\"]",
+            "publish = [\"/#\", \"ward/{device}/#\"]\nsubscribe = [\"/ward/{device}\"]",
+        );
+        let d = errors(&text);
+        assert_eq!(d.len(), 2, "{d:?}");
+        for (diag, filter) in d.iter().zip(["\"/#\"", "\"/ward/{device}\""]) {
+            assert!(diag.message.contains(filter), "{diag:?}");
+            assert!(diag.message.contains("must be a name"), "{diag:?}");
         }
     }
 
