@@ -9,6 +9,7 @@
 mod admin;
 mod audit;
 mod cli;
+mod conformance;
 mod data_path;
 mod edge;
 mod firewall;

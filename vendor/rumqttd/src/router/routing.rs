@@ -1227,7 +1227,8 @@ fn append_to_commitlog(
         }
     }
 
-    if publish.payload.is_empty() {
+    // wardgate: only a retained empty PUBLISH deletes the retained message (MQTT-3.3.1-10/12).
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
@@ -1298,7 +1299,8 @@ fn append_will_message(
         }
     }
 
-    if publish.payload.is_empty() {
+    // wardgate: only a retained empty PUBLISH deletes the retained message (MQTT-3.3.1-10/12).
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
