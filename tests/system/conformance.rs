@@ -131,3 +131,54 @@ async fn empty_publish_without_retain_keeps_the_retained_message_as_on_mosquitto
     let gw = site.start().await;
     an_empty_publish_without_retain_keeps_the_retained_message(&edge(&site, gw.port())).await;
 }
+
+/// Item 3 [MQTT-3.8.4-6]: a message is delivered at the minimum of the QoS it was
+/// published with and the QoS the subscription was granted, never raised. (rumqttd gave
+/// every message its subscription's QoS.) QoS 0 and 1 alternate, so a downgraded QoS 0
+/// message that took an in-flight slot would hold up the QoS 1 ones behind it.
+async fn delivery_takes_the_lower_of_the_publish_and_the_granted_qos(peer: &Peer) {
+    let mut display = peer.connect_subscriber().await;
+    display.subscribe_qos(peer.filter, QoS::ExactlyOnce).await;
+    let pump = peer.connect_publisher().await;
+    let sent = [
+        QoS::AtMostOnce,
+        QoS::AtLeastOnce,
+        QoS::AtMostOnce,
+        QoS::AtLeastOnce,
+        QoS::AtLeastOnce,
+    ];
+    for (i, qos) in sent.iter().enumerate() {
+        pump.client
+            .publish(peer.topic, *qos, false, format!("m{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..sent.len() {
+        let p = display.next_publish().await;
+        got.push((String::from_utf8_lossy(&p.payload).into_owned(), p.qos));
+    }
+    let want: Vec<(String, QoS)> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (format!("m{i}"), *q))
+        .collect();
+    assert_eq!(got, want, "{}", peer.name);
+    // Every acknowledgement the display sent matched: its session goes on.
+    pump.client
+        .publish(peer.topic, QoS::AtLeastOnce, false, b"after".to_vec())
+        .await
+        .unwrap();
+    let after = display.next_publish().await;
+    assert_eq!(&after.payload[..], b"after", "{}", peer.name);
+}
+
+#[tokio::test]
+async fn delivery_qos_is_never_raised_as_on_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, _hospital) = mosquitto(dir.path()).await;
+    delivery_takes_the_lower_of_the_publish_and_the_granted_qos(&reference).await;
+    let site = Site::ward();
+    let gw = site.start().await;
+    delivery_takes_the_lower_of_the_publish_and_the_granted_qos(&edge(&site, gw.port())).await;
+}

@@ -132,6 +132,13 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // wardgate: a message published at QoS 0 goes out at QoS 0 whatever the
+            // subscription's QoS: no packet identifier, no in-flight slot, no ack awaited.
+            if p.publish.qos == crate::protocol::QoS::AtMostOnce {
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

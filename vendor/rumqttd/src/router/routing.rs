@@ -1563,7 +1563,9 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // wardgate: delivered at the lower of the published and the granted QoS, never
+            // raised (MQTT-3.8.4-6).
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
