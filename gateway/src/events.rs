@@ -292,6 +292,31 @@ pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
     );
 }
 
+/// A SUBSCRIBE filter outside the device's ACL, refused with SUBACK 0x80; the session
+/// goes on (MQTT 3.1.1 has that code for it). Counted and audited as an ACL violation.
+pub fn subscribe_refused(peer: SocketAddr, device: &DeviceId, filter: &str) {
+    let v = Violation::SubscribeDenied {
+        filter: filter.to_owned(),
+    };
+    count_violation(device, &v);
+    audit(
+        v.event(),
+        Some(device),
+        format!(
+            "code={} peer={peer} reason={v} answer=suback_0x80",
+            v.code()
+        ),
+    );
+    tracing::warn!(
+        event = v.event(),
+        %peer,
+        %device,
+        code = v.code(),
+        reason = %v,
+        "subscription refused (SUBACK 0x80)"
+    );
+}
+
 /// Counts a violation in the device's counters, by kind.
 pub fn count_violation(device: &DeviceId, v: &Violation) {
     crate::counters::bump(device, |c| {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{Connect, LastWill, Packet as RawPacket, Publish, Subscribe};
-use rumqttc::{AsyncClient, ConnectReturnCode, QoS};
+use rumqttc::{AsyncClient, ConnectReturnCode, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::io::AsyncReadExt;
 
 use crate::support::clients::{
@@ -360,8 +360,11 @@ async fn acl_violating_publish_disconnects_and_is_not_delivered() {
     assert_eq!(nurse.next_publish().await.topic, "ward/pump-2/alarm/real");
 }
 
+/// Issue 15, item 5: a filter outside the ACL is refused with SUBACK 0x80, in its place
+/// among the others (MQTT-3.9.3-1); the session goes on, the filters allowed work, and
+/// each refusal is audited as an ACL violation.
 #[tokio::test]
-async fn acl_violating_subscribe_disconnects() {
+async fn acl_violating_subscribe_is_refused_with_suback_0x80_and_the_session_kept() {
     let site = Site::ward();
     let mut gw = site.start().await;
     let mut pump = Client::connect(&site, "pump-1", gw.port()).await;
@@ -369,23 +372,44 @@ async fn acl_violating_subscribe_disconnects() {
         .subscribe("ward/+/alarm/#", QoS::AtLeastOnce)
         .await
         .unwrap();
-    pump.closed().await;
+    match pump.next_ack().await {
+        Some(Packet::SubAck(a)) => assert_eq!(a.return_codes, [SubscribeReasonCode::Failure]),
+        other => panic!("expected a SUBACK, got {other:?}"),
+    }
     gw.wait_log(
         "edge.acl_violation",
         &["device=pump-1", "code=\"subscribe_denied\""],
     )
     .await;
+    // Still connected: its next PUBLISH is acknowledged.
+    pump.publish("ward/pump-1/vitals/rate", b"5").await;
     // A nurse display's grant covers narrower filters, not wider ones.
     let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
-    nurse.subscribe("ward/pump-2/alarm/#").await;
     nurse
         .client
-        .subscribe("ward/#", QoS::AtLeastOnce)
+        .subscribe_many([
+            SubscribeFilter::new("ward/pump-2/alarm/#".into(), QoS::AtLeastOnce),
+            SubscribeFilter::new("ward/#".into(), QoS::AtLeastOnce),
+            SubscribeFilter::new("ward/pump-1/alarm/#".into(), QoS::AtMostOnce),
+        ])
         .await
         .unwrap();
-    nurse.closed().await;
+    match nurse.next_ack().await {
+        Some(Packet::SubAck(a)) => assert_eq!(
+            a.return_codes,
+            [
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+            ]
+        ),
+        other => panic!("expected a SUBACK, got {other:?}"),
+    }
     gw.wait_log("edge.acl_violation", &["device=nurse-1", "\"ward/#\""])
         .await;
+    let mut pump2 = Client::connect(&site, "pump-2", gw.port()).await;
+    pump2.publish("ward/pump-2/alarm/real", b"r").await;
+    assert_eq!(nurse.next_publish().await.topic, "ward/pump-2/alarm/real");
     assert_serving(&site, gw.port()).await;
 }
 

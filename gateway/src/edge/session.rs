@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish,
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck,
+    SubscribeReasonCode,
 };
 use rumqttc::mqttbytes::{PacketType, Protocol, QoS};
 use rustls_pki_types::CertificateDer;
@@ -403,6 +404,70 @@ enum ToDevice {
     /// The session was attached to the broker: its packets (and what it sent after its
     /// CONNACK) go to the device from here on.
     Attached(OwnedReadHalf, BytesMut),
+    /// The edge's answer to a SUBSCRIBE whose every filter it refused.
+    SubAck(SubAck),
+}
+
+/// The filters of a SUBSCRIBE refused by the device's ACL: where they stood in it, and
+/// what they were.
+#[derive(Debug, Default)]
+struct RefusedFilters {
+    positions: Vec<usize>,
+    /// Of the packet as the device sent it.
+    total: usize,
+    filters: Vec<String>,
+}
+
+/// Takes the filters `grant` does not allow out of `s` (syntax checked by [`inspect`]).
+fn refuse_filters(s: &mut rumqttc::mqttbytes::v4::Subscribe, grant: &Grant) -> RefusedFilters {
+    let mut refused = RefusedFilters {
+        total: s.filters.len(),
+        ..RefusedFilters::default()
+    };
+    let mut i = 0;
+    s.filters.retain(|f| {
+        let allowed = TopicFilter::parse(&f.path).is_ok_and(|t| grant.acl.may_subscribe(&t));
+        if !allowed {
+            refused.positions.push(i);
+            refused.filters.push(f.path.clone());
+        }
+        i += 1;
+        allowed
+    });
+    refused
+}
+
+/// The broker's SUBACK for a SUBSCRIBE the edge narrowed, with 0x80 put back where the
+/// refused filters stood (MQTT-3.9.3-1: one return code per filter, in order); any other
+/// frame as it is.
+fn widen_suback(
+    frame: BytesMut,
+    narrowed: &std::sync::Mutex<std::collections::HashMap<u16, RefusedFilters>>,
+) -> BytesMut {
+    let mut map = narrowed.lock().unwrap_or_else(PoisonError::into_inner);
+    if map.is_empty() || frame.first().map(|b| b >> 4) != Some(PacketType::SubAck as u8) {
+        return frame;
+    }
+    let mut copy = frame.clone();
+    let Ok(Packet::SubAck(ack)) = Packet::read(&mut copy, usize::MAX) else {
+        return frame;
+    };
+    let Some(refused) = map.remove(&ack.pkid) else {
+        return frame;
+    };
+    let mut granted = ack.return_codes.into_iter();
+    let codes = (0..refused.total)
+        .map(|i| {
+            if refused.positions.contains(&i) {
+                SubscribeReasonCode::Failure
+            } else {
+                granted.next().unwrap_or(SubscribeReasonCode::Failure)
+            }
+        })
+        .collect();
+    let mut out = BytesMut::new();
+    let _ = Packet::SubAck(SubAck::new(ack.pkid, codes)).write(&mut out, usize::MAX);
+    out
 }
 
 /// How a relay ended.
@@ -507,7 +572,12 @@ async fn relay(
     let silence = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
 
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Packet, Option<Durable>)>(PIPELINE_DEPTH);
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(Packet, Option<Durable>, RefusedFilters)>(PIPELINE_DEPTH);
+    // SUBSCRIBEs the broker got with some filters taken out: their SUBACKs get 0x80 back
+    // where those filters were.
+    let narrowed: std::sync::Mutex<std::collections::HashMap<u16, RefusedFilters>> =
+        std::sync::Mutex::default();
     let mut throttled: u64 = 0;
     let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
     let inbound = async {
@@ -539,8 +609,26 @@ async fn relay(
                     return Err(Stop::Violation(Violation::Protocol(e.to_string())))
                 }
             };
-            inspect(&packet, grant).map_err(Stop::Violation)?;
-            if let Packet::Subscribe(s) = &packet {
+            inspect(&packet).map_err(Stop::Violation)?;
+            let mut packet = packet;
+            let mut refused = RefusedFilters::default();
+            if let Packet::Subscribe(s) = &mut packet {
+                // MQTT 3.1.1 refuses a filter with SUBACK 0x80 and keeps the session: each
+                // refused filter is audited and counts towards quarantine.
+                refused = refuse_filters(s, grant);
+                for f in &refused.filters {
+                    events::subscribe_refused(peer, device, f);
+                    match shared
+                        .quarantine
+                        .note_violation(device, std::time::Instant::now())
+                    {
+                        Ok(true) => {
+                            shared.close_device(device);
+                        }
+                        Ok(false) => {}
+                        Err(e) => quarantine_failed(device, &e),
+                    }
+                }
                 shared
                     .subscriptions
                     .subscribe(
@@ -610,7 +698,7 @@ async fn relay(
                 _ => None,
             };
             let last = matches!(packet, Packet::Disconnect);
-            if tx.send((packet, durable)).await.is_err() {
+            if tx.send((packet, durable, refused)).await.is_err() {
                 return Ok("broker side closed".to_owned());
             }
             if last {
@@ -654,9 +742,28 @@ async fn relay(
                     continue;
                 }
             };
-            let Some((packet, durable)) = next else {
+            let Some((packet, durable, refused)) = next else {
                 return "device side closed".to_owned();
             };
+            if let Packet::Subscribe(s) = &packet {
+                if s.filters.is_empty() {
+                    // Every filter refused: the edge answers alone.
+                    let codes = vec![SubscribeReasonCode::Failure; refused.positions.len()];
+                    if to_device
+                        .send(ToDevice::SubAck(SubAck::new(s.pkid, codes)))
+                        .is_err()
+                    {
+                        return "device side closed".to_owned();
+                    }
+                    continue;
+                }
+                if !refused.positions.is_empty() {
+                    narrowed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(s.pkid, refused);
+                }
+            }
             if let (Packet::Publish(p), Some(durable)) = (&packet, durable) {
                 if p.qos != QoS::AtMostOnce {
                     if let Err(e) = durable.wait().await {
@@ -717,6 +824,7 @@ async fn relay(
                         let _ = match item {
                             ToDevice::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)).write(&mut batch, usize::MAX),
                             ToDevice::PingResp => Packet::PingResp.write(&mut batch, usize::MAX),
+                            ToDevice::SubAck(ack) => Packet::SubAck(ack).write(&mut batch, usize::MAX),
                             ToDevice::Attached(rd, backlog) => {
                                 from_broker = Some((rd, backlog));
                                 Ok(0)
@@ -732,7 +840,10 @@ async fn relay(
                     }
                 }
                 frame = broker_frame(&mut from_broker) => match frame? {
-                    Some(frame) => dev_wr.write_all(&frame).await?,
+                    Some(frame) => {
+                        let frame = widen_suback(frame, &narrowed);
+                        dev_wr.write_all(&frame).await?;
+                    }
                     None => return Ok(()),
                 },
             }
@@ -872,9 +983,7 @@ fn stopped(
             events::violation(peer, device, &v);
             if matches!(
                 v,
-                Violation::PublishDenied { .. }
-                    | Violation::SubscribeDenied { .. }
-                    | Violation::TooManySubscriptions { .. }
+                Violation::PublishDenied { .. } | Violation::TooManySubscriptions { .. }
             ) {
                 match shared
                     .quarantine
@@ -912,21 +1021,17 @@ fn quarantine_failed(device: &DeviceId, e: &crate::quarantine::QuarantineError) 
     );
 }
 
-/// The policy check of one packet from a device, but for a PUBLISH's: that is the
-/// [`Ingest`](crate::ingest::Ingest)'s, which judges every message before it is stored.
-fn inspect(packet: &Packet, grant: &Grant) -> Result<(), Violation> {
+/// The protocol check of one packet from a device. A PUBLISH's policy is the
+/// [`Ingest`](crate::ingest::Ingest)'s, which judges every message before it is stored; a
+/// SUBSCRIBE's filters outside the ACL are refused one by one ([`refuse_filters`]).
+fn inspect(packet: &Packet) -> Result<(), Violation> {
     match packet {
         Packet::Subscribe(s) => {
             for f in &s.filters {
-                let filter = TopicFilter::parse(&f.path).map_err(|e| Violation::InvalidTopic {
+                TopicFilter::parse(&f.path).map_err(|e| Violation::InvalidTopic {
                     topic: f.path.clone(),
                     reason: e.to_string(),
                 })?;
-                if !grant.acl.may_subscribe(&filter) {
-                    return Err(Violation::SubscribeDenied {
-                        filter: f.path.clone(),
-                    });
-                }
             }
             Ok(())
         }
