@@ -2,10 +2,12 @@
 //!
 //! It terminates TLS itself (rustls, client certificate required), binds each connection to
 //! the device named by the certificate's CN, checks the MQTT CONNECT against the registry,
-//! and serves the session, inspecting every packet the device sends: PUBLISH and SUBSCRIBE
-//! must fit the device's ACL, PUBLISH topics must not hold wildcards, packets must fit the
-//! class's size limit. Anything else closes the connection and is logged as a security
-//! event ([`crate::events`]). The edge itself answers CONNECT, PINGREQ and durable QoS 1
+//! and serves the session, inspecting every packet the device sends: PUBLISH must fit the
+//! device's ACL (judged by [`crate::ingest`]) and hold no wildcards, packets must fit the
+//! class's size limit; anything else closes the connection and is logged as a security
+//! event ([`crate::events`]). A SUBSCRIBE filter outside the ACL is answered 0x80 in its
+//! place in the SUBACK (the broker sees only the allowed ones), audited, and counted
+//! towards quarantine; the session goes on. The edge itself answers CONNECT, PINGREQ and durable QoS 1
 //! PUBLISH and keeps the device's keepalive; the embedded broker on loopback sees a device
 //! only from its first packet that needs it (see [`sessions`]). Packets are decoded and
 //! re-encoded, never passed through raw, so the broker sees exactly what was checked.

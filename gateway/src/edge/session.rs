@@ -1054,3 +1054,84 @@ fn inspect(packet: &Packet) -> Result<(), Violation> {
 async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
     let _ = timeout(CLOSE_TIMEOUT, s.shutdown()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::mqttbytes::v4::Subscribe;
+
+    fn refused_at(positions: &[usize], total: usize) -> RefusedFilters {
+        RefusedFilters {
+            positions: positions.to_vec(),
+            total,
+            filters: Vec::new(),
+        }
+    }
+
+    fn suback_frame(pkid: u16, codes: Vec<SubscribeReasonCode>) -> BytesMut {
+        let mut b = BytesMut::new();
+        Packet::SubAck(SubAck::new(pkid, codes))
+            .write(&mut b, usize::MAX)
+            .unwrap();
+        b
+    }
+
+    #[test]
+    fn a_narrowed_subscribes_suback_gets_0x80_back_in_the_refused_places() {
+        let narrowed = std::sync::Mutex::new(std::collections::HashMap::from([(
+            7,
+            refused_at(&[0, 2], 4),
+        )]));
+        let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        let zero = SubscribeReasonCode::Success(QoS::AtMostOnce);
+        let mut out = widen_suback(suback_frame(7, vec![ok, zero]), &narrowed);
+        match Packet::read(&mut out, usize::MAX).unwrap() {
+            Packet::SubAck(a) => assert_eq!(
+                a.return_codes,
+                [
+                    SubscribeReasonCode::Failure,
+                    ok,
+                    SubscribeReasonCode::Failure,
+                    zero
+                ]
+            ),
+            p => panic!("{p:?}"),
+        }
+        // Used once: the next SUBACK under that packet id passes as it is.
+        let again = suback_frame(7, vec![ok]);
+        assert_eq!(widen_suback(again.clone(), &narrowed), again);
+    }
+
+    #[test]
+    fn other_frames_pass_untouched() {
+        let narrowed =
+            std::sync::Mutex::new(std::collections::HashMap::from([(7, refused_at(&[0], 2))]));
+        let other = suback_frame(8, vec![SubscribeReasonCode::Failure]);
+        assert_eq!(widen_suback(other.clone(), &narrowed), other);
+        let mut ping = BytesMut::new();
+        Packet::PingResp.write(&mut ping, usize::MAX).unwrap();
+        assert_eq!(widen_suback(ping.clone(), &narrowed), ping);
+    }
+
+    #[test]
+    fn filters_outside_the_acl_are_taken_out_with_their_places() {
+        let text = crate::config::tests::MINIMAL.replace(
+            "publish = [\"ward/{device}/#\"]",
+            "publish = [\"ward/{device}/#\"]\nsubscribe = [\"ward/+/alarm/#\"]",
+        );
+        let config =
+            crate::config::Config::parse(&text, std::path::Path::new("/etc/w.toml")).unwrap();
+        let grant = crate::registry::Registry::from_config(&config)
+            .grant(&DeviceId::parse("pump-1").unwrap())
+            .unwrap();
+        let mut s = Subscribe::new("ward/#", QoS::AtLeastOnce);
+        s.add("ward/bed-1/alarm/#".into(), QoS::AtLeastOnce);
+        s.add("hospital/#".into(), QoS::AtMostOnce);
+        let refused = refuse_filters(&mut s, &grant);
+        assert_eq!(refused.positions, [0, 2]);
+        assert_eq!(refused.total, 3);
+        assert_eq!(refused.filters, ["ward/#", "hospital/#"]);
+        let kept: Vec<&str> = s.filters.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(kept, ["ward/bed-1/alarm/#"]);
+    }
+}
