@@ -165,6 +165,40 @@ async fn the_will_of_a_device_without_a_broker_session_reaches_local_subscribers
     gw.stop().await;
 }
 
+/// The same for a QoS 2, retained will: the edge publishes it locally at QoS 1 (its one-shot
+/// broker connection does no QoS 2 handshake; the upstream copy keeps QoS 2), so a QoS 2
+/// subscriber gets it at QoS 1, and a display that subscribes later gets it retained.
+#[tokio::test]
+async fn a_qos_2_retained_will_without_a_broker_session_is_published_locally_at_qos_1() {
+    let site = Site::ward();
+    let gw = site.start().await;
+    let mut nurse = Client::connect(&site, "nurse-1", gw.port()).await;
+    nurse
+        .subscribe_qos("ward/+/alarm/#", QoS::ExactlyOnce)
+        .await;
+    let mut connect = Connect::new("pump-1");
+    connect.last_will = Some(LastWill::new(
+        "ward/pump-1/alarm/offline",
+        "gone",
+        QoS::ExactlyOnce,
+        true,
+    ));
+    let (pump, _) = Raw::connect_with(&site, gw.edge, connect).await;
+    assert_eq!(broker_sessions(&site), 1, "only the nurse display");
+    drop(pump);
+    let got = nurse.next_publish().await;
+    assert_eq!(
+        (&got.payload[..], got.qos),
+        (&b"gone"[..], QoS::AtLeastOnce)
+    );
+    drop(nurse);
+    let mut later = Client::connect(&site, "nurse-1", gw.port()).await;
+    later.subscribe("ward/+/alarm/#").await;
+    let kept = later.next_publish().await;
+    assert_eq!((&kept.payload[..], kept.retain), (&b"gone"[..], true));
+    gw.stop().await;
+}
+
 /// Issue 15, item 2: a device resuming a persistent session with messages queued for it
 /// gets them after its CONNACK. The broker sends them in the same read as its CONNACK;
 /// the edge used to refuse such a resume with CONNACK 3.
