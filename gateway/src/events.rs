@@ -276,20 +276,7 @@ pub fn device_connected(peer: SocketAddr, device: &DeviceId, class: &str) {
 }
 
 pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
-    count_violation(device, v);
-    audit(
-        v.event(),
-        Some(device),
-        format!("code={} peer={peer} reason={v}", v.code()),
-    );
-    tracing::warn!(
-        event = v.event(),
-        %peer,
-        %device,
-        code = v.code(),
-        reason = %v,
-        "device disconnected for a policy violation"
-    );
+    report_violation(peer, device, v, None);
 }
 
 /// A SUBSCRIBE filter outside the device's ACL, refused with SUBACK 0x80; the session
@@ -298,22 +285,28 @@ pub fn subscribe_refused(peer: SocketAddr, device: &DeviceId, filter: &str) {
     let v = Violation::SubscribeDenied {
         filter: filter.to_owned(),
     };
-    count_violation(device, &v);
+    report_violation(peer, device, &v, Some("suback_0x80"));
+}
+
+/// Counts, audits and logs a violation; `answer` is what the device got instead of being
+/// disconnected.
+fn report_violation(peer: SocketAddr, device: &DeviceId, v: &Violation, answer: Option<&str>) {
+    count_violation(device, v);
+    let answered = answer.map(|a| format!(" answer={a}")).unwrap_or_default();
     audit(
         v.event(),
         Some(device),
-        format!(
-            "code={} peer={peer} reason={v} answer=suback_0x80",
-            v.code()
-        ),
+        format!("code={} peer={peer} reason={v}{answered}", v.code()),
     );
+    let outcome = answer.map_or("device disconnected", |_| "refused, session kept");
     tracing::warn!(
         event = v.event(),
         %peer,
         %device,
         code = v.code(),
         reason = %v,
-        "subscription refused (SUBACK 0x80)"
+        answer,
+        "{outcome} for a policy violation"
     );
 }
 

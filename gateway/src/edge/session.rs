@@ -444,8 +444,12 @@ fn widen_suback(
     frame: BytesMut,
     narrowed: &std::sync::Mutex<std::collections::HashMap<u16, RefusedFilters>>,
 ) -> BytesMut {
+    // Every delivery to the device passes here: only a SUBACK takes the lock.
+    if frame.first().map(|b| b >> 4) != Some(PacketType::SubAck as u8) {
+        return frame;
+    }
     let mut map = narrowed.lock().unwrap_or_else(PoisonError::into_inner);
-    if map.is_empty() || frame.first().map(|b| b >> 4) != Some(PacketType::SubAck as u8) {
+    if map.is_empty() {
         return frame;
     }
     let mut copy = frame.clone();
@@ -618,16 +622,7 @@ async fn relay(
                 refused = refuse_filters(s, grant);
                 for f in &refused.filters {
                     events::subscribe_refused(peer, device, f);
-                    match shared
-                        .quarantine
-                        .note_violation(device, std::time::Instant::now())
-                    {
-                        Ok(true) => {
-                            shared.close_device(device);
-                        }
-                        Ok(false) => {}
-                        Err(e) => quarantine_failed(device, &e),
-                    }
+                    count_towards_quarantine(shared, device);
                 }
                 shared
                     .subscriptions
@@ -985,20 +980,25 @@ fn stopped(
                 v,
                 Violation::PublishDenied { .. } | Violation::TooManySubscriptions { .. }
             ) {
-                match shared
-                    .quarantine
-                    .note_violation(device, std::time::Instant::now())
-                {
-                    // Any other session of the device goes too.
-                    Ok(true) => {
-                        shared.close_device(device);
-                    }
-                    Ok(false) => {}
-                    Err(e) => quarantine_failed(device, &e),
-                }
+                count_towards_quarantine(shared, device);
             }
             format!("violation: {}", v.code())
         }
+    }
+}
+
+/// Notes a violation towards the device's quarantine; at the threshold every session of the
+/// device is closed.
+fn count_towards_quarantine(shared: &EdgeShared, device: &DeviceId) {
+    match shared
+        .quarantine
+        .note_violation(device, std::time::Instant::now())
+    {
+        Ok(true) => {
+            shared.close_device(device);
+        }
+        Ok(false) => {}
+        Err(e) => quarantine_failed(device, &e),
     }
 }
 
