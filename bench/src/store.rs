@@ -169,6 +169,7 @@ pub fn run_worker(spec: &str, dir: &Path) -> anyhow::Result<()> {
             payload: payload.into(),
             qos: 1,
             received_at_ms: now_ms(),
+            properties: Default::default(),
         }
     };
     let mut seq = 0u64;

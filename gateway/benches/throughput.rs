@@ -91,6 +91,7 @@ async fn spool_full(dir: &Path) -> (f64, f64, f64) {
         payload: Bytes::from(format!("{n:08}")),
         qos: 1,
         received_at_ms: wardgate::spool::now_ms(),
+        properties: Default::default(),
     };
     let full_bytes = {
         let spool = Spool::open(dir, limits()).unwrap();
@@ -147,6 +148,7 @@ fn record(device: &DeviceId) -> Record {
         payload: Bytes::from(vec![b'v'; PAYLOAD]),
         qos: 1,
         received_at_ms: wardgate::spool::now_ms(),
+        properties: Default::default(),
     }
 }
 

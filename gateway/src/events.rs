@@ -44,6 +44,9 @@ pub enum Refusal {
     },
     TooManyConnections,
     BrokerUnavailable(String),
+    /// An MQTT 5 CONNECT asked for enhanced authentication, which the edge does not offer
+    /// (identity is the certificate).
+    AuthenticationMethod(String),
 }
 
 impl Refusal {
@@ -62,6 +65,7 @@ impl Refusal {
             Refusal::WillNotAllowed { .. } => "will_not_allowed",
             Refusal::Quarantined { .. } => "quarantined",
             Refusal::TooManyConnections => "too_many_connections",
+            Refusal::AuthenticationMethod(_) => "authentication_method",
             Refusal::BrokerUnavailable(_) => "broker_unavailable",
         }
     }
@@ -100,6 +104,9 @@ impl fmt::Display for Refusal {
             Refusal::Quarantined { reason } => write!(f, "device is quarantined ({reason})"),
             Refusal::TooManyConnections => f.write_str("edge connection limit reached"),
             Refusal::BrokerUnavailable(e) => write!(f, "embedded broker unavailable: {e}"),
+            Refusal::AuthenticationMethod(m) => {
+                write!(f, "authentication method {:?} is not offered", Shown(m))
+            }
         }
     }
 }
@@ -128,6 +135,11 @@ pub enum Violation {
     TooManySubscriptions {
         max: usize,
     },
+    /// An MQTT 5 device with more QoS 1 and 2 PUBLISHes unacknowledged than the edge's
+    /// Receive Maximum.
+    ReceiveMaximum {
+        max: u16,
+    },
     /// A packet the protocol does not allow here, or one that cannot be parsed.
     Protocol(String),
 }
@@ -153,6 +165,7 @@ impl Violation {
             Violation::InvalidTopic { .. } => "invalid_topic",
             Violation::OversizedPacket { .. } => "oversized_packet",
             Violation::TooManySubscriptions { .. } => "too_many_subscriptions",
+            Violation::ReceiveMaximum { .. } => "receive_maximum_exceeded",
             Violation::Protocol(_) => "protocol",
         }
     }
@@ -179,6 +192,10 @@ impl fmt::Display for Violation {
             Violation::TooManySubscriptions { max } => {
                 write!(f, "subscription beyond the limit of {max} filters")
             }
+            Violation::ReceiveMaximum { max } => write!(
+                f,
+                "more than the Receive Maximum of {max} QoS 1 and 2 PUBLISHes unacknowledged"
+            ),
             Violation::Protocol(e) => write!(f, "protocol error: {e}"),
         }
     }
@@ -279,13 +296,20 @@ pub fn violation(peer: SocketAddr, device: &DeviceId, v: &Violation) {
     report_violation(peer, device, v, None);
 }
 
-/// A SUBSCRIBE filter outside the device's ACL, refused with SUBACK 0x80; the session
-/// goes on (MQTT 3.1.1 has that code for it). Counted and audited as an ACL violation.
-pub fn subscribe_refused(peer: SocketAddr, device: &DeviceId, filter: &str) {
+/// A SUBSCRIBE filter outside the device's ACL, refused with SUBACK 0x80 (3.1.1) or
+/// 0x87 (5), named by `answer`; the session goes on. Counted and audited as an ACL
+/// violation.
+pub fn subscribe_refused(peer: SocketAddr, device: &DeviceId, filter: &str, answer: &str) {
     let v = Violation::SubscribeDenied {
         filter: filter.to_owned(),
     };
-    report_violation(peer, device, &v, Some("suback_0x80"));
+    report_violation(peer, device, &v, Some(answer));
+}
+
+/// An MQTT 5 PUBLISH refused with a reason code (`answer`, e.g. `puback_0x87`) and the
+/// session kept. Counted and audited as the violation it is.
+pub fn publish_refused(peer: SocketAddr, device: &DeviceId, v: &Violation, answer: &str) {
+    report_violation(peer, device, v, Some(answer));
 }
 
 /// Counts, audits and logs a violation; `answer` is what the device got instead of being

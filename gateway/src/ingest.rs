@@ -30,7 +30,7 @@ use crate::device::DeviceId;
 use crate::events::Violation;
 use crate::policy::acl;
 use crate::registry::Grant;
-use crate::spool::{now_ms, Durable, Key, Priority, Record, Spool, SpoolError};
+use crate::spool::{now_ms, Durable, Key, Priority, Properties, Record, Spool, SpoolError};
 use crate::uplink::{TopicMap, UnmappableTopic};
 
 /// The door; cheap to clone (one per producer).
@@ -46,7 +46,12 @@ pub struct Message<'a> {
     pub topic: &'a str,
     pub payload: &'a Bytes,
     pub qos: u8,
+    /// An MQTT 5 PUBLISH's properties, carried upstream with it.
+    pub properties: Option<&'a Properties>,
 }
+
+/// User properties a device may not set: the uplink adds these names itself.
+pub const RESERVED_PREFIX: &str = "wardgate-";
 
 /// Why a device's message did not go in.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +129,7 @@ impl Ingest {
         let priority = self
             .verdict(device, grant, m.topic, m.payload.len())
             .map_err(Refused::Policy)?;
+        reserved(m).map_err(Refused::Policy)?;
         let durable = self.spool.append(&received(device, m), priority)?;
         crate::counters::bump(device, |c| c.accepted += 1);
         Ok(durable)
@@ -135,6 +141,7 @@ impl Ingest {
         let priority = self
             .verdict(device, grant, m.topic, m.payload.len())
             .map_err(Refused::Policy)?;
+        reserved(m).map_err(Refused::Policy)?;
         Ok(self.spool.hold_will(&received(device, m), priority)?)
     }
 
@@ -153,8 +160,21 @@ impl Ingest {
             payload,
             qos: 1,
             received_at_ms,
+            properties: Default::default(),
         };
         self.spool.append_own(&record, Priority::Vital)
+    }
+}
+
+/// A device's user property under the uplink's own names would be taken upstream for the
+/// gateway's (its sequence number, receive time, priority): refused.
+fn reserved(m: Message<'_>) -> Result<(), Violation> {
+    let Some(p) = m.properties else { return Ok(()) };
+    match p.user.iter().find(|(k, _)| k.starts_with(RESERVED_PREFIX)) {
+        Some((k, _)) => Err(Violation::Protocol(format!(
+            "user property {k:?} uses the gateway's reserved prefix {RESERVED_PREFIX:?}"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -166,6 +186,7 @@ fn received(device: &DeviceId, m: Message<'_>) -> Record {
         payload: m.payload.clone(),
         qos: m.qos,
         received_at_ms: now_ms(),
+        properties: m.properties.cloned().unwrap_or_default(),
     }
 }
 
@@ -192,6 +213,7 @@ mod tests {
             topic,
             payload,
             qos: 1,
+            properties: None,
         }
     }
 

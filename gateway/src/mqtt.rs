@@ -1,5 +1,5 @@
-//! Framing MQTT 3.1.1 packets on a byte stream with rumqttc's `mqttbytes` codec, for the
-//! edge and the broker's readiness probe. Tested by the unit tests below.
+//! Framing MQTT packets on a byte stream with rumqttc's `mqttbytes` codec (the fixed header
+//! is the same in 3.1.1 and 5), for the edge and the broker's readiness probe. Tested by the unit tests below.
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::Packet;
@@ -81,10 +81,6 @@ pub fn connect_protocol(buf: &[u8], header: &mqttbytes::FixedHeader) -> Option<(
     let level = *body.get(2 + name_len)?;
     Some((String::from_utf8_lossy(name).into_owned(), level))
 }
-
-/// An MQTT 5 CONNACK with reason code 0x84 (Unsupported Protocol Version) and no
-/// properties, written by hand because the edge speaks 3.1.1 only (see README).
-pub const V5_CONNACK_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
 
 #[cfg(test)]
 mod tests {

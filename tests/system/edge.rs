@@ -728,8 +728,8 @@ async fn other_protocol_versions_are_refused_in_their_own_terms() {
     let site = Site::ward();
     let mut gw = site.start().await;
     for (protocol, level, reply) in [
-        // MQTT 5: a v5 CONNACK with reason code 0x84 (Unsupported Protocol Version).
-        ("MQTT", 5, &[0x20, 0x03, 0x00, 0x84, 0x00][..]),
+        // A level no MQTT has (5 is served, see `mqtt5.rs`): CONNACK 0x01.
+        ("MQTT", 6, &[0x20, 0x02, 0x00, 0x01][..]),
         // MQTT 3.1: CONNACK 0x01 (unacceptable protocol version).
         ("MQIsdp", 3, &[0x20, 0x02, 0x00, 0x01][..]),
     ] {

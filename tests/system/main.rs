@@ -14,6 +14,7 @@ mod data_path;
 mod edge;
 mod firewall;
 mod modbus;
+mod mqtt5;
 mod quarantine;
 mod rate;
 mod sessions;

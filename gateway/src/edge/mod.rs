@@ -26,6 +26,7 @@ mod sessions;
 mod subscriptions;
 pub mod tls;
 mod unidentified;
+mod v5;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,6 +57,8 @@ struct LiveConn {
     peer: SocketAddr,
     chain: Vec<CertificateDer<'static>>,
     close: CancellationToken,
+    /// Set before `close` when a newer connection of the device takes its session over.
+    taken_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// State shared by the accept loop, the sessions and the reload path.
@@ -121,6 +124,9 @@ impl EdgeShared {
             if keep.is_some_and(|k| k.id == *id) {
                 continue;
             }
+            if keep.is_some() {
+                conn.taken_over.store(true, Ordering::Relaxed);
+            }
             conn.close.cancel();
             n += 1;
         }
@@ -136,6 +142,7 @@ impl EdgeShared {
         close: CancellationToken,
     ) -> LiveGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let taken_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
         self.live().insert(
             id,
             LiveConn {
@@ -143,11 +150,13 @@ impl EdgeShared {
                 peer,
                 chain,
                 close,
+                taken_over: taken_over.clone(),
             },
         );
         LiveGuard {
             shared: self.clone(),
             id,
+            taken_over,
         }
     }
 }
@@ -155,6 +164,14 @@ impl EdgeShared {
 struct LiveGuard {
     shared: Arc<EdgeShared>,
     id: u64,
+    taken_over: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LiveGuard {
+    /// Set when a newer connection of the device took this one's session over.
+    fn taken_over(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.taken_over.clone()
+    }
 }
 
 impl Drop for LiveGuard {

@@ -1,7 +1,7 @@
 //! One device connection, from TCP accept to close.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -20,15 +20,17 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::sessions::SessionAsk;
+use super::v5::{self, Granted, PubCode};
 use super::EdgeShared;
 use crate::device::DeviceId;
 use crate::events::{self, Refusal, Violation};
 use crate::ingest::{Message, Refused};
-use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD, V5_CONNACK_UNSUPPORTED};
+use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD};
 use crate::pki::cert;
 use crate::policy::{Admission, TopicFilter};
 use crate::registry::Grant;
-use crate::spool::{Durable, Spool};
+use crate::spool::{Durable, Properties, Spool};
 
 /// Largest CONNECT accepted before the device's class is known: a will message of up to
 /// this size plus client id and credentials.
@@ -85,22 +87,24 @@ pub(super) async fn serve(
     let mut buf = BytesMut::new();
     let connect = tokio::select! {
         _ = close_token.cancelled() => return close(tls).await,
-        c = timeout(shared.config.connect_timeout, read_connect(&mut tls, &mut buf)) => c,
+        c = timeout(shared.config.connect_timeout, read_connect(&mut tls, &mut buf, &device)) => c,
     };
-    let connect = match connect {
+    let (connect, dialect) = match connect {
         Err(_) => {
             events::connection_refused(peer, Some(&device), &Refusal::ConnectTimeout);
             return close(tls).await;
         }
-        Ok(Err(refusal)) => {
+        Ok(Err((refusal, v5))) => {
             events::connection_refused(peer, Some(&device), &refusal);
-            if let Refusal::UnsupportedProtocol { level, .. } = refusal {
-                let reply: &[u8] = if level == 5 {
-                    &V5_CONNACK_UNSUPPORTED
-                } else {
-                    &connack(ConnectReturnCode::RefusedProtocolVersion)
-                };
-                let _ = timeout(CLOSE_TIMEOUT, tls.write_all(reply)).await;
+            let reply = match (&refusal, v5) {
+                (_, true) => Some(v5::connack_refused(&refusal).to_vec()),
+                (Refusal::UnsupportedProtocol { .. }, false) => {
+                    Some(connack(ConnectReturnCode::RefusedProtocolVersion))
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&reply)).await;
             }
             return close(tls).await;
         }
@@ -111,33 +115,57 @@ pub(super) async fn serve(
         Ok(g) => g,
         Err((refusal, code)) => {
             events::connection_refused(peer, Some(&device), &refusal);
-            let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&connack(code))).await;
+            let reply = match &dialect {
+                Dialect::V4 => connack(code),
+                Dialect::V5(_) => v5::connack_refused(&refusal).to_vec(),
+            };
+            let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&reply)).await;
             return close(tls).await;
         }
     };
 
     // One connection per client id: a new one takes over (MQTT-3.1.4-2).
     shared.close_others(&device, Some(&_live));
-    let opening = shared
-        .sessions
-        .open(&device, &grant.acl, connect.clean_session);
-    if connect.clean_session || opening.stale {
+    let asked = dialect.session(&connect);
+    let opening = shared.sessions.open(&device, &grant.acl, asked.clone());
+    if asked.clean_start || opening.stale {
         shared.exactly_once.clean(&device);
     }
+    let mut connect = connect;
+    connect.clean_session = asked.broker_clean();
     let mut broker = None;
-    let connack = if opening.attach {
-        if opening.stale {
-            purge_session(&shared.broker, &device, &grant.class).await;
+    let present = if opening.attach {
+        if opening.stale || opening.discard {
+            purge_session(&shared.broker, &device, &grant.class, opening.stale).await;
         }
         match connect_broker(&shared.broker, &connect).await {
-            Ok((stream, connack, backlog)) => {
+            Ok((
+                stream,
+                ConnAck {
+                    code: ConnectReturnCode::Success,
+                    session_present,
+                },
+                backlog,
+            )) => {
                 broker = Some((stream, backlog));
-                connack
+                session_present
             }
-            Err(e) => {
+            Ok((_, ConnAck { code, .. }, _)) if matches!(dialect, Dialect::V4) => {
+                // The broker's own refusal, as it gave it.
+                let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&connack(code))).await;
+                return close(tls).await;
+            }
+            result => {
+                let e = match result {
+                    Err(e) => e,
+                    Ok((_, a, _)) => format!("broker refused the session: {:?}", a.code),
+                };
                 let refusal = Refusal::BrokerUnavailable(e);
                 events::connection_refused(peer, Some(&device), &refusal);
-                let reply = connack(ConnectReturnCode::ServiceUnavailable);
+                let reply = match &dialect {
+                    Dialect::V4 => connack(ConnectReturnCode::ServiceUnavailable),
+                    Dialect::V5(_) => v5::connack_refused(&refusal).to_vec(),
+                };
                 let _ = timeout(CLOSE_TIMEOUT, tls.write_all(&reply)).await;
                 return close(tls).await;
             }
@@ -146,25 +174,43 @@ pub(super) async fn serve(
         if opening.stale {
             events::session_purged(&device, &grant.class, None);
         }
-        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, opening.present))
+        opening.present
+    };
+    let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
+    let connack = match &dialect {
+        Dialect::V4 => {
+            let mut out = BytesMut::new();
+            let _ = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, present))
+                .write(&mut out, usize::MAX);
+            out
+        }
+        Dialect::V5(a) => v5::connack(present, max_packet, a, device.as_str()),
     };
 
-    let will = connect
-        .last_will
-        .as_ref()
-        .and_then(|w| hold_will(&shared, &device, &grant, w));
+    let will = connect.last_will.as_ref().and_then(|w| {
+        let props = match &dialect {
+            Dialect::V5(a) => a.will.as_ref(),
+            Dialect::V4 => None,
+        };
+        hold_will(&shared, &device, &grant, w, props)
+    });
     events::device_connected(peer, &device, &grant.class);
     let ended = relay(
+        Relay {
+            shared: &shared,
+            device: &device,
+            peer,
+            grant: &grant,
+            connect: &connect,
+            dialect: &dialect,
+            close: close_token,
+            taken_over: _live.taken_over(),
+            shutdown: &shutdown,
+        },
         tls,
         buf,
         connack,
         broker,
-        &connect,
-        &shared,
-        &device,
-        peer,
-        &grant,
-        close_token,
     )
     .await;
     let failed = !ended.clean && !shutdown.is_cancelled();
@@ -175,6 +221,16 @@ pub(super) async fn serve(
     if let (Some(w), true, false) = (&connect.last_will, failed, ended.attached) {
         publish_will_locally(&shared, &device, w).await;
     }
+    // An MQTT 5 session that resumed a kept one but does not outlive its connection: the
+    // broker's part ends now (the broker had it as persistent).
+    let expiry = ended.session_expiry.unwrap_or(asked.expiry);
+    let purge_now = ended.attached && !connect.clean_session && expiry == Some(Duration::ZERO);
+    if purge_now {
+        purge_session(&shared.broker, &device, &grant.class, false).await;
+    }
+    shared
+        .sessions
+        .ended(&device, opening.generation, expiry, purge_now);
     events::device_disconnected(peer, &device, &ended.reason);
 }
 
@@ -186,11 +242,13 @@ fn hold_will(
     device: &DeviceId,
     grant: &Grant,
     will: &LastWill,
+    properties: Option<&Properties>,
 ) -> Option<crate::spool::Key> {
     let m = Message {
         topic: &will.topic,
         payload: &will.message,
         qos: will.qos as u8,
+        properties,
     };
     shared.ingest.will(device, grant, m).ok()
 }
@@ -215,25 +273,50 @@ fn end_will(spool: &Spool, key: crate::spool::Key, device: &DeviceId, clean: boo
     }
 }
 
-/// Reads the CONNECT, refusing anything but a well-formed MQTT 3.1.1 one.
-async fn read_connect(tls: &mut DeviceStream, buf: &mut BytesMut) -> Result<Connect, Refusal> {
-    let not_connect = |e: &dyn std::fmt::Display| Refusal::NotConnect(e.to_string());
+/// The MQTT version a device speaks, and what an MQTT 5 device asked for.
+#[derive(Debug, Clone)]
+enum Dialect {
+    V4,
+    V5(v5::Asked),
+}
+
+impl Dialect {
+    /// The session the CONNECT asks for, in the terms of [`sessions`](super::sessions).
+    fn session(&self, connect: &Connect) -> SessionAsk {
+        match self {
+            Dialect::V4 => SessionAsk::v4(connect.clean_session),
+            Dialect::V5(a) => SessionAsk::v5(connect.clean_session, a.session_expiry),
+        }
+    }
+}
+
+/// Reads the CONNECT, refusing anything but a well-formed MQTT 3.1.1 or 5 one; a refusal
+/// says whether it is to be answered in MQTT 5.
+async fn read_connect(
+    tls: &mut DeviceStream,
+    buf: &mut BytesMut,
+    device: &DeviceId,
+) -> Result<(Connect, Dialect), (Refusal, bool)> {
+    let not_connect = |e: &dyn std::fmt::Display| (Refusal::NotConnect(e.to_string()), false);
     let header = match mqtt::read_frame(tls, buf, MAX_CONNECT).await {
         Ok(Some(h)) => h,
-        Ok(None) => return Err(Refusal::NotConnect("connection closed".into())),
+        Ok(None) => return Err(not_connect(&"connection closed")),
         Err(e) => return Err(not_connect(&e)),
     };
     if let Some((name, level)) = mqtt::connect_protocol(buf, &header) {
+        if name == "MQTT" && level == 5 {
+            return v5::connect(buf, MAX_CONNECT, device.as_str())
+                .map(|(c, asked)| (c, Dialect::V5(asked)))
+                .map_err(|r| (r, true));
+        }
         if name != "MQTT" || level != 4 {
             buf.clear();
-            return Err(Refusal::UnsupportedProtocol { name, level });
+            return Err((Refusal::UnsupportedProtocol { name, level }, false));
         }
     }
     match Packet::read(buf, MAX_CONNECT) {
-        Ok(Packet::Connect(c)) if c.protocol == Protocol::V4 => Ok(c),
-        Ok(_) => Err(Refusal::NotConnect(
-            "the first packet is not a CONNECT".into(),
-        )),
+        Ok(Packet::Connect(c)) if c.protocol == Protocol::V4 => Ok((c, Dialect::V4)),
+        Ok(_) => Err(not_connect(&"the first packet is not a CONNECT")),
         Err(e) => Err(not_connect(&e)),
     }
 }
@@ -326,7 +409,14 @@ fn connack(code: ConnectReturnCode) -> Vec<u8> {
 /// messages go, so resuming it cannot deliver what the device may no longer read. Done
 /// by a clean-session CONNECT and DISCONNECT under its client id, before the device's own
 /// CONNECT; if the broker cannot be reached, that CONNECT fails the same way.
-async fn purge_session(broker: &crate::broker::EmbeddedBroker, device: &DeviceId, class: &str) {
+/// `stale` says the purge is for that reason (audited); otherwise the device's session asked
+/// for it (MQTT 5's Clean Start or Session Expiry Interval), which is only logged.
+async fn purge_session(
+    broker: &crate::broker::EmbeddedBroker,
+    device: &DeviceId,
+    class: &str,
+    stale: bool,
+) {
     let mut purge = Connect::new(device.as_str());
     purge.clean_session = true;
     let result = match connect_broker(broker, &purge).await {
@@ -347,7 +437,11 @@ async fn purge_session(broker: &crate::broker::EmbeddedBroker, device: &DeviceId
         }
         Err(e) => Err(e),
     };
-    events::session_purged(device, class, result.as_ref().err());
+    if stale {
+        events::session_purged(device, class, result.as_ref().err());
+    } else if let Err(e) = result {
+        tracing::warn!(event = "edge.session_not_purged", %device, error = %e, "the broker's part of an ended session could not be purged");
+    }
 }
 
 /// Opens a session on the embedded broker: the device's CONNECT with the gateway's broker
@@ -358,7 +452,7 @@ async fn purge_session(broker: &crate::broker::EmbeddedBroker, device: &DeviceId
 async fn connect_broker(
     broker: &crate::broker::EmbeddedBroker,
     connect: &Connect,
-) -> Result<(TcpStream, Packet, BytesMut), String> {
+) -> Result<(TcpStream, ConnAck, BytesMut), String> {
     let mut stream = timeout(BROKER_TIMEOUT, TcpStream::connect(broker.addr))
         .await
         .map_err(|_| "connect timed out".to_owned())?
@@ -379,7 +473,7 @@ async fn connect_broker(
     .map_err(|_| "no CONNACK from the broker".to_owned())?
     .map_err(|e| e.to_string())?;
     match connack {
-        Some(p @ Packet::ConnAck(_)) => Ok((stream, p, buf)),
+        Some(Packet::ConnAck(a)) => Ok((stream, a, buf)),
         Some(other) => Err(format!("broker answered CONNECT with {other:?}")),
         None => Err("broker closed the connection".into()),
     }
@@ -398,14 +492,29 @@ const PIPELINE_DEPTH: usize = 64;
 
 /// What goes to the device besides the broker's packets, in the order decided.
 enum ToDevice {
-    /// The edge's own acknowledgement of a durable QoS 1 PUBLISH.
-    PubAck(u16),
+    /// The edge's acknowledgement of a QoS 1 PUBLISH: durable, or (MQTT 5) refused with
+    /// the code.
+    PubAck(u16, PubCode),
+    /// The edge's refusal of a QoS 2 PUBLISH (MQTT 5).
+    PubRec(u16, PubCode),
     PingResp,
     /// The session was attached to the broker: its packets (and what it sent after its
     /// CONNACK) go to the device from here on.
     Attached(OwnedReadHalf, BytesMut),
     /// The edge's answer to a SUBSCRIBE whose every filter it refused.
-    SubAck(SubAck),
+    SubAck(u16, Vec<Granted>),
+}
+
+/// A packet from the device on its way to [`relay`]'s forwarding half.
+struct FromInbound {
+    packet: Packet,
+    durable: Option<Durable>,
+    refused: RefusedFilters,
+    /// An MQTT 5 PUBLISH refused with the session kept: answered with this code and
+    /// passed no further.
+    answer: Option<PubCode>,
+    /// An MQTT 5 DISCONNECT's reason code and Session Expiry Interval.
+    disconnect: Option<(v5::Reason, Option<u32>)>,
 }
 
 /// The filters of a SUBSCRIBE refused by the device's ACL: where they stood in it, and
@@ -437,13 +546,48 @@ fn refuse_filters(s: &mut rumqttc::mqttbytes::v4::Subscribe, grant: &Grant) -> R
     refused
 }
 
+/// What a SUBACK says of each filter of a SUBSCRIBE as the device sent it: the broker's
+/// codes for the filters it got, in order, and the edge's refusals where the others stood
+/// (MQTT-3.9.3-1: one return code per filter, in order).
+fn granted(broker: Vec<SubscribeReasonCode>, refused: &RefusedFilters) -> Vec<Granted> {
+    let mut broker = broker.into_iter();
+    let total = refused.total.max(refused.positions.len());
+    (0..total)
+        .map(|i| match refused.positions.iter().position(|&p| p == i) {
+            Some(j)
+                if refused
+                    .filters
+                    .get(j)
+                    .is_some_and(|f| f.starts_with("$share/")) =>
+            {
+                Granted::Shared
+            }
+            Some(_) => Granted::Refused,
+            None => match broker.next() {
+                Some(SubscribeReasonCode::Success(q)) => Granted::Qos(q),
+                Some(SubscribeReasonCode::Failure) | None => Granted::Failed,
+            },
+        })
+        .collect()
+}
+
+/// A 3.1.1 SUBACK saying `granted`: every refusal is 0x80 there.
+fn suback_v4(pkid: u16, granted: Vec<Granted>) -> Packet {
+    let codes = granted
+        .into_iter()
+        .map(|g| match g {
+            Granted::Qos(q) => SubscribeReasonCode::Success(q),
+            _ => SubscribeReasonCode::Failure,
+        })
+        .collect();
+    Packet::SubAck(SubAck::new(pkid, codes))
+}
+
+type Narrowed = std::sync::Mutex<std::collections::HashMap<u16, RefusedFilters>>;
+
 /// The broker's SUBACK for a SUBSCRIBE the edge narrowed, with 0x80 put back where the
-/// refused filters stood (MQTT-3.9.3-1: one return code per filter, in order); any other
-/// frame as it is.
-fn widen_suback(
-    frame: BytesMut,
-    narrowed: &std::sync::Mutex<std::collections::HashMap<u16, RefusedFilters>>,
-) -> BytesMut {
+/// refused filters stood; any other frame as it is (the 3.1.1 path, frames passed raw).
+fn widen_suback(frame: BytesMut, narrowed: &Narrowed) -> BytesMut {
     // Every delivery to the device passes here: only a SUBACK takes the lock.
     if frame.first().map(|b| b >> 4) != Some(PacketType::SubAck as u8) {
         return frame;
@@ -459,18 +603,8 @@ fn widen_suback(
     let Some(refused) = map.remove(&ack.pkid) else {
         return frame;
     };
-    let mut granted = ack.return_codes.into_iter();
-    let codes = (0..refused.total)
-        .map(|i| {
-            if refused.positions.contains(&i) {
-                SubscribeReasonCode::Failure
-            } else {
-                granted.next().unwrap_or(SubscribeReasonCode::Failure)
-            }
-        })
-        .collect();
     let mut out = BytesMut::new();
-    let _ = Packet::SubAck(SubAck::new(ack.pkid, codes)).write(&mut out, usize::MAX);
+    let _ = suback_v4(ack.pkid, granted(ack.return_codes, &refused)).write(&mut out, usize::MAX);
     out
 }
 
@@ -481,6 +615,8 @@ struct Ended {
     clean: bool,
     /// The session was attached: the broker publishes its will to local subscribers.
     attached: bool,
+    /// The Session Expiry Interval an MQTT 5 DISCONNECT set, if it did.
+    session_expiry: Option<Option<Duration>>,
 }
 
 /// The writing half of a device's broker session, counted while it lives.
@@ -533,26 +669,99 @@ fn needs_broker(packet: &Packet, attached: bool, shared: &EdgeShared) -> bool {
     }
 }
 
+/// What a session's relay works with.
+struct Relay<'a> {
+    shared: &'a EdgeShared,
+    device: &'a DeviceId,
+    peer: SocketAddr,
+    grant: &'a Grant,
+    /// As the broker gets it (its clean session flag mapped, see [`SessionAsk`]).
+    connect: &'a Connect,
+    dialect: &'a Dialect,
+    close: CancellationToken,
+    /// Set when `close` is cancelled because a newer connection took the session over.
+    taken_over: Arc<AtomicBool>,
+    shutdown: &'a CancellationToken,
+}
+
+/// Counts of QoS 1 and 2 PUBLISHes in flight on an MQTT 5 connection, both ways: the
+/// device's not yet answered (at most [`v5::RECEIVE_MAXIMUM`]) and the deliveries to it
+/// not yet acknowledged (at most its own Receive Maximum: delivery waits for a permit).
+struct InFlight {
+    from_device: AtomicUsize,
+    to_device: AtomicUsize,
+    permits: tokio::sync::Semaphore,
+}
+
+impl InFlight {
+    fn new(receive_maximum: u16) -> Self {
+        InFlight {
+            from_device: AtomicUsize::new(0),
+            to_device: AtomicUsize::new(0),
+            permits: tokio::sync::Semaphore::new(receive_maximum.into()),
+        }
+    }
+
+    /// One more PUBLISH from the device; false if that is past the edge's Receive Maximum.
+    fn received(&self) -> bool {
+        self.from_device.fetch_add(1, Ordering::Relaxed) < usize::from(v5::RECEIVE_MAXIMUM)
+    }
+
+    /// A PUBLISH of the device answered (PUBACK, refusing PUBREC, or PUBCOMP).
+    fn answered(&self) {
+        let _ = self
+            .from_device
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// The device acknowledged a delivery (PUBACK or PUBCOMP): its permit returns. An
+    /// acknowledgement of nothing in flight frees nothing.
+    fn acknowledged(&self) {
+        if self
+            .to_device
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.permits.add_permits(1);
+        }
+    }
+}
+
+/// A broker frame as a v5 device gets it.
+enum ForV5 {
+    Send(BytesMut),
+    /// A QoS 1 or 2 delivery: sent once the device's Receive Maximum allows.
+    Hold(BytesMut),
+    Skip,
+}
+
 /// Relays between device and broker until one side ends, a violation, or `close`.
 ///
 /// Every PUBLISH that passes [`inspect`] is appended to the spool; a QoS 1 or 2 one is
 /// handled only once its record is durable (QoS 0 does not wait for its own flush). The
 /// edge acknowledges QoS 1 itself, in the order received, and answers PINGREQ; the broker
 /// sees a packet only if [`needs_broker`] says so, the session being attached at the first
-/// such packet. Packets reach the broker in the order the device sent them.
-#[allow(clippy::too_many_arguments)]
+/// such packet. Packets reach the broker in the order the device sent them. An MQTT 5
+/// device's packets are translated on the way in and out ([`v5`]); a 3.1.1 device gets the
+/// broker's frames as they are.
 async fn relay(
+    r: Relay<'_>,
     tls: DeviceStream,
     mut buf: BytesMut,
-    connack: Packet,
+    connack: BytesMut,
     broker: Option<(TcpStream, BytesMut)>,
-    connect: &Connect,
-    shared: &EdgeShared,
-    device: &DeviceId,
-    peer: SocketAddr,
-    grant: &Grant,
-    close: CancellationToken,
 ) -> Ended {
+    let Relay {
+        shared,
+        device,
+        peer,
+        grant,
+        connect,
+        dialect,
+        close,
+        taken_over,
+        shutdown,
+    } = r;
     let (mut dev_rd, mut dev_wr) = tokio::io::split(tls);
     let was_attached = AtomicBool::new(broker.is_some());
     let (from_broker, to_broker) = match broker {
@@ -562,47 +771,74 @@ async fn relay(
         }
         None => (None, None),
     };
-    let mut out = BytesMut::new();
-    let _ = connack.write(&mut out, MAX_CONNECT);
-    if let Err(e) = dev_wr.write_all(&out).await {
+    if let Err(e) = dev_wr.write_all(&connack).await {
         return Ended {
             reason: format!("device write failed: {e}"),
             clean: false,
             attached: was_attached.into_inner(),
+            session_expiry: None,
         };
     }
     let clean = AtomicBool::new(false);
+    let session_expiry = std::sync::Mutex::new(None);
+    let keepalive_expired = AtomicBool::new(false);
     // MQTT-3.1.2-24: silent for one and a half keepalives, the device is gone.
     let silence = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let in_flight = match dialect {
+        Dialect::V5(a) => Some(InFlight::new(a.receive_maximum)),
+        Dialect::V4 => None,
+    };
+    let device_max_packet = match dialect {
+        Dialect::V5(a) => a.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+        Dialect::V4 => usize::MAX,
+    };
 
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<(Packet, Option<Durable>, RefusedFilters)>(PIPELINE_DEPTH);
-    // SUBSCRIBEs the broker got with some filters taken out: their SUBACKs get 0x80 back
-    // where those filters were.
-    let narrowed: std::sync::Mutex<std::collections::HashMap<u16, RefusedFilters>> =
-        std::sync::Mutex::default();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<FromInbound>(PIPELINE_DEPTH);
+    // SUBSCRIBEs the broker got with some filters taken out: their SUBACKs get the
+    // refusals back where those filters were.
+    let narrowed = Narrowed::default();
+    // MQTT 5: how many filters each UNSUBSCRIBE had (its UNSUBACK has a code for each).
+    let unsubscribing = std::sync::Mutex::new(std::collections::HashMap::<u16, usize>::new());
+    // Acknowledgements the edge owes the broker for deliveries it could not pass on.
+    let (own_tx, mut own_rx) = tokio::sync::mpsc::unbounded_channel::<Packet>();
     let mut throttled: u64 = 0;
     let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
     let inbound = async {
         // Owned by this future, so the forward half sees the channel close once it ends.
         let tx = tx;
+        let mut aliases = v5::Aliases::default();
         loop {
-            let read = mqtt::read_packet(&mut dev_rd, &mut buf, max_packet);
+            let read = async {
+                match dialect {
+                    Dialect::V4 => mqtt::read_packet(&mut dev_rd, &mut buf, max_packet)
+                        .await
+                        .map(|p| p.map(|p| Ok(v5::FromDevice::plain(p)))),
+                    Dialect::V5(_) => {
+                        match mqtt::read_frame(&mut dev_rd, &mut buf, max_packet).await {
+                            Ok(Some(_)) => Ok(Some(v5::from_device(&mut buf, &mut aliases))),
+                            Ok(None) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                }
+            };
             let read = match silence {
                 Some(limit) => match timeout(limit, read).await {
                     Ok(r) => r,
                     Err(_) => {
+                        keepalive_expired.store(true, Ordering::Relaxed);
                         return Ok(format!(
                             "silent for {} (one and a half keepalives)",
                             humantime::format_duration(limit)
-                        ))
+                        ));
                     }
                 },
                 None => read.await,
             };
-            let packet = match read {
-                Ok(Some(p)) => p,
+            let from = match read {
+                Ok(Some(Ok(p))) => p,
+                Ok(Some(Err((v, reason)))) => return Err(Stop::Bad(v, reason)),
                 Ok(None) => return Ok("device closed the connection".to_owned()),
                 Err(ReadError::Io(e)) => return Ok(format!("device read failed: {e}")),
                 Err(ReadError::Truncated) => return Ok("device closed mid-packet".to_owned()),
@@ -613,15 +849,26 @@ async fn relay(
                     return Err(Stop::Violation(Violation::Protocol(e.to_string())))
                 }
             };
+            let v5::FromDevice {
+                mut packet,
+                properties,
+                disconnect,
+            } = from;
             inspect(&packet).map_err(Stop::Violation)?;
-            let mut packet = packet;
+            if let (Some(f), Packet::PubAck(_) | Packet::PubComp(_)) = (&in_flight, &packet) {
+                f.acknowledged();
+            }
             let mut refused = RefusedFilters::default();
             if let Packet::Subscribe(s) = &mut packet {
-                // MQTT 3.1.1 refuses a filter with SUBACK 0x80 and keeps the session: each
-                // refused filter is audited and counts towards quarantine.
+                // A refused filter gets SUBACK 0x80 (3.1.1) or 0x87 (5) and the session is
+                // kept: each is audited and counts towards quarantine.
                 refused = refuse_filters(s, grant);
+                let answer = match dialect {
+                    Dialect::V4 => "suback_0x80",
+                    Dialect::V5(_) => "suback_0x87",
+                };
                 for f in &refused.filters {
-                    events::subscribe_refused(peer, device, f);
+                    events::subscribe_refused(peer, device, f, answer);
                     count_towards_quarantine(shared, device);
                 }
                 shared
@@ -636,7 +883,9 @@ async fn relay(
             // Over its rate, the device waits before its next packet is read (backpressure).
             // Each PUBLISH, SUBSCRIBE and UNSUBSCRIBE is one message of its topics' size.
             let cost = match &packet {
-                Packet::Publish(p) => Some(p.payload.len() + p.topic.len()),
+                Packet::Publish(p) => Some(
+                    p.payload.len() + p.topic.len() + properties.as_ref().map_or(0, |p| p.len()),
+                ),
                 Packet::Subscribe(s) => Some(s.filters.iter().map(|f| f.path.len()).sum()),
                 Packet::Unsubscribe(u) => Some(u.topics.iter().map(String::len).sum()),
                 _ => None,
@@ -656,14 +905,32 @@ async fn relay(
                 }
                 _ => false,
             };
+            if let (Some(f), Packet::Publish(p)) = (&in_flight, &packet) {
+                if p.qos != QoS::AtMostOnce && !f.received() {
+                    return Err(Stop::Violation(Violation::ReceiveMaximum {
+                        max: v5::RECEIVE_MAXIMUM,
+                    }));
+                }
+            }
+            let mut answer = None;
             let durable = match &packet {
+                Packet::Publish(p)
+                    if properties.as_ref().is_some_and(|m| m.utf8)
+                        && std::str::from_utf8(&p.payload).is_err() =>
+                {
+                    tracing::warn!(event = "edge.payload_format_invalid", %device, topic = %p.topic, "payload marked UTF-8 is not; refused with 0x99");
+                    answer = Some(PubCode::PayloadFormatInvalid);
+                    None
+                }
                 // Stored when it first came: acknowledged again, not stored again (but
                 // judged again: the answer is the same, and no packet passes unjudged).
                 Packet::Publish(p) if repeat => {
-                    shared
+                    if let Err(v) = shared
                         .ingest
                         .verdict(device, grant, &p.topic, p.payload.len())
-                        .map_err(Stop::Violation)?;
+                    {
+                        answer = Some(refuse_publish(shared, peer, device, dialect, v)?);
+                    }
                     None
                 }
                 // The one door into the spool: policy, priority, append (memory work only;
@@ -673,6 +940,7 @@ async fn relay(
                         topic: &p.topic,
                         payload: &p.payload,
                         qos: p.qos as u8,
+                        properties: properties.as_ref(),
                     };
                     match shared.ingest.device(device, grant, m) {
                         Ok(d) => {
@@ -681,10 +949,18 @@ async fn relay(
                             }
                             Some(d)
                         }
-                        Err(Refused::Policy(v)) => return Err(Stop::Violation(v)),
+                        Err(Refused::Policy(v)) => {
+                            answer = Some(refuse_publish(shared, peer, device, dialect, v)?);
+                            None
+                        }
                         // QoS 0 has no acknowledgement to withhold; the refusal is counted
                         // and logged by the spool.
                         Err(Refused::Spool(_)) if p.qos == QoS::AtMostOnce => continue,
+                        // MQTT 5 has a code for it: 0x97, the session kept.
+                        Err(Refused::Spool(_)) if in_flight.is_some() => {
+                            answer = Some(PubCode::QuotaExceeded);
+                            None
+                        }
                         Err(Refused::Spool(e)) => {
                             return Ok(format!("not stored, so not acknowledged: {e}"))
                         }
@@ -692,8 +968,20 @@ async fn relay(
                 }
                 _ => None,
             };
+            if answer.is_some() && matches!(&packet, Packet::Publish(p) if p.qos == QoS::AtMostOnce)
+            {
+                // Nothing to answer a QoS 0 PUBLISH with: it is dropped.
+                continue;
+            }
             let last = matches!(packet, Packet::Disconnect);
-            if tx.send((packet, durable, refused)).await.is_err() {
+            let item = FromInbound {
+                packet,
+                durable,
+                refused,
+                answer,
+                disconnect,
+            };
+            if tx.send(item).await.is_err() {
                 return Ok("broker side closed".to_owned());
             }
             if last {
@@ -727,6 +1015,14 @@ async fn relay(
         loop {
             let next = tokio::select! {
                 next = rx.recv() => next,
+                Some(own) = own_rx.recv(), if broker.is_some() => {
+                    if let Some(b) = broker.as_mut() {
+                        if let Err(e) = b.write(&own).await {
+                            return e;
+                        }
+                    }
+                    continue;
+                }
                 () = tokio::time::sleep_until(ping_at), if broker.is_some() => {
                     ping_at = Instant::now() + BROKER_PING;
                     if let Some(b) = broker.as_mut() {
@@ -737,17 +1033,36 @@ async fn relay(
                     continue;
                 }
             };
-            let Some((packet, durable, refused)) = next else {
+            let Some(FromInbound {
+                packet,
+                durable,
+                refused,
+                answer,
+                disconnect,
+            }) = next
+            else {
                 return "device side closed".to_owned();
             };
+            if let (Packet::Publish(p), Some(code)) = (&packet, answer) {
+                // Refused with the session kept (MQTT 5): answered here, in order.
+                let reply = if p.qos == QoS::ExactlyOnce {
+                    ToDevice::PubRec(p.pkid, code)
+                } else {
+                    ToDevice::PubAck(p.pkid, code)
+                };
+                if let Some(f) = &in_flight {
+                    f.answered();
+                }
+                if to_device.send(reply).is_err() {
+                    return "device side closed".to_owned();
+                }
+                continue;
+            }
             if let Packet::Subscribe(s) = &packet {
                 if s.filters.is_empty() {
                     // Every filter refused: the edge answers alone.
-                    let codes = vec![SubscribeReasonCode::Failure; refused.positions.len()];
-                    if to_device
-                        .send(ToDevice::SubAck(SubAck::new(s.pkid, codes)))
-                        .is_err()
-                    {
+                    let reply = ToDevice::SubAck(s.pkid, granted(Vec::new(), &refused));
+                    if to_device.send(reply).is_err() {
                         return "device side closed".to_owned();
                     }
                     continue;
@@ -759,6 +1074,12 @@ async fn relay(
                         .insert(s.pkid, refused);
                 }
             }
+            if let (Packet::Unsubscribe(u), Some(_)) = (&packet, &in_flight) {
+                unsubscribing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(u.pkid, u.topics.len());
+            }
             if let (Packet::Publish(p), Some(durable)) = (&packet, durable) {
                 if p.qos != QoS::AtMostOnce {
                     if let Err(e) = durable.wait().await {
@@ -768,6 +1089,18 @@ async fn relay(
             }
             if matches!(packet, Packet::PingReq) && to_device.send(ToDevice::PingResp).is_err() {
                 return "device side closed".to_owned();
+            }
+            if let Some((reason, expiry)) = disconnect {
+                *session_expiry
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = expiry;
+                if reason == v5::Reason::DisconnectWithWillMessage {
+                    // The will is published: the broker sees the session fail, not end.
+                    if let Some(b) = broker.as_mut() {
+                        let _ = b.wr.shutdown().await;
+                    }
+                    return "device sent DISCONNECT with its will (0x04)".to_owned();
+                }
             }
             if needs_broker(&packet, broker.is_some(), shared) {
                 if broker.is_none() {
@@ -792,8 +1125,16 @@ async fn relay(
                 }
             }
             if let Packet::Publish(p) = &packet {
-                if p.qos == QoS::AtLeastOnce && to_device.send(ToDevice::PubAck(p.pkid)).is_err() {
-                    return "device side closed".to_owned();
+                if p.qos == QoS::AtLeastOnce {
+                    if let Some(f) = &in_flight {
+                        f.answered();
+                    }
+                    if to_device
+                        .send(ToDevice::PubAck(p.pkid, PubCode::Success))
+                        .is_err()
+                    {
+                        return "device side closed".to_owned();
+                    }
                 }
             }
             if matches!(packet, Packet::Disconnect) {
@@ -806,9 +1147,96 @@ async fn relay(
             }
         }
     };
+    // A broker frame for an MQTT 5 device, in its words.
+    let for_v5 = |frame: BytesMut| -> ForV5 {
+        let mut frame = frame;
+        let packet = match Packet::read(&mut frame, usize::MAX) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(event = "edge.broker_frame_unreadable", %device, error = %e, "a broker frame could not be read; not passed on");
+                return ForV5::Skip;
+            }
+        };
+        let mut out = BytesMut::new();
+        match packet {
+            Packet::SubAck(ack) => {
+                let refused = narrowed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&ack.pkid)
+                    .unwrap_or_else(|| RefusedFilters {
+                        total: ack.return_codes.len(),
+                        ..RefusedFilters::default()
+                    });
+                let granted = granted(ack.return_codes, &refused);
+                v5::write(
+                    v5::ToWrite::SubAck {
+                        pkid: ack.pkid,
+                        granted,
+                    },
+                    &mut out,
+                );
+                return ForV5::Send(out);
+            }
+            Packet::PubComp(_) => {
+                if let Some(f) = &in_flight {
+                    f.answered();
+                }
+            }
+            _ => {}
+        }
+        let unsubscribed = match &packet {
+            Packet::UnsubAck(u) => unsubscribing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&u.pkid)
+                .unwrap_or(1),
+            _ => 0,
+        };
+        let delivery = match &packet {
+            Packet::Publish(p) => Some((p.qos, p.pkid, p.topic.clone())),
+            _ => None,
+        };
+        let Some(v5_packet) = v5::from_broker(packet, unsubscribed) else {
+            return ForV5::Skip;
+        };
+        out = v5::encode(&v5_packet);
+        match delivery {
+            Some((qos, pkid, topic)) if out.len() > device_max_packet => {
+                // MQTT-3.1.2-25: never sent; acknowledged to the broker as if delivered.
+                tracing::warn!(event = "edge.delivery_too_large", %device, %topic, size = out.len(), max = device_max_packet, "a delivery larger than the device's Maximum Packet Size was dropped");
+                let ack = match qos {
+                    QoS::AtMostOnce => None,
+                    QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(pkid))),
+                    QoS::ExactlyOnce => {
+                        Some(Packet::PubRec(rumqttc::mqttbytes::v4::PubRec::new(pkid)))
+                    }
+                };
+                if let Some(ack) = ack {
+                    let _ = own_tx.send(ack);
+                }
+                ForV5::Skip
+            }
+            Some((QoS::AtLeastOnce | QoS::ExactlyOnce, ..)) => ForV5::Hold(out),
+            _ => ForV5::Send(out),
+        }
+    };
     let outbound = async {
         let mut from_broker = from_broker;
         let mut batch = BytesMut::new();
+        // A delivery waiting for the device's Receive Maximum (MQTT 5).
+        let mut held: Option<BytesMut> = None;
+        let permit = || async {
+            match &in_flight {
+                Some(f) => {
+                    if let Ok(p) = f.permits.acquire().await {
+                        p.forget();
+                        f.to_device.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         loop {
             tokio::select! {
                 item = to_device_rx.recv() => {
@@ -816,15 +1244,11 @@ async fn relay(
                     // Every reply ready goes in one write (one TLS record).
                     batch.clear();
                     loop {
-                        let _ = match item {
-                            ToDevice::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)).write(&mut batch, usize::MAX),
-                            ToDevice::PingResp => Packet::PingResp.write(&mut batch, usize::MAX),
-                            ToDevice::SubAck(ack) => Packet::SubAck(ack).write(&mut batch, usize::MAX),
-                            ToDevice::Attached(rd, backlog) => {
-                                from_broker = Some((rd, backlog));
-                                Ok(0)
-                            }
-                        };
+                        if let ToDevice::Attached(rd, backlog) = item {
+                            from_broker = Some((rd, backlog));
+                        } else {
+                            write_to_device(dialect, item, &mut batch);
+                        }
                         match to_device_rx.try_recv() {
                             Ok(next) => item = next,
                             Err(_) => break,
@@ -834,11 +1258,23 @@ async fn relay(
                         dev_wr.write_all(&batch).await?;
                     }
                 }
-                frame = broker_frame(&mut from_broker) => match frame? {
-                    Some(frame) => {
-                        let frame = widen_suback(frame, &narrowed);
+                () = permit(), if held.is_some() => {
+                    if let Some(frame) = held.take() {
                         dev_wr.write_all(&frame).await?;
                     }
+                }
+                frame = broker_frame(&mut from_broker), if held.is_none() => match frame? {
+                    Some(frame) => match dialect {
+                        Dialect::V4 => {
+                            let frame = widen_suback(frame, &narrowed);
+                            dev_wr.write_all(&frame).await?;
+                        }
+                        Dialect::V5(_) => match for_v5(frame) {
+                            ForV5::Send(out) => dev_wr.write_all(&out).await?,
+                            ForV5::Hold(out) => held = Some(out),
+                            ForV5::Skip => {}
+                        },
+                    },
                     None => return Ok(()),
                 },
             }
@@ -846,30 +1282,103 @@ async fn relay(
     };
 
     tokio::pin!(forward);
-    let reason = tokio::select! {
-        _ = close.cancelled() => "closed by the gateway".to_owned(),
+    let unspecified = Some(v5::Reason::UnspecifiedError);
+    let (reason, goodbye) = tokio::select! {
+        _ = close.cancelled() => {
+            let code = if shutdown.is_cancelled() {
+                v5::Reason::ServerShuttingDown
+            } else if taken_over.load(Ordering::Relaxed) {
+                v5::Reason::SessionTakenOver
+            } else {
+                // Quarantined, removed, revoked: the gateway's decision.
+                v5::Reason::AdministrativeAction
+            };
+            ("closed by the gateway".to_owned(), Some(code))
+        }
         r = inbound => {
+            let code = match &r {
+                Ok(_) if keepalive_expired.load(Ordering::Relaxed) => Some(v5::Reason::KeepAliveTimeout),
+                Ok(_) => None,
+                Err(Stop::Violation(v)) => Some(v5::reason_for(v)),
+                Err(Stop::Bad(_, code)) => Some(*code),
+                Err(Stop::HardLimit(_)) => Some(v5::Reason::MessageRateTooHigh),
+            };
             let reason = stopped(shared, device, peer, r);
             // What the device sent before and was accepted is handled first.
             let _ = timeout(CLOSE_TIMEOUT, &mut forward).await;
-            reason
+            (reason, code)
         }
-        reason = &mut forward => reason,
+        reason = &mut forward => {
+            let code = if clean.load(Ordering::Relaxed) { None } else { unspecified };
+            (reason, code)
+        }
         r = outbound => match r {
-            Ok(()) => "broker closed the session".to_owned(),
-            Err(e) => format!("relay to device failed: {e}"),
+            Ok(()) => ("broker closed the session".to_owned(), unspecified),
+            Err(e) => (format!("relay to device failed: {e}"), None),
         },
     };
+    if let (Dialect::V5(_), Some(code)) = (dialect, goodbye) {
+        let mut out = BytesMut::new();
+        v5::write(v5::ToWrite::Disconnect(code), &mut out);
+        let _ = timeout(CLOSE_TIMEOUT, dev_wr.write_all(&out)).await;
+    }
     let _ = timeout(CLOSE_TIMEOUT, dev_wr.shutdown()).await;
     let reason = if throttled > 0 {
         format!("{reason} (held back by its rate {throttled} times)")
     } else {
         reason
     };
+    let session_expiry = session_expiry
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .map(|secs| SessionAsk::v5(false, secs).expiry);
     Ended {
         reason,
         clean: clean.load(Ordering::Relaxed),
         attached: was_attached.load(Ordering::Relaxed),
+        session_expiry,
+    }
+}
+
+/// Encodes the edge's own packet for the device, in its version.
+fn write_to_device(dialect: &Dialect, item: ToDevice, out: &mut BytesMut) {
+    let w = match item {
+        ToDevice::PubAck(pkid, code) => v5::ToWrite::PubAck { pkid, code },
+        ToDevice::PubRec(pkid, code) => v5::ToWrite::PubRec { pkid, code },
+        ToDevice::PingResp => v5::ToWrite::PingResp,
+        ToDevice::SubAck(pkid, granted) => v5::ToWrite::SubAck { pkid, granted },
+        ToDevice::Attached(..) => return,
+    };
+    if let Dialect::V5(_) = dialect {
+        return v5::write(w, out);
+    }
+    let packet = match w {
+        v5::ToWrite::PubAck { pkid, .. } => Packet::PubAck(PubAck::new(pkid)),
+        v5::ToWrite::SubAck { pkid, granted } => suback_v4(pkid, granted),
+        v5::ToWrite::PingResp => Packet::PingResp,
+        // 3.1.1 refuses a PUBLISH by ending the session, never with a PUBREC.
+        v5::ToWrite::PubRec { .. } | v5::ToWrite::Disconnect(_) => return,
+    };
+    let _ = packet.write(out, usize::MAX);
+}
+
+/// The answer to a PUBLISH refused by policy: an MQTT 5 device outside its ACL gets
+/// 0x87 and keeps its session (audited, counted towards quarantine); anything else ends
+/// the session.
+fn refuse_publish(
+    shared: &EdgeShared,
+    peer: SocketAddr,
+    device: &DeviceId,
+    dialect: &Dialect,
+    v: Violation,
+) -> Result<PubCode, Stop> {
+    match (dialect, &v) {
+        (Dialect::V5(_), Violation::PublishDenied { .. }) => {
+            events::publish_refused(peer, device, &v, "puback_0x87");
+            count_towards_quarantine(shared, device);
+            Ok(PubCode::NotAuthorized)
+        }
+        _ => Err(Stop::Violation(v)),
     }
 }
 
@@ -952,6 +1461,8 @@ async fn publish_will_locally(shared: &EdgeShared, device: &DeviceId, will: &Las
 /// Why the inbound half of a relay stopped a session.
 enum Stop {
     Violation(Violation),
+    /// An MQTT 5 packet the edge cannot handle, and the DISCONNECT reason code for it.
+    Bad(Violation, v5::Reason),
     /// Held back by its rate at every publish for this long.
     HardLimit(Duration),
 }
@@ -974,7 +1485,7 @@ fn stopped(
             quarantine_device(shared, device, &reason);
             "rate hard limit".to_owned()
         }
-        Err(Stop::Violation(v)) => {
+        Err(Stop::Violation(v) | Stop::Bad(v, _)) => {
             events::violation(peer, device, &v);
             if matches!(
                 v,

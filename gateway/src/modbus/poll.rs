@@ -340,6 +340,7 @@ fn emit(sink: &Sink, d: &ModbusDevice, r: &Register, body: &serde_json::Value) {
         topic: &topic,
         payload: &payload,
         qos: 1,
+        properties: None,
     };
     // Nobody waits for it to be durable: a Modbus device has no acknowledgement to get.
     match sink.ingest.device(&d.id, &grant, m) {

@@ -114,7 +114,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::device::DeviceId;
 use log::{Frame, Loc, Log};
-pub use record::{Key, Priority, Record, RecordError};
+pub use record::{Key, Priority, Properties, Record, RecordError};
 use record::{Sealer, KEY_LEN, SECRET_LEN};
 
 /// Version of the spool's on-disk layout: 2 is the segment log ([`log`]); 1 was sled's
@@ -269,6 +269,9 @@ struct Entry {
     /// When it was received, in ms of the monotonic clock since the spool opened
     /// (negative: before): ages are measured on it, never on the wall clock.
     born: i64,
+    /// Its own Message Expiry Interval (MQTT 5), seconds: expired at the smaller of it and
+    /// its class's `max_age`.
+    expiry_secs: Option<u32>,
     /// A held last will: not forwarded, not expired.
     held: bool,
     place: Place,
@@ -1088,6 +1091,7 @@ impl Spool {
                         device: rec.device,
                         size: (value.len() + KEY_LEN) as u64,
                         born: -age_at_open(rec.received_at_ms, wall_now),
+                        expiry_secs: rec.properties.expiry_secs,
                         held: false,
                         place: Place::At(loc),
                     },
@@ -1341,6 +1345,7 @@ impl Spool {
                 device: record.device.clone(),
                 size,
                 born: self.mono_ms(),
+                expiry_secs: record.properties.expiry_secs,
                 held,
                 place: Place::Pending(value),
             },
@@ -1379,7 +1384,7 @@ impl Spool {
         let mut paced = false;
         let mut on_disk = false;
         let durable = self.inner.shared.durable.below.load(Ordering::Acquire);
-        let keys: Vec<(Key, i64, Source)> = {
+        let keys: Vec<(Key, i64, Option<u32>, Source)> = {
             let st = self.state();
             let mut keys = Vec::new();
             let ready = st
@@ -1402,12 +1407,12 @@ impl Spool {
                     }
                     budget -= 1;
                 }
-                keys.push((*k, e.born, source));
+                keys.push((*k, e.born, e.expiry_secs, source));
             }
             keys
         };
-        for (key, born, source) in keys {
-            if self.too_old(key.priority, born, now) {
+        for (key, born, expiry, source) in keys {
+            if self.too_old(key.priority, born, expiry, now) {
                 stale.push(key);
                 continue;
             }
@@ -1455,10 +1460,12 @@ impl Spool {
         i64::try_from(self.inner.opened.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Whether a record received at `born` is past its class's `max_age` at `now` (both
-    /// on [`Spool::mono_ms`]'s clock).
-    fn too_old(&self, priority: Priority, born: i64, now: i64) -> bool {
-        let max = self.inner.limits.max_age[priority as usize];
+    /// Whether a record received at `born` is past its class's `max_age`, or its own
+    /// Message Expiry Interval if that is shorter, at `now` (both on [`Spool::mono_ms`]'s
+    /// clock).
+    fn too_old(&self, priority: Priority, born: i64, expiry_secs: Option<u32>, now: i64) -> bool {
+        let class = self.inner.limits.max_age[priority as usize];
+        let max = expiry_secs.map_or(class, |e| class.min(Duration::from_secs(e.into())));
         let age = u64::try_from(now.saturating_sub(born)).unwrap_or(0);
         Duration::from_millis(age) > max
     }
@@ -1470,7 +1477,7 @@ impl Spool {
             .state()
             .index
             .iter()
-            .filter(|(k, e)| !e.held && self.too_old(k.priority, e.born, now))
+            .filter(|(k, e)| !e.held && self.too_old(k.priority, e.born, e.expiry_secs, now))
             .map(|(k, _)| *k)
             .collect();
         self.expire_keys(&stale)
@@ -1501,7 +1508,7 @@ impl Spool {
                 priority = %priority,
                 count,
                 expired,
-                "records expired unsent (older than max_age)"
+                "records expired unsent (older than max_age or their own expiry)"
             );
         }
         n

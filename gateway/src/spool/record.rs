@@ -4,12 +4,17 @@
 //! that sled's key order is the drain order: alarms first, then vitals, then routine, each
 //! oldest first.
 //!
-//! Value, format version [`RECORD_VERSION`]:
+//! Value, format version [`RECORD_VERSION`] (2; version 1, without the properties, is
+//! still read):
 //!
 //! ```text
 //! version (1) ‖ nonce (12) ‖ ChaCha20-Poly1305( plaintext ) with the key bytes as AAD
 //! plaintext = qos (1) ‖ received_at_ms (u64 BE) ‖ device_len (u16 BE) ‖ device
-//!           ‖ topic_len (u16 BE) ‖ topic ‖ payload
+//!           ‖ topic_len (u16 BE) ‖ topic ‖ props_len (u32 BE) ‖ props ‖ payload
+//! props     = empty (props_len 0), or
+//!             flags (1: 1 = UTF-8 payload, 2 = content type, 4 = expiry)
+//!           ‖ [expiry_secs (u32 BE)] ‖ [ct_len (u16 BE) ‖ content type]
+//!           ‖ user_count (u16 BE) ‖ (key_len (u16 BE) ‖ key ‖ value_len (u16 BE) ‖ value)*
 //! ```
 //!
 //! The key is the AAD, so a record moved to another key (another sequence number or
@@ -22,7 +27,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::device::DeviceId;
 
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
+/// The first format, written before MQTT 5 properties were kept; still read.
+const RECORD_VERSION_1: u8 = 1;
 pub const KEY_LEN: usize = 9;
 const NONCE_LEN: usize = 12;
 /// Length of the spool's encryption key file.
@@ -88,6 +95,35 @@ impl Key {
     }
 }
 
+/// What an MQTT 5 PUBLISH carries besides topic, payload and QoS that goes upstream with
+/// it. Empty for a 3.1.1 device's message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    pub content_type: Option<String>,
+    /// Payload Format Indicator 1: the payload is UTF-8 (checked at the edge).
+    pub utf8: bool,
+    /// Message Expiry Interval, seconds from when the gateway received it.
+    pub expiry_secs: Option<u32>,
+    /// User properties, in the order the device sent them.
+    pub user: Vec<(String, String)>,
+}
+
+impl Properties {
+    pub fn is_empty(&self) -> bool {
+        *self == Properties::default()
+    }
+
+    /// Bytes they take, for quotas and rates.
+    pub fn len(&self) -> usize {
+        self.content_type.as_ref().map_or(0, String::len)
+            + self
+                .user
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
 /// A message as the spool keeps it (decrypted).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
@@ -96,6 +132,8 @@ pub struct Record {
     pub payload: Bytes,
     pub qos: u8,
     pub received_at_ms: u64,
+    /// An MQTT 5 device's properties; empty otherwise.
+    pub properties: Properties,
 }
 
 impl std::fmt::Debug for Record {
@@ -107,6 +145,10 @@ impl std::fmt::Debug for Record {
             .field("payload", &format_args!("<{} bytes>", self.payload.len()))
             .field("qos", &self.qos)
             .field("received_at_ms", &self.received_at_ms)
+            .field(
+                "properties",
+                &format_args!("<{} bytes>", self.properties.len()),
+            )
             .finish()
     }
 }
@@ -114,7 +156,7 @@ impl std::fmt::Debug for Record {
 /// Why a stored value could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    #[error("record has format version {0}; this wardgate reads version {RECORD_VERSION}")]
+    #[error("record has format version {0}; this wardgate reads versions 1 to {RECORD_VERSION}")]
     Version(u8),
     #[error("record is truncated")]
     Truncated,
@@ -161,8 +203,19 @@ impl Sealer {
     pub fn seal(&self, key: Key, record: &Record) -> Result<Vec<u8>, RecordError> {
         let device = record.device.as_str().as_bytes();
         let topic = record.topic.as_bytes();
+        let props = encode_properties(&record.properties)?;
         let mut buf = BytesMut::with_capacity(
-            1 + NONCE_LEN + 1 + 8 + 2 + device.len() + 2 + topic.len() + record.payload.len() + 16,
+            1 + NONCE_LEN
+                + 1
+                + 8
+                + 2
+                + device.len()
+                + 2
+                + topic.len()
+                + 4
+                + props.len()
+                + record.payload.len()
+                + 16,
         );
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| RecordError::Random)?;
@@ -175,6 +228,8 @@ impl Sealer {
         buf.put_slice(device);
         buf.put_u16(u16::try_from(topic.len()).map_err(|_| RecordError::Malformed("topic"))?);
         buf.put_slice(topic);
+        buf.put_u32(u32::try_from(props.len()).map_err(|_| RecordError::Malformed("properties"))?);
+        buf.put_slice(&props);
         buf.put_slice(&record.payload);
         let mut plaintext = buf.split_off(header);
         let tag = self
@@ -192,7 +247,7 @@ impl Sealer {
 
     pub fn open(&self, key: Key, value: &[u8]) -> Result<Record, RecordError> {
         let (&version, rest) = value.split_first().ok_or(RecordError::Truncated)?;
-        if version != RECORD_VERSION {
+        if version != RECORD_VERSION && version != RECORD_VERSION_1 {
             return Err(RecordError::Version(version));
         }
         if rest.len() < NONCE_LEN + aead::MAX_TAG_LEN {
@@ -205,11 +260,85 @@ impl Sealer {
             .key
             .open_in_place(nonce, Aad::from(key.to_bytes()), &mut sealed)
             .map_err(|_| RecordError::Authentication)?;
-        decode(plain)
+        decode(plain, version)
     }
 }
 
-fn decode(plain: &[u8]) -> Result<Record, RecordError> {
+/// The properties block of a version 2 record (empty for none).
+fn encode_properties(p: &Properties) -> Result<Vec<u8>, RecordError> {
+    let mut b = Vec::new();
+    if p.is_empty() {
+        return Ok(b);
+    }
+    let short = |s: &str| u16::try_from(s.len()).map_err(|_| RecordError::Malformed("properties"));
+    let flags = u8::from(p.utf8)
+        | if p.content_type.is_some() { 2 } else { 0 }
+        | if p.expiry_secs.is_some() { 4 } else { 0 };
+    b.put_u8(flags);
+    if let Some(e) = p.expiry_secs {
+        b.put_u32(e);
+    }
+    if let Some(ct) = &p.content_type {
+        b.put_u16(short(ct)?);
+        b.put_slice(ct.as_bytes());
+    }
+    b.put_u16(u16::try_from(p.user.len()).map_err(|_| RecordError::Malformed("properties"))?);
+    for (k, v) in &p.user {
+        b.put_u16(short(k)?);
+        b.put_slice(k.as_bytes());
+        b.put_u16(short(v)?);
+        b.put_slice(v.as_bytes());
+    }
+    Ok(b)
+}
+
+fn decode_properties(mut b: &[u8]) -> Result<Properties, RecordError> {
+    let bad = RecordError::Malformed("properties");
+    let mut p = Properties::default();
+    if b.is_empty() {
+        return Ok(p);
+    }
+    let string = |b: &mut &[u8]| -> Result<String, RecordError> {
+        if b.remaining() < 2 {
+            return Err(RecordError::Malformed("properties"));
+        }
+        let n = usize::from(b.get_u16());
+        if b.remaining() < n {
+            return Err(RecordError::Malformed("properties"));
+        }
+        let s = std::str::from_utf8(&b[..n])
+            .map_err(|_| RecordError::Malformed("properties"))?
+            .to_owned();
+        b.advance(n);
+        Ok(s)
+    };
+    let flags = b.get_u8();
+    p.utf8 = flags & 1 != 0;
+    if flags & 4 != 0 {
+        if b.remaining() < 4 {
+            return Err(bad);
+        }
+        p.expiry_secs = Some(b.get_u32());
+    }
+    if flags & 2 != 0 {
+        p.content_type = Some(string(&mut b)?);
+    }
+    if b.remaining() < 2 {
+        return Err(bad);
+    }
+    let n = b.get_u16();
+    for _ in 0..n {
+        let k = string(&mut b)?;
+        let v = string(&mut b)?;
+        p.user.push((k, v));
+    }
+    if b.has_remaining() {
+        return Err(bad);
+    }
+    Ok(p)
+}
+
+fn decode(plain: &[u8], version: u8) -> Result<Record, RecordError> {
     let mut b = plain;
     let need = |b: &[u8], n: usize| {
         if b.remaining() < n {
@@ -232,12 +361,21 @@ fn decode(plain: &[u8]) -> Result<Record, RecordError> {
         .map_err(|_| RecordError::Malformed("topic"))?
         .to_owned();
     b.advance(tlen);
+    let mut properties = Properties::default();
+    if version >= RECORD_VERSION {
+        need(b, 4)?;
+        let plen = b.get_u32() as usize;
+        need(b, plen)?;
+        properties = decode_properties(&b[..plen])?;
+        b.advance(plen);
+    }
     Ok(Record {
         device,
         topic,
         payload: Bytes::copy_from_slice(b),
         qos,
         received_at_ms,
+        properties,
     })
 }
 
@@ -252,7 +390,67 @@ mod tests {
             payload: Bytes::from_static(b"PATIENT-MARKER hr=72"),
             qos: 1,
             received_at_ms: 1_700_000_000_123,
+            properties: Properties::default(),
         }
+    }
+
+    fn with_properties() -> Record {
+        Record {
+            properties: Properties {
+                content_type: Some("application/fhir+json".into()),
+                utf8: true,
+                expiry_secs: Some(90),
+                user: vec![
+                    ("unit".into(), "mmHg".into()),
+                    ("unit".into(), "kPa".into()),
+                ],
+            },
+            ..record()
+        }
+    }
+
+    /// A version 1 value as wardgate before record version 2 sealed it.
+    fn seal_v1(s: &Sealer, key: Key, r: &Record) -> Vec<u8> {
+        let mut plain = Vec::new();
+        plain.put_u8(r.qos);
+        plain.put_u64(r.received_at_ms);
+        plain.put_u16(r.device.as_str().len() as u16);
+        plain.put_slice(r.device.as_str().as_bytes());
+        plain.put_u16(r.topic.len() as u16);
+        plain.put_slice(r.topic.as_bytes());
+        plain.put_slice(&r.payload);
+        let nonce = [3u8; NONCE_LEN];
+        let tag = s
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(key.to_bytes()),
+                &mut plain,
+            )
+            .unwrap();
+        let mut v = vec![1u8];
+        v.extend_from_slice(&nonce);
+        v.extend_from_slice(&plain);
+        v.extend_from_slice(tag.as_ref());
+        v
+    }
+
+    #[test]
+    fn properties_round_trip_and_version_1_records_are_still_read() {
+        let s = Sealer::new(&Sealer::generate_secret().unwrap());
+        let key = Key {
+            priority: Priority::Alarm,
+            seq: 3,
+        };
+        let sealed = s.seal(key, &with_properties()).unwrap();
+        assert_eq!(sealed[0], 2);
+        assert!(
+            !sealed.windows(4).any(|w| w == b"mmHg"),
+            "properties are sealed too"
+        );
+        assert_eq!(s.open(key, &sealed).unwrap(), with_properties());
+        let old = seal_v1(&s, key, &record());
+        assert_eq!(s.open(key, &old).unwrap(), record());
     }
 
     #[test]
@@ -290,9 +488,9 @@ mod tests {
         let other = Sealer::new(&Sealer::generate_secret().unwrap());
         assert_eq!(other.open(key, &sealed), Err(RecordError::Authentication));
         assert_eq!(s.open(key, &sealed[..10]), Err(RecordError::Truncated));
-        let mut v2 = sealed.clone();
-        v2[0] = 2;
-        assert_eq!(s.open(key, &v2), Err(RecordError::Version(2)));
+        let mut v3 = sealed.clone();
+        v3[0] = 3;
+        assert_eq!(s.open(key, &v3), Err(RecordError::Version(3)));
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn rec(device: &str, n: u32) -> Record {
         payload: Bytes::from(format!("{n:08}")),
         qos: 1,
         received_at_ms: now_ms(),
+        properties: Default::default(),
     }
 }
 
@@ -454,6 +455,39 @@ async fn old_records_expire_per_class() {
         s.stats().devices[&DeviceId::parse("pump-1").unwrap()].expired,
         1
     );
+}
+
+/// MQTT 5's Message Expiry Interval: a record expires at the smaller of it and its
+/// class's `max_age`, before and after a restart.
+#[tokio::test]
+async fn a_records_own_expiry_shortens_its_class_max_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = limits(1 << 20, 1 << 20);
+    let with_expiry = |n, secs, ago_ms| {
+        let mut r = rec("pump-1", n);
+        r.received_at_ms -= ago_ms;
+        r.properties.expiry_secs = Some(secs);
+        r
+    };
+    {
+        let s = Spool::open(dir.path(), l.clone()).unwrap();
+        // 10 s of 30 gone: kept; 40 s gone: expired; 2 h of an expiry past max_age: expired.
+        s.append(&with_expiry(1, 30, 10_000), Priority::Alarm)
+            .unwrap();
+        s.append(&with_expiry(2, 30, 40_000), Priority::Alarm)
+            .unwrap();
+        s.append(&with_expiry(3, 86_400, 7_200_000), Priority::Vital)
+            .unwrap();
+        s.append(&rec("pump-1", 4), Priority::Vital).unwrap();
+        s.flush().unwrap();
+    }
+    let s = Spool::open(dir.path(), l).unwrap();
+    assert_eq!(s.expire(), 2);
+    let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(left, ["00000001", "00000004"]);
+    // Its properties came back from disk with it.
+    let batch = s.next_batch(10, &HashSet::new());
+    assert_eq!(batch[0].1.properties.expiry_secs, Some(30));
 }
 
 #[tokio::test]

@@ -338,16 +338,29 @@ impl Uplink {
             .check(&record.device, &record.topic)
             .map_err(|e| e.to_string())?;
         let topic = self.topics.upstream(&record.device, &record.topic);
+        // The device's own properties (MQTT 5) first, then the gateway's: a device cannot
+        // set names under `wardgate-` (the edge refuses them).
+        let p = &record.properties;
+        let mut user_properties = p.user.clone();
+        user_properties.extend([
+            ("wardgate-seq".into(), key.seq.to_string()),
+            (
+                "wardgate-received-at".into(),
+                record.received_at_ms.to_string(),
+            ),
+            ("wardgate-priority".into(), key.priority.name().into()),
+            ("wardgate-qos".into(), record.qos.to_string()),
+        ]);
+        // What is left of its Message Expiry Interval (the spool expires it at 0).
+        let message_expiry_interval = p.expiry_secs.map(|e| {
+            let age_secs = crate::spool::now_ms().saturating_sub(record.received_at_ms) / 1000;
+            u32::try_from(u64::from(e).saturating_sub(age_secs).max(1)).unwrap_or(e)
+        });
         let properties = PublishProperties {
-            user_properties: vec![
-                ("wardgate-seq".into(), key.seq.to_string()),
-                (
-                    "wardgate-received-at".into(),
-                    record.received_at_ms.to_string(),
-                ),
-                ("wardgate-priority".into(), key.priority.name().into()),
-                ("wardgate-qos".into(), record.qos.to_string()),
-            ],
+            user_properties,
+            content_type: p.content_type.clone(),
+            payload_format_indicator: p.utf8.then_some(1),
+            message_expiry_interval,
             ..PublishProperties::default()
         };
         let publish = Publish::new(

@@ -206,6 +206,18 @@ pub fn mosquitto_sub(
     filter: &str,
     count: usize,
 ) -> tokio::process::Child {
+    mosquitto_sub_with(site, device, port, filter, count, &[])
+}
+
+/// [`mosquitto_sub`] with more arguments (e.g. `-V mqttv5`).
+pub fn mosquitto_sub_with(
+    site: &Site,
+    device: &str,
+    port: u16,
+    filter: &str,
+    count: usize,
+    args: &[&str],
+) -> tokio::process::Child {
     require("mosquitto_sub", "mosquitto-clients");
     tokio::process::Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", device])
@@ -214,6 +226,7 @@ pub fn mosquitto_sub(
         .args(["--key", site.key(device).to_str().unwrap()])
         .args(["-t", filter, "-q", "1", "-v", "-C", &count.to_string()])
         .args(["-W", &DEADLINE.as_secs().to_string()])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
