@@ -1,5 +1,6 @@
 //! Framing MQTT packets on a byte stream with rumqttc's `mqttbytes` codec (the fixed header
-//! is the same in 3.1.1 and 5), for the edge and the broker's readiness probe. Tested by the unit tests below.
+//! is the same in 3.1.1 and 5), for the edge and the broker's readiness probe. Tested by
+//! the unit tests below.
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::Packet;

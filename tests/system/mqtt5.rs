@@ -93,6 +93,17 @@ impl V5 {
         self.send(&Packet::Publish(p)).await;
     }
 
+    /// Subscribes to `filter` at QoS 1 as packet `pkid`; returns the SUBACK's codes.
+    async fn subscribe(&mut self, filter: &str, pkid: u16) -> Vec<SubscribeReasonCode> {
+        let mut s = Subscribe::new(Filter::new(filter, QoS::AtLeastOnce), None);
+        s.pkid = pkid;
+        self.send(&Packet::Subscribe(s)).await;
+        match self.recv().await {
+            Some(Packet::SubAck(a)) => a.return_codes,
+            other => panic!("expected a SUBACK, got {other:?}"),
+        }
+    }
+
     async fn puback(&mut self) -> PubAck {
         match self.recv().await {
             Some(Packet::PubAck(a)) => a,
@@ -325,10 +336,7 @@ async fn topic_aliases_are_resolved_before_the_acl() {
     let site = Site::ward();
     let mut gw = site.start().await;
     let mut nurse = V5::connect(&site, gw.edge, "nurse-1").await;
-    let mut s = Subscribe::new(Filter::new("ward/+/alarm/#", QoS::AtLeastOnce), None);
-    s.pkid = 1;
-    nurse.send(&Packet::Subscribe(s)).await;
-    assert!(matches!(nurse.recv().await, Some(Packet::SubAck(_))));
+    nurse.subscribe("ward/+/alarm/#", 1).await;
 
     let mut pump = V5::connect(&site, gw.edge, "pump-1").await;
     pump.publish("ward/pump-1/alarm/occlusion", QoS::AtLeastOnce, 1, alias(1))
@@ -387,10 +395,7 @@ async fn receive_maximum_is_honoured_both_ways() {
         }),
     )
     .await;
-    let mut s = Subscribe::new(Filter::new("ward/+/alarm/#", QoS::AtLeastOnce), None);
-    s.pkid = 1;
-    nurse.send(&Packet::Subscribe(s)).await;
-    assert!(matches!(nurse.recv().await, Some(Packet::SubAck(_))));
+    nurse.subscribe("ward/+/alarm/#", 1).await;
     let mut pump = V5::connect(&site, gw.edge, "pump-1").await;
     for i in 1..=4 {
         pump.publish(
@@ -459,10 +464,7 @@ async fn the_session_expiry_interval_decides_what_the_broker_keeps() {
     };
     let (mut nurse, ack) = V5::connect_with(&site, gw.edge, "nurse-1", true, lasting()).await;
     assert!(!ack.session_present);
-    let mut s = Subscribe::new(Filter::new("ward/+/alarm/#", QoS::AtLeastOnce), None);
-    s.pkid = 1;
-    nurse.send(&Packet::Subscribe(s)).await;
-    assert!(matches!(nurse.recv().await, Some(Packet::SubAck(_))));
+    nurse.subscribe("ward/+/alarm/#", 1).await;
     nurse.bye().await;
 
     let mut pump = V5::connect(&site, gw.edge, "pump-1").await;
@@ -511,10 +513,7 @@ async fn the_session_expiry_interval_decides_what_the_broker_keeps() {
         "the session ended with its connection"
     );
     // A marker through a fresh subscription arrives first: nothing queued came before it.
-    let mut s = Subscribe::new(Filter::new("ward/+/alarm/#", QoS::AtLeastOnce), None);
-    s.pkid = 2;
-    nurse.send(&Packet::Subscribe(s)).await;
-    assert!(matches!(nurse.recv().await, Some(Packet::SubAck(_))));
+    nurse.subscribe("ward/+/alarm/#", 2).await;
     pump.publish(
         "ward/pump-1/alarm/marker",
         QoS::AtLeastOnce,
@@ -625,4 +624,51 @@ async fn mosquitto_clients_speaking_mqtt5_are_served() {
     );
     gw.wait_log("edge.acl_violation", &["device=pump-1", "puback_0x87"])
         .await;
+}
+
+/// A connection taken over by a newer one gets DISCONNECT 0x8E, and its end (it had
+/// resumed the session with Session Expiry 0) leaves the newer connection's broker session
+/// alone: an alarm published after it ended still reaches the new connection.
+#[tokio::test]
+async fn a_taken_over_session_ends_with_0x8e_and_spares_its_successor() {
+    let site = Site::ward();
+    let mut gw = site.start().await;
+    let props = |secs| {
+        Some(ConnectProperties {
+            session_expiry_interval: Some(secs),
+            ..ConnectProperties::new()
+        })
+    };
+    let (mut first, _) = V5::connect_with(&site, gw.edge, "nurse-1", true, props(3600)).await;
+    first.subscribe("ward/+/alarm/#", 1).await;
+    first.bye().await;
+    // Resumed with expiry 0: the broker's session is purged when this connection ends...
+    let (mut old, ack) = V5::connect_with(&site, gw.edge, "nurse-1", false, props(0)).await;
+    assert!(ack.session_present);
+    // ...but a newer connection takes it over first.
+    let (mut new, ack) = V5::connect_with(&site, gw.edge, "nurse-1", false, props(3600)).await;
+    assert!(ack.session_present);
+    assert_eq!(
+        old.disconnected().await,
+        DisconnectReasonCode::SessionTakenOver
+    );
+    // Its end, and whatever it did at its end, is over once it is logged.
+    gw.wait_log(
+        "edge.disconnected",
+        &["device=nurse-1", "closed by the gateway"],
+    )
+    .await;
+    let mut pump = V5::connect(&site, gw.edge, "pump-1").await;
+    pump.publish(
+        "ward/pump-1/alarm/after-takeover",
+        QoS::AtLeastOnce,
+        1,
+        Default::default(),
+    )
+    .await;
+    assert_eq!(pump.puback().await.reason, PubAckReason::Success);
+    match new.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.topic[..], b"ward/pump-1/alarm/after-takeover"),
+        other => panic!("the new connection lost its session: {other:?}"),
+    }
 }

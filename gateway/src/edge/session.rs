@@ -222,9 +222,17 @@ pub(super) async fn serve(
         publish_will_locally(&shared, &device, w).await;
     }
     // An MQTT 5 session that resumed a kept one but does not outlive its connection: the
-    // broker's part ends now (the broker had it as persistent).
-    let expiry = ended.session_expiry.unwrap_or(asked.expiry);
-    let purge_now = ended.attached && !connect.clean_session && expiry == Some(Duration::ZERO);
+    // broker's part ends now (the broker had it as persistent) — unless a newer connection
+    // took the session over, whose broker session a purge under the same client id would
+    // end. A DISCONNECT may change the interval, but not from 0 [MQTT-3.14.2-2].
+    let expiry = match ended.session_expiry {
+        Some(e) if asked.persistent() => e,
+        _ => asked.expiry,
+    };
+    let purge_now = ended.attached
+        && !connect.clean_session
+        && expiry == Some(Duration::ZERO)
+        && !_live.taken_over().load(Ordering::Relaxed);
     if purge_now {
         purge_session(&shared.broker, &device, &grant.class, false).await;
     }
