@@ -30,6 +30,9 @@ pub struct Grant {
     pub acl: Acl,
     pub max_payload: usize,
     pub max_subscriptions: usize,
+    /// MQTT 5: the CONNACK's Receive Maximum and Topic Alias Maximum.
+    pub receive_maximum: u16,
+    pub topic_alias_maximum: u16,
     pub rate: crate::policy::RateLimits,
     alarm: Vec<TopicFilter>,
     vital: Vec<TopicFilter>,
@@ -164,6 +167,8 @@ impl Registry {
             acl: Acl::for_device(device, &class.publish, &class.subscribe),
             max_payload: usize::try_from(class.max_payload).unwrap_or(usize::MAX),
             max_subscriptions: class.max_subscriptions,
+            receive_maximum: class.receive_maximum,
+            topic_alias_maximum: class.topic_alias_maximum,
             rate: class.rate,
             alarm: class.alarm.iter().map(|t| t.expand(device)).collect(),
             vital: class.vital.iter().map(|t| t.expand(device)).collect(),

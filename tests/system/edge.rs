@@ -2,7 +2,6 @@
 //! serving everyone else whatever one device does.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{Connect, LastWill, Packet as RawPacket, Publish, Subscribe};
@@ -100,25 +99,10 @@ async fn registered_device_publishes_and_granted_subscriber_receives() {
     // ... and rumqttc to mosquitto_sub. mosquitto_sub says nothing once subscribed, so the
     // pump publishes until mosquitto_sub has its message and exits (-C 1).
     let mut sub = clients::mosquitto_sub(&site, "nurse-1", gw.port(), "ward/+/alarm/#", 1);
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let status = loop {
-        pump.publish("ward/pump-1/alarm/door", b"open").await;
-        if let Ok(status) = tokio::time::timeout(Duration::from_millis(300), sub.wait()).await {
-            break status.unwrap();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "mosquitto_sub got nothing"
-        );
-    };
-    let mut stdout = String::new();
-    sub.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .await
-        .unwrap();
-    assert!(status.success(), "mosquitto_sub failed: {stdout}");
+    let stdout = clients::publish_until_received(&mut sub, async || {
+        pump.publish("ward/pump-1/alarm/door", b"open").await
+    })
+    .await;
     assert_eq!(stdout.trim(), "ward/pump-1/alarm/door open");
 }
 

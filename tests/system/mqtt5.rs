@@ -11,12 +11,16 @@ use rumqttc::v5::mqttbytes::v5::{
     PubAckReason, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::{TlsConfiguration, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use std::time::Duration;
 
-use crate::support::clients::{mosquitto_pub, mosquitto_sub_with, Raw};
-use crate::support::upstream::{property, Upstream};
+use crate::support::clients::{
+    device_tls, mosquitto_pub, mosquitto_sub_with, publish_until_received, Raw,
+};
+use crate::support::upstream::{property, Link, Upstream};
 use crate::support::{Site, DEADLINE};
 
 /// A TLS connection speaking MQTT 5 packet by packet.
@@ -333,7 +337,9 @@ async fn refusals_carry_reason_codes_the_session_is_kept_and_properties_go_upstr
 /// device past it; an alias out of range ends the session with 0x94.
 #[tokio::test]
 async fn topic_aliases_are_resolved_before_the_acl() {
-    let site = Site::ward();
+    let mut site = Site::ward();
+    // The pumps' class allows two aliases (the default is 16).
+    site.classes[0].extra = "topic_alias_maximum = 2";
     let mut gw = site.start().await;
     let mut nurse = V5::connect(&site, gw.edge, "nurse-1").await;
     nurse.subscribe("ward/+/alarm/#", 1).await;
@@ -364,8 +370,8 @@ async fn topic_aliases_are_resolved_before_the_acl() {
         .len(),
         2
     );
-    // Past the Topic Alias Maximum: DISCONNECT 0x94.
-    pump.publish("ward/pump-1/alarm/x", QoS::AtLeastOnce, 5, alias(17))
+    // Past the class's Topic Alias Maximum: DISCONNECT 0x94.
+    pump.publish("ward/pump-1/alarm/x", QoS::AtLeastOnce, 5, alias(3))
         .await;
     assert_eq!(
         pump.disconnected().await,
@@ -373,16 +379,17 @@ async fn topic_aliases_are_resolved_before_the_acl() {
     );
     gw.wait_log(
         "edge.protocol_violation",
-        &["device=pump-1", "topic alias 17"],
+        &["device=pump-1", "topic alias 3 outside 1..=2"],
     )
     .await;
 }
 
-/// Inbound: more QoS 2 PUBLISHes unanswered than the edge's Receive Maximum (64) ends the
+/// Inbound: more QoS 2 PUBLISHes unanswered than the class's `receive_maximum` ends the
 /// session with 0x93. Outbound: deliveries wait for the device's own Receive Maximum.
 #[tokio::test]
 async fn receive_maximum_is_honoured_both_ways() {
-    let site = Site::ward();
+    let mut site = Site::ward();
+    site.classes[0].extra = "receive_maximum = 8";
     let mut gw = site.start().await;
     let (mut nurse, _) = V5::connect_with(
         &site,
@@ -431,9 +438,9 @@ async fn receive_maximum_is_honoured_both_ways() {
         other => panic!("{other:?}"),
     }
 
-    // 65 QoS 2 PUBLISHes without a PUBREL: one past the edge's Receive Maximum.
+    // 9 QoS 2 PUBLISHes without a PUBREL: one past the class's Receive Maximum.
     let mut all = BytesMut::new();
-    for i in 1..=65u16 {
+    for i in 1..=9u16 {
         let mut p = Publish::new("ward/pump-1/vitals/x", QoS::ExactlyOnce, "v", None);
         p.pkid = 100 + i;
         Packet::Publish(p).write(&mut all, None).unwrap();
@@ -546,9 +553,7 @@ async fn mosquitto_clients_speaking_mqtt5_are_served() {
         1,
         &["-V", "mqttv5"],
     );
-    // Published until the subscriber, whose SUBSCRIBE the test cannot see land, has one.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    let stdout = publish_until_received(&mut sub, async || {
         let out = mosquitto_pub(
             &site,
             "pump-1",
@@ -578,22 +583,8 @@ async fn mosquitto_clients_speaking_mqtt5_are_served() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        if let Ok(status) = tokio::time::timeout(Duration::from_millis(300), sub.wait()).await {
-            assert!(status.unwrap().success());
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "mosquitto_sub got nothing"
-        );
-    }
-    let mut stdout = String::new();
-    sub.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .await
-        .unwrap();
+    })
+    .await;
     assert_eq!(stdout.trim(), "ward/pump-1/alarm/occlusion occluded");
     let got = consumer.next().await;
     assert_eq!(property(&got, "unit"), Some("ml/h"));
@@ -671,4 +662,337 @@ async fn a_taken_over_session_ends_with_0x8e_and_spares_its_successor() {
         Some(Packet::Publish(p)) => assert_eq!(&p.topic[..], b"ward/pump-1/alarm/after-takeover"),
         other => panic!("the new connection lost its session: {other:?}"),
     }
+}
+
+/// rumqttc's MQTT 5 client as a device: its eventloop in a task, every packet it receives
+/// forwarded, and the error that ends it.
+struct Rumqttc5 {
+    client: rumqttc::v5::AsyncClient,
+    incoming: mpsc::UnboundedReceiver<Packet>,
+    ended: mpsc::UnboundedReceiver<rumqttc::v5::ConnectionError>,
+}
+
+impl Rumqttc5 {
+    async fn connect(site: &Site, device: &str, port: u16, max_packet: Option<u32>) -> Rumqttc5 {
+        let mut o = rumqttc::v5::MqttOptions::new(device, "127.0.0.1", port);
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            device_tls(site, device),
+        )));
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(max_packet);
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 64);
+        let (itx, incoming) = mpsc::unbounded_channel();
+        let (etx, ended) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(Packet::PingResp(_))) => {}
+                    Ok(rumqttc::v5::Event::Incoming(p)) => {
+                        let _ = itx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = etx.send(e);
+                        return;
+                    }
+                }
+            }
+        });
+        let mut c = Rumqttc5 {
+            client,
+            incoming,
+            ended,
+        };
+        match c.next().await {
+            Packet::ConnAck(a) => assert_eq!(
+                a.code,
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
+            ),
+            other => panic!("expected a CONNACK, got {other:?}"),
+        }
+        c
+    }
+
+    /// The next packet the client received, within the deadline.
+    async fn next(&mut self) -> Packet {
+        match tokio::time::timeout(DEADLINE, self.incoming.recv()).await {
+            Ok(Some(p)) => p,
+            Ok(None) => panic!("connection ended: {:?}", self.ended.try_recv()),
+            Err(_) => panic!("nothing received before the deadline"),
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) -> Vec<SubscribeReasonCode> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        match self.next().await {
+            Packet::SubAck(a) => a.return_codes,
+            other => panic!("expected a SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK's reason.
+    async fn publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        props: PublishProperties,
+    ) -> PubAckReason {
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.to_vec(), props)
+            .await
+            .unwrap();
+        match self.next().await {
+            Packet::PubAck(a) => a.reason,
+            other => panic!("expected a PUBACK, got {other:?}"),
+        }
+    }
+
+    /// Waits for the gateway to end the connection with a DISCONNECT; returns its reason.
+    async fn disconnected(&mut self) -> DisconnectReasonCode {
+        match tokio::time::timeout(DEADLINE, self.ended.recv()).await {
+            Ok(Some(rumqttc::v5::ConnectionError::MqttState(
+                rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+            ))) => reason_code,
+            other => panic!("expected a DISCONNECT from the gateway, got {other:?}"),
+        }
+    }
+}
+
+/// rumqttc's own MQTT 5 client as the devices: SUBACK per filter, a local delivery at the
+/// QoS published with its properties, PUBACK 0x87 with the session kept, QoS 2 through the
+/// client's own state machine, a delivery over the subscriber's Maximum Packet Size dropped
+/// (the next one still delivered), and DISCONNECT 0x8B (Server shutting down) to every
+/// device when the gateway stops.
+#[tokio::test]
+async fn rumqttcs_mqtt5_client_is_served_as_a_device() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
+    site.extra = upstream.uplink_section("gw-test", upstream.port, "");
+    let mut consumer = upstream.consumer("hospital/#").await;
+    let mut gw = site.start().await;
+    let port = gw.port();
+    let mut nurse = Rumqttc5::connect(&site, "nurse-1", port, Some(512)).await;
+    assert_eq!(
+        nurse.subscribe("ward/+/alarm/#").await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    assert_eq!(
+        nurse.subscribe("ward/+/vitals/#").await,
+        [SubscribeReasonCode::NotAuthorized]
+    );
+    let mut pump = Rumqttc5::connect(&site, "pump-1", port, None).await;
+    let props = PublishProperties {
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("unit".into(), "ml/h".into())],
+        ..Default::default()
+    };
+    assert_eq!(
+        pump.publish("ward/pump-1/alarm/occlusion", b"occluded", props.clone())
+            .await,
+        PubAckReason::Success
+    );
+    match nurse.next().await {
+        Packet::Publish(p) => {
+            assert_eq!(&p.topic[..], b"ward/pump-1/alarm/occlusion");
+            assert_eq!(&p.payload[..], b"occluded");
+            assert_eq!(p.qos, QoS::AtLeastOnce);
+        }
+        other => panic!("expected the alarm, got {other:?}"),
+    }
+    let got = consumer.next().await;
+    assert_eq!(&got.payload[..], b"occluded");
+    assert_eq!(property(&got, "unit"), Some("ml/h"));
+    assert_eq!(
+        got.properties.as_ref().unwrap().content_type.as_deref(),
+        Some("text/plain")
+    );
+
+    // Outside the ACL: PUBACK 0x87 and the connection goes on.
+    assert_eq!(
+        pump.publish("ward/pump-2/alarm/x", b"forged", Default::default())
+            .await,
+        PubAckReason::NotAuthorized
+    );
+    gw.wait_log("edge.acl_violation", &["device=pump-1", "puback_0x87"])
+        .await;
+    // QoS 2 through rumqttc's PUBREC/PUBREL/PUBCOMP.
+    pump.client
+        .publish("ward/pump-1/alarm/air", QoS::ExactlyOnce, false, "air")
+        .await
+        .unwrap();
+    loop {
+        match pump.next().await {
+            Packet::PubRec(r) => {
+                assert_eq!(r.reason, rumqttc::v5::mqttbytes::v5::PubRecReason::Success)
+            }
+            Packet::PubComp(_) => break,
+            other => panic!("expected PUBREC/PUBCOMP, got {other:?}"),
+        }
+    }
+    // The nurse asked for packets of at most 512 bytes: a 900-byte alarm is not sent to
+    // it (the edge logs the drop), the next small one is, at the QoS 1 it was granted.
+    assert_eq!(
+        pump.publish("ward/pump-1/alarm/big", &[b'b'; 900], Default::default())
+            .await,
+        PubAckReason::Success
+    );
+    assert_eq!(
+        pump.publish("ward/pump-1/alarm/small", b"s", Default::default())
+            .await,
+        PubAckReason::Success
+    );
+    let mut topics = Vec::new();
+    while topics.last().map(Vec::as_slice) != Some(&b"ward/pump-1/alarm/small"[..]) {
+        match nurse.next().await {
+            Packet::Publish(p) => {
+                assert_eq!(p.qos, QoS::AtLeastOnce, "min(published, granted)");
+                topics.push(p.topic.to_vec());
+            }
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        topics,
+        [
+            b"ward/pump-1/alarm/air".to_vec(),
+            b"ward/pump-1/alarm/small".to_vec()
+        ]
+    );
+    gw.wait_log(
+        "edge.delivery_too_large",
+        &["device=nurse-1", "ward/pump-1/alarm/big"],
+    )
+    .await;
+
+    assert!(gw.stop().await.success());
+    assert_eq!(
+        pump.disconnected().await,
+        DisconnectReasonCode::ServerShuttingDown
+    );
+    assert_eq!(
+        nurse.disconnected().await,
+        DisconnectReasonCode::ServerShuttingDown
+    );
+}
+
+/// A full spool refuses an MQTT 5 device's alarm with PUBACK 0x97 (Quota exceeded) and
+/// keeps the session: once the uplink has drained what was accepted — every acknowledged
+/// alarm arrives upstream — the same connection's next alarm is accepted.
+#[tokio::test]
+async fn a_full_spool_answers_0x97_and_keeps_the_session() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
+    let link = Link::start(upstream.port, false).await;
+    site.extra = upstream.uplink_section(
+        "gw-test",
+        link.port,
+        "\n[spool]\nmax_bytes = \"64KiB\"\ndevice_quota = \"64KiB\"\n",
+    );
+    let mut gw = site.start().await;
+    let mut pump = Rumqttc5::connect(&site, "pump-1", gw.port(), None).await;
+    let body = [b'a'; 1000];
+    let mut accepted = 0;
+    loop {
+        let topic = format!("ward/pump-1/alarm/{accepted}");
+        match pump.publish(&topic, &body, Default::default()).await {
+            PubAckReason::Success => accepted += 1,
+            PubAckReason::QuotaExceeded => break,
+            other => panic!("unexpected PUBACK {other:?}"),
+        }
+        assert!(accepted < 200, "a 64KiB spool cannot hold 200 KB of alarms");
+    }
+    assert!(accepted > 30, "only {accepted} alarms stored");
+    gw.wait_log("spool.refused", &["device=pump-1", "priority=alarm"])
+        .await;
+
+    let mut consumer = upstream.consumer("hospital/#").await;
+    link.set_up(true);
+    let got = consumer.until(|g| g.len() >= accepted).await;
+    assert_eq!(got.len(), accepted, "every acknowledged alarm, once");
+    // The spool is empty once the upstream's PUBACKs are committed; then the same
+    // connection's next alarm is taken.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&site.admin_ok(&["status", "--json"])).unwrap();
+        if status["spool"]["records"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spool never drained: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        pump.publish("ward/pump-1/alarm/after", b"x", Default::default())
+            .await,
+        PubAckReason::Success
+    );
+    consumer
+        .until(|g| g.iter().any(|p| p.topic.ends_with(b"/alarm/after")))
+        .await;
+}
+
+/// Both expiry intervals as time really passes (the unit tests inject a clock): a session
+/// with a 1 s Session Expiry Interval is gone when its device comes back after it, and a
+/// record with a 1 s Message Expiry Interval waiting in the spool is expired, audited and
+/// never sent, while the record beside it without one is.
+#[tokio::test]
+async fn expiry_intervals_run_out_on_the_clock() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
+    let link = Link::start(upstream.port, false).await;
+    site.extra = upstream.uplink_section("gw-test", link.port, "");
+    let mut gw = site.start().await;
+    let expiring = |secs| {
+        Some(ConnectProperties {
+            session_expiry_interval: Some(secs),
+            ..ConnectProperties::new()
+        })
+    };
+    let (mut nurse, _) = V5::connect_with(&site, gw.edge, "nurse-1", true, expiring(1)).await;
+    nurse.subscribe("ward/+/alarm/#", 1).await;
+    nurse.bye().await;
+    let mut pump = V5::connect(&site, gw.edge, "pump-1").await;
+    let short = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    pump.publish("ward/pump-1/alarm/short-lived", QoS::AtLeastOnce, 1, short)
+        .await;
+    assert_eq!(pump.puback().await.reason, PubAckReason::Success);
+    pump.publish(
+        "ward/pump-1/alarm/lasting",
+        QoS::AtLeastOnce,
+        2,
+        Default::default(),
+    )
+    .await;
+    assert_eq!(pump.puback().await.reason, PubAckReason::Success);
+    let published = tokio::time::Instant::now();
+
+    // The passing of the intervals is what is under test: wait them out.
+    tokio::time::sleep_until(published + Duration::from_millis(1500)).await;
+
+    let (_nurse, ack) = V5::connect_with(&site, gw.edge, "nurse-1", false, expiring(60)).await;
+    assert!(
+        !ack.session_present,
+        "the session outlived its Session Expiry Interval"
+    );
+    let mut consumer = upstream.consumer("hospital/#").await;
+    link.set_up(true);
+    let got = consumer.next().await;
+    assert_eq!(
+        &got.topic[..],
+        b"hospital/st-mary/gw-test/pump-1/alarm/lasting",
+        "the expired record was sent"
+    );
+    gw.wait_log("spool.expired", &["device=pump-1", "count=1"])
+        .await;
+    assert!(gw.stop().await.success());
+    assert_eq!(site.audit_count("spool.expired", "pump-1"), 1);
 }

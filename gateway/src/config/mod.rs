@@ -49,6 +49,12 @@ pub const DEFAULT_MAX_PAYLOAD: u64 = 64 << 10;
 /// otherwise. The embedded broker keeps a log for each filter it has seen until it restarts
 /// (see `edge::subscriptions`), so this bounds what one device can make it hold.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 16;
+/// QoS 1 and 2 PUBLISHes an MQTT 5 device may have unanswered (the CONNACK's Receive
+/// Maximum), unless its class says otherwise; one more ends its session with 0x93.
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 64;
+/// Topic aliases an MQTT 5 device may set on one connection, unless its class says
+/// otherwise; each holds a topic of up to 65,535 bytes.
+pub const DEFAULT_TOPIC_ALIAS_MAXIMUM: u16 = 16;
 /// How much of its rate a device may send at once, as time at that rate.
 pub const DEFAULT_BURST: Duration = Duration::from_secs(1);
 pub const DEFAULT_ACL_VIOLATIONS: usize = 3;
@@ -190,6 +196,10 @@ pub struct DeviceClass {
     pub max_payload: u64,
     /// Distinct topic filters one device may subscribe to while the gateway runs.
     pub max_subscriptions: usize,
+    /// The Receive Maximum an MQTT 5 device of the class is given.
+    pub receive_maximum: u16,
+    /// The Topic Alias Maximum an MQTT 5 device of the class is given (0: none).
+    pub topic_alias_maximum: u16,
     pub rate: crate::policy::RateLimits,
 }
 
@@ -398,6 +408,17 @@ impl Validator<'_> {
         }
     }
 
+    /// A number between `min` and 65,535 (MQTT's two-byte limits).
+    fn u16_in(&mut self, s: Option<&S<i64>>, default: u16, min: u16, what: &str) -> u16 {
+        let Some(s) = s else { return default };
+        let n = *s.get_ref();
+        let r = u16::try_from(n)
+            .ok()
+            .filter(|v| *v >= min)
+            .ok_or_else(|| format!("{what} must be between {min} and 65535"));
+        self.check(s.span(), r).unwrap_or(default)
+    }
+
     fn socket_addr(&mut self, s: &S<String>, what: &str) -> Option<SocketAddr> {
         let r = s.get_ref().parse::<SocketAddr>().map_err(|_| {
             format!(
@@ -599,6 +620,18 @@ impl Validator<'_> {
                 DEFAULT_MAX_SUBSCRIPTIONS,
                 "max_subscriptions",
             );
+            let receive_maximum = self.u16_in(
+                c.receive_maximum.as_ref(),
+                DEFAULT_RECEIVE_MAXIMUM,
+                1,
+                "receive_maximum",
+            );
+            let topic_alias_maximum = self.u16_in(
+                c.topic_alias_maximum.as_ref(),
+                DEFAULT_TOPIC_ALIAS_MAXIMUM,
+                0,
+                "topic_alias_maximum",
+            );
             let messages_per_sec = c
                 .messages_per_sec
                 .as_ref()
@@ -625,6 +658,8 @@ impl Validator<'_> {
                 vital,
                 max_payload,
                 max_subscriptions,
+                receive_maximum,
+                topic_alias_maximum,
             };
             if classes.insert(name.clone(), class).is_some() {
                 self.error(
@@ -1376,6 +1411,37 @@ address = "10.0.0.5"
             assert!(diag.message.contains("the gateway's own"), "{diag:?}");
         }
         assert!(d[0].line < d[1].line);
+    }
+
+    #[test]
+    fn mqtt5_limits_of_a_class_are_two_byte_numbers_with_safe_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/w.toml")).unwrap();
+        assert_eq!(c.classes["pump"].receive_maximum, DEFAULT_RECEIVE_MAXIMUM);
+        assert_eq!(
+            c.classes["pump"].topic_alias_maximum,
+            DEFAULT_TOPIC_ALIAS_MAXIMUM
+        );
+        let set = |lines: &str| {
+            MINIMAL.replace(
+                "publish = [\"ward/{device}/#\"]",
+                &format!("publish = [\"ward/{{device}}/#\"]\n{lines}"),
+            )
+        };
+        let c = Config::parse(
+            &set("receive_maximum = 8\ntopic_alias_maximum = 0"),
+            Path::new("/etc/w.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.classes["pump"].receive_maximum, 8);
+        assert_eq!(c.classes["pump"].topic_alias_maximum, 0);
+        let d = errors(&set("receive_maximum = 0\ntopic_alias_maximum = 65536"));
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0]
+            .message
+            .contains("receive_maximum must be between 1 and 65535"));
+        assert!(d[1]
+            .message
+            .contains("topic_alias_maximum must be between 0 and 65535"));
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub struct RawDeviceClass {
     pub vital: Vec<S<String>>,
     pub max_payload: Option<S<RawSize>>,
     pub max_subscriptions: Option<S<i64>>,
+    pub receive_maximum: Option<S<i64>>,
+    pub topic_alias_maximum: Option<S<i64>>,
     pub messages_per_sec: Option<S<i64>>,
     pub bytes_per_sec: Option<S<RawSize>>,
     pub burst: Option<S<String>>,

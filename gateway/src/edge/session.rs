@@ -177,6 +177,10 @@ pub(super) async fn serve(
         opening.present
     };
     let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
+    let limits = v5::Limits {
+        receive_maximum: grant.receive_maximum,
+        topic_alias_maximum: grant.topic_alias_maximum,
+    };
     let connack = match &dialect {
         Dialect::V4 => {
             let mut out = BytesMut::new();
@@ -184,7 +188,7 @@ pub(super) async fn serve(
                 .write(&mut out, usize::MAX);
             out
         }
-        Dialect::V5(a) => v5::connack(present, max_packet, a, device.as_str()),
+        Dialect::V5(a) => v5::connack(present, max_packet, limits, a, device.as_str()),
     };
 
     let will = connect.last_will.as_ref().and_then(|w| {
@@ -693,26 +697,30 @@ struct Relay<'a> {
 }
 
 /// Counts of QoS 1 and 2 PUBLISHes in flight on an MQTT 5 connection, both ways: the
-/// device's not yet answered (at most [`v5::RECEIVE_MAXIMUM`]) and the deliveries to it
+/// device's not yet answered (at most its class's `receive_maximum`) and the deliveries to it
 /// not yet acknowledged (at most its own Receive Maximum: delivery waits for a permit).
 struct InFlight {
+    /// The edge's Receive Maximum, from the device's class.
+    from_device_max: u16,
     from_device: AtomicUsize,
     to_device: AtomicUsize,
     permits: tokio::sync::Semaphore,
 }
 
 impl InFlight {
-    fn new(receive_maximum: u16) -> Self {
+    /// `edge_max` is the edge's Receive Maximum, `device_max` the device's own.
+    fn new(edge_max: u16, device_max: u16) -> Self {
         InFlight {
+            from_device_max: edge_max,
             from_device: AtomicUsize::new(0),
             to_device: AtomicUsize::new(0),
-            permits: tokio::sync::Semaphore::new(receive_maximum.into()),
+            permits: tokio::sync::Semaphore::new(device_max.into()),
         }
     }
 
     /// One more PUBLISH from the device; false if that is past the edge's Receive Maximum.
     fn received(&self) -> bool {
-        self.from_device.fetch_add(1, Ordering::Relaxed) < usize::from(v5::RECEIVE_MAXIMUM)
+        self.from_device.fetch_add(1, Ordering::Relaxed) < usize::from(self.from_device_max)
     }
 
     /// A PUBLISH of the device answered (PUBACK, refusing PUBREC, or PUBCOMP).
@@ -794,7 +802,7 @@ async fn relay(
     let silence = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let in_flight = match dialect {
-        Dialect::V5(a) => Some(InFlight::new(a.receive_maximum)),
+        Dialect::V5(a) => Some(InFlight::new(grant.receive_maximum, a.receive_maximum)),
         Dialect::V4 => None,
     };
     let device_max_packet = match dialect {
@@ -815,7 +823,7 @@ async fn relay(
     let inbound = async {
         // Owned by this future, so the forward half sees the channel close once it ends.
         let tx = tx;
-        let mut aliases = v5::Aliases::default();
+        let mut aliases = v5::Aliases::new(grant.topic_alias_maximum);
         loop {
             let read = async {
                 match dialect {
@@ -916,7 +924,7 @@ async fn relay(
             if let (Some(f), Packet::Publish(p)) = (&in_flight, &packet) {
                 if p.qos != QoS::AtMostOnce && !f.received() {
                     return Err(Stop::Violation(Violation::ReceiveMaximum {
-                        max: v5::RECEIVE_MAXIMUM,
+                        max: f.from_device_max,
                     }));
                 }
             }

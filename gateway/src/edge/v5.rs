@@ -30,11 +30,15 @@ use crate::spool::Properties;
 
 pub(super) use v5::DisconnectReasonCode as Reason;
 
-/// PUBLISHes of QoS 1 and 2 a device may have unacknowledged (the server's Receive
-/// Maximum); one more is a protocol error (0x93).
-pub(super) const RECEIVE_MAXIMUM: u16 = 64;
-/// Topic aliases a device may set on one connection.
-pub(super) const TOPIC_ALIAS_MAXIMUM: u16 = 16;
+/// The server's limits a device's class sets (`receive_maximum`, `topic_alias_maximum`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// PUBLISHes of QoS 1 and 2 a device may have unacknowledged (the server's Receive
+    /// Maximum); one more is a protocol error (0x93).
+    pub receive_maximum: u16,
+    /// Topic aliases a device may set on one connection (0: none).
+    pub topic_alias_maximum: u16,
+}
 /// Bytes of a PUBLISH's fixed header at most, which MQTT 5's Maximum Packet Size counts.
 const FIXED_HEADER_MAX: u32 = 5;
 
@@ -138,10 +142,16 @@ pub(super) fn connect(
 
 /// The CONNACK accepting a v5 device, with the server's limits as they really are.
 /// `max_packet` is the largest remaining length the edge reads from this device.
-pub(super) fn connack(present: bool, max_packet: usize, asked: &Asked, device: &str) -> BytesMut {
+pub(super) fn connack(
+    present: bool,
+    max_packet: usize,
+    limits: Limits,
+    asked: &Asked,
+    device: &str,
+) -> BytesMut {
     let props = v5::ConnAckProperties {
         session_expiry_interval: None,
-        receive_max: Some(RECEIVE_MAXIMUM),
+        receive_max: Some(limits.receive_maximum),
         // Absent: QoS 2 is supported.
         max_qos: None,
         retain_available: Some(1),
@@ -151,7 +161,7 @@ pub(super) fn connack(present: bool, max_packet: usize, asked: &Asked, device: &
                 .saturating_add(FIXED_HEADER_MAX),
         ),
         assigned_client_identifier: asked.assigned_id.then(|| device.to_owned()),
-        topic_alias_max: Some(TOPIC_ALIAS_MAXIMUM),
+        topic_alias_max: Some(limits.topic_alias_maximum),
         reason_string: None,
         user_properties: Vec::new(),
         wildcard_subscription_available: Some(1),
@@ -191,9 +201,22 @@ pub(super) fn connack_refused(refusal: &Refusal) -> BytesMut {
     }))
 }
 
-/// A PUBLISH's topic aliases, as one connection's device set them.
-#[derive(Debug, Default)]
-pub(super) struct Aliases(HashMap<u16, String>);
+/// A PUBLISH's topic aliases, as one connection's device set them, up to the class's
+/// Topic Alias Maximum.
+#[derive(Debug)]
+pub(super) struct Aliases {
+    max: u16,
+    set: HashMap<u16, String>,
+}
+
+impl Aliases {
+    pub(super) fn new(max: u16) -> Self {
+        Aliases {
+            max,
+            set: HashMap::new(),
+        }
+    }
+}
 
 /// A v5 packet from a device, as the edge handles it.
 #[derive(Debug)]
@@ -295,20 +318,21 @@ fn publish(p: v5::Publish, aliases: &mut Aliases) -> Result<FromDevice, Bad> {
     })?;
     let props = p.properties.unwrap_or_default();
     if let Some(alias) = props.topic_alias {
-        if alias == 0 || alias > TOPIC_ALIAS_MAXIMUM {
+        if alias == 0 || alias > aliases.max {
             return Err(alias_error(format!(
-                "topic alias {alias} outside 1..={TOPIC_ALIAS_MAXIMUM}"
+                "topic alias {alias} outside 1..={}",
+                aliases.max
             )));
         }
         if topic.is_empty() {
-            topic = aliases.0.get(&alias).cloned().ok_or_else(|| {
+            topic = aliases.set.get(&alias).cloned().ok_or_else(|| {
                 (
                     Violation::Protocol(format!("topic alias {alias} was never set")),
                     Reason::ProtocolError,
                 )
             })?;
         } else {
-            aliases.0.insert(alias, topic.clone());
+            aliases.set.insert(alias, topic.clone());
         }
     }
     let properties = Properties {
@@ -521,7 +545,7 @@ mod tests {
 
     #[test]
     fn a_topic_alias_resolves_to_the_topic_it_was_set_with() {
-        let mut aliases = Aliases::default();
+        let mut aliases = Aliases::new(16);
         let set =
             from_device(&mut v5_publish("ward/pump-1/vitals", Some(3)), &mut aliases).unwrap();
         assert_eq!(topic_of(&set), "ward/pump-1/vitals");
@@ -543,16 +567,12 @@ mod tests {
 
     #[test]
     fn a_bad_topic_alias_ends_the_session_with_its_reason_code() {
-        let mut aliases = Aliases::default();
+        let mut aliases = Aliases::new(16);
         let (_, r) = from_device(&mut v5_publish("", Some(2)), &mut aliases).unwrap_err();
         assert_eq!(r, Reason::ProtocolError, "never set");
         let (_, r) = from_device(&mut v5_publish("t", Some(0)), &mut aliases).unwrap_err();
         assert_eq!(r, Reason::TopicAliasInvalid);
-        let (_, r) = from_device(
-            &mut v5_publish("t", Some(TOPIC_ALIAS_MAXIMUM + 1)),
-            &mut aliases,
-        )
-        .unwrap_err();
+        let (_, r) = from_device(&mut v5_publish("t", Some(17)), &mut aliases).unwrap_err();
         assert_eq!(r, Reason::TopicAliasInvalid);
     }
 
@@ -568,7 +588,7 @@ mod tests {
         s.pkid = 1;
         let (_, r) = from_device(
             &mut encode(&v5::Packet::Subscribe(s)),
-            &mut Aliases::default(),
+            &mut Aliases::new(16),
         )
         .unwrap_err();
         assert_eq!(r, Reason::SubscriptionIdentifiersNotSupported);
@@ -632,13 +652,17 @@ mod tests {
             assigned_id: true,
             will: None,
         };
-        let mut out = connack(false, 1000, &asked, "pump-1");
+        let limits = Limits {
+            receive_maximum: 20,
+            topic_alias_maximum: 3,
+        };
+        let mut out = connack(false, 1000, limits, &asked, "pump-1");
         match v5::Packet::read(&mut out, None).unwrap() {
             v5::Packet::ConnAck(a) => {
                 let p = a.properties.unwrap();
-                assert_eq!(p.receive_max, Some(RECEIVE_MAXIMUM));
+                assert_eq!(p.receive_max, Some(20));
                 assert_eq!(p.max_packet_size, Some(1005));
-                assert_eq!(p.topic_alias_max, Some(TOPIC_ALIAS_MAXIMUM));
+                assert_eq!(p.topic_alias_max, Some(3));
                 assert_eq!(p.assigned_client_identifier.as_deref(), Some("pump-1"));
                 assert_eq!(p.shared_subscription_available, Some(0));
                 assert_eq!(p.max_qos, None, "QoS 2 available");

@@ -234,6 +234,35 @@ pub fn mosquitto_sub_with(
         .expect("spawn mosquitto_sub")
 }
 
+/// Calls `publish` until `sub` (a mosquitto_sub with `-C`) has its messages and exits, and
+/// returns what it printed. mosquitto_sub says nothing once subscribed, so the test cannot
+/// wait for its SUBSCRIBE to land; it publishes again until one arrives.
+pub async fn publish_until_received(
+    sub: &mut tokio::process::Child,
+    mut publish: impl AsyncFnMut(),
+) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let status = loop {
+        publish().await;
+        if let Ok(status) = tokio::time::timeout(Duration::from_millis(300), sub.wait()).await {
+            break status.expect("wait for mosquitto_sub");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mosquitto_sub got nothing"
+        );
+    };
+    let mut stdout = String::new();
+    sub.stdout
+        .take()
+        .expect("mosquitto_sub's stdout")
+        .read_to_string(&mut stdout)
+        .await
+        .expect("read mosquitto_sub's output");
+    assert!(status.success(), "mosquitto_sub failed: {stdout}");
+    stdout
+}
+
 /// A TLS connection on which the test writes raw MQTT bytes.
 #[derive(Debug)]
 pub struct Raw {
