@@ -341,6 +341,17 @@ fn the_table_nftnl_writes_lists_exactly_as_nft_loads_the_rendered_text() {
 
 const WARDGATE_BIN: &str = crate::support::WARDGATE;
 
+/// `ruleset` (nft syntax) loaded by nft into a namespace of its own, listed back as
+/// `nft -s list table inet wardgate` prints it (no counters).
+pub(crate) fn listed_by_nft(ruleset: &str, tag: &str) -> String {
+    let ns = Netns::new(tag);
+    let (ok, out) = ns.nft(&["-f", "-"], ruleset);
+    assert!(ok, "nft refused the ruleset: {out}\n{ruleset}");
+    let (ok, out) = ns.nft(&["-s", "list", "table", "inet", "wardgate"], "");
+    assert!(ok, "{out}");
+    out
+}
+
 #[tokio::test]
 async fn real_packets_meet_the_policy_and_the_rules_outlive_the_daemon() {
     require("hping3", "hping3");

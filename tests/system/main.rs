@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod appliance;
 mod audit;
 mod cli;
 mod conformance;

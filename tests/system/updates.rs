@@ -16,7 +16,7 @@ use crate::support::upstream::{Link, Upstream};
 use crate::support::{Site, DEADLINE};
 
 /// A binary of the workspace's other package, built by `cargo test --workspace`.
-fn sibling_bin(name: &str) -> PathBuf {
+pub(crate) fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let bin = dir.join(name);
@@ -29,7 +29,7 @@ fn sibling_bin(name: &str) -> PathBuf {
     bin
 }
 
-fn release(args: &[&str]) {
+pub(crate) fn release(args: &[&str]) {
     let out = Command::new(sibling_bin("wardgate-release"))
         .args(args)
         .output()
@@ -42,7 +42,7 @@ fn release(args: &[&str]) {
 }
 
 /// An empty signed repository in `dir/repo`, keys beside it.
-fn repository(dir: &Path) {
+pub(crate) fn repository(dir: &Path) {
     let p = |s: &str| dir.join(s).display().to_string();
     for k in ["root", "targets", "snapshot", "timestamp"] {
         release(&["keygen", &p(&format!("{k}.key"))]);

@@ -281,12 +281,17 @@ impl fmt::Display for Diagnostic {
 
 impl Config {
     /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path`. Relative paths in it are taken from the
+    /// directory that really holds it: through a symbolic link (the appliance links
+    /// `/etc/wardgate/wardgate.toml` to the site's copy on its data partition), from the
+    /// link's target.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        Self::parse(&text, &real)
     }
 
     /// Validates `text` as if read from `path` (which anchors relative paths).
@@ -1411,6 +1416,22 @@ address = "10.0.0.5"
             assert!(diag.message.contains("the gateway's own"), "{diag:?}");
         }
         assert!(d[0].line < d[1].line);
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_where_a_linked_file_really_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("data");
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(site.join("wardgate.toml"), MINIMAL).unwrap();
+        std::os::unix::fs::symlink(site.join("wardgate.toml"), etc.join("wardgate.toml")).unwrap();
+        let c = Config::load(&etc.join("wardgate.toml")).unwrap();
+        assert_eq!(
+            c.edge.ca,
+            std::fs::canonicalize(&site).unwrap().join("pki/ca.pem")
+        );
     }
 
     #[test]

@@ -49,9 +49,20 @@ pub async fn start_with_acl(
     gateway_id: &str,
     acl: Option<&str>,
 ) -> anyhow::Result<Hospital> {
+    start_with(dir, gateway_id, acl, &[]).await
+}
+
+/// [`start_with_acl`], with the broker's certificate also valid for `sans` (the address a
+/// gateway in a virtual machine reaches it by).
+pub async fn start_with(
+    dir: &Path,
+    gateway_id: &str,
+    acl: Option<&str>,
+    sans: &[String],
+) -> anyhow::Result<Hospital> {
     let pki = PkiDir::new(dir.join("pki"));
     if !pki.ca_key().exists() {
-        pki::init(&pki, "hospital", "hospital-broker", &[])?;
+        pki::init(&pki, "hospital", "hospital-broker", sans)?;
     }
     for id in [gateway_id, "hospital-consumer"] {
         let device = DeviceId::parse(id)?;

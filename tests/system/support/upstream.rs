@@ -53,6 +53,27 @@ impl Upstream {
         }
     }
 
+    /// Like [`Upstream::start`], its certificate also valid for `sans`.
+    pub async fn start_with_sans(dir: &Path, gateway_id: &str, sans: &[&str]) -> Upstream {
+        require("mosquitto", "mosquitto");
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let hospital = wardgate::demo::upstream::start_with(dir, gateway_id, None, &sans)
+            .await
+            .unwrap();
+        Upstream {
+            port: hospital.port,
+            hospital,
+        }
+    }
+
+    /// The CA, certificate and key a client `id` of this broker presents.
+    pub fn client_files(
+        &self,
+        id: &str,
+    ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+        self.hospital.client_files(id)
+    }
+
     /// The `[uplink]` section for a gateway reaching this broker at `port` (the link's).
     pub fn uplink_section(&self, gateway_id: &str, port: u16, extra: &str) -> String {
         let (ca, cert, key) = self.hospital.client_files(gateway_id);

@@ -1,0 +1,514 @@
+//! The appliance image (issue 16) booted under `qemu-system-aarch64`: `image/build` makes
+//! it once per test run (the Debian root, kernel and busybox come from its cache), each
+//! test boots it through `image/run-qemu` on a qcow2 overlay of its own, provisions it
+//! with a medium the test writes (the site's configuration and the hospital's device CA:
+//! no key), and talks to it only through QEMU's user networking: forwarded ports on
+//! 127.0.0.1, and `10.0.2.100` in the guest forwarded to the test's peers on the host.
+//! Commands inside the guest go through qemu-guest-agent.
+//!
+//! One machine at a time (the tests hold [`MACHINE`]): each has both of the 2 cores.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::support::clients::{options, Client};
+use crate::support::upstream::Upstream;
+use crate::updates::repository;
+
+/// A boot of the image, U-Boot to `wardgate.service` ready, is about 35 s on this machine
+/// alone; the deadline allows for the other system tests running beside it.
+const BOOT_DEADLINE: Duration = Duration::from_secs(300);
+/// The address the guest reaches the host's peers by (QEMU guestfwd).
+const HOST_IN_GUEST: &str = "10.0.2.100";
+/// The address a connection forwarded from the host comes from, seen in the guest.
+const HOST_SEEN_BY_GUEST: &str = "10.0.2.2";
+const GATEWAY_ID: &str = "gw-qemu";
+
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+static BUILT: OnceLock<Built> = OnceLock::new();
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The image built for this run, with the fleet repository whose root it trusts.
+struct Built {
+    disk: PathBuf,
+    info: BTreeMap<String, String>,
+}
+
+fn built() -> &'static Built {
+    BUILT.get_or_init(|| {
+        let dir = workspace().join("target/appliance-test");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(dir.join("fleet")).unwrap();
+        repository(&dir.join("fleet"));
+        let started = Instant::now();
+        run(Command::new(workspace().join("image/build"))
+            .arg("--trusted-root")
+            .arg(dir.join("fleet/repo/metadata/1.root.json"))
+            .arg("--out")
+            .arg(dir.join("v1")));
+        let info: BTreeMap<String, String> = std::fs::read_to_string(dir.join("v1/build-info"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        eprintln!(
+            "appliance: image built in {:.0} s: disk {} MiB ({} MiB allocated), root image {} MiB",
+            started.elapsed().as_secs_f64(),
+            info["disk_bytes"].parse::<u64>().unwrap() >> 20,
+            info["disk_allocated_bytes"].parse::<u64>().unwrap() >> 20,
+            info["rootfs_bytes"].parse::<u64>().unwrap() >> 20,
+        );
+        Built {
+            disk: PathBuf::from(&info["disk"]),
+            info,
+        }
+    })
+}
+
+/// A free port on 127.0.0.1 for QEMU to forward.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The site a test provisions: the hospital's device CA and device certificates (made on
+/// the host, as the hospital's PKI would), the upstream broker, and the medium.
+struct Ward {
+    dir: tempfile::TempDir,
+    upstream: Upstream,
+}
+
+impl Ward {
+    async fn new() -> Ward {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream =
+            Upstream::start_with_sans(&dir.path().join("upstream"), GATEWAY_ID, &[HOST_IN_GUEST])
+                .await;
+        let devices = dir.path().join("devices");
+        run(Command::new(crate::support::WARDGATE)
+            .args(["pki", "init", "--site", "st-mary", "--dir"])
+            .arg(&devices));
+        run(Command::new(crate::support::WARDGATE)
+            .args(["pki", "issue", "pump-1", "--dir"])
+            .arg(&devices)
+            .arg("--out")
+            .arg(dir.path().join("pump-1")));
+        Ward { dir, upstream }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The provisioning medium: an ext4 file system labelled WGSETUP.
+    fn medium(&self) -> PathBuf {
+        let m = self.p("medium");
+        std::fs::create_dir_all(m.join("upstream")).unwrap();
+        std::fs::copy(self.p("devices/ca.pem"), m.join("device-ca.pem")).unwrap();
+        let (ca, cert, key) = self.upstream.client_files(GATEWAY_ID);
+        std::fs::copy(ca, m.join("upstream/ca.pem")).unwrap();
+        std::fs::copy(cert, m.join("upstream/gateway.pem")).unwrap();
+        std::fs::copy(key, m.join("upstream/gateway.key")).unwrap();
+        std::fs::write(
+            m.join("wardgate.toml"),
+            format!(
+                r#"[gateway]
+id = "{GATEWAY_ID}"
+site = "st-mary"
+data_dir = "/var/lib/wardgate"
+
+[edge]
+listen = "0.0.0.0:8883"
+ca = "device-ca.pem"
+cert = "pki/server.pem"
+key = "pki/server.key"
+
+[broker]
+listen = "127.0.0.1:1883"
+
+[firewall]
+device_interfaces = ["ward0"]
+
+[uplink]
+host = "{HOST_IN_GUEST}"
+port = 8883
+ca = "upstream/ca.pem"
+cert = "upstream/gateway.pem"
+key = "upstream/gateway.key"
+topic_prefix = "hospital"
+backoff_min = "200ms"
+backoff_max = "1s"
+
+[[device_class]]
+name = "infusion-pump"
+publish = ["ward/{{device}}/#"]
+subscribe = ["ward/{{device}}/cmd/#"]
+alarm = ["ward/{{device}}/alarm/#"]
+
+[[device]]
+id = "pump-1"
+class = "infusion-pump"
+address = "{HOST_SEEN_BY_GUEST}"
+"#
+            ),
+        )
+        .unwrap();
+        let img = self.p("setup.img");
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "WGSETUP", "-d"])
+            .arg(&m)
+            .arg(&img)
+            .arg("8M"));
+        img
+    }
+}
+
+/// A console line without its colours (systemd's status lines carry ANSI escapes).
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else if c != '\r' {
+            out.push(c);
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+/// A running guest: its console, and the ports the host reaches it by.
+struct Machine {
+    qemu: tokio::process::Child,
+    console: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::UnboundedReceiver<String>,
+    qga: PathBuf,
+    started: Instant,
+    /// 127.0.0.1:edge on the host is the guest's edge listener.
+    edge: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Machine {
+    /// Powers on a fresh copy of the built image with `medium` attached, the guest's
+    /// 10.0.2.100:8883 forwarded to the upstream broker.
+    async fn boot(medium: &Path, upstream_port: u16) -> Machine {
+        let b = built();
+        let dir = tempfile::tempdir().unwrap();
+        let edge = free_port();
+        let qga = dir.path().join("qga.sock");
+        let mut qemu = tokio::process::Command::new(workspace().join("image/run-qemu"))
+            .arg("--disk")
+            .arg(&b.disk)
+            .arg("--overlay")
+            .arg(dir.path().join("disk.qcow2"))
+            .arg("--setup")
+            .arg(medium)
+            .arg("--qga")
+            .arg(&qga)
+            .arg("--qmp")
+            .arg(dir.path().join("qmp.sock"))
+            .args(["--forward", &format!("{edge}:8883")])
+            .args(["--guest-forward", &format!("8883:{upstream_port}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start image/run-qemu");
+        let out = qemu.stdout.take().unwrap();
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::unbounded_channel();
+        let keep = console.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(out).split(b'\n');
+            while let Ok(Some(line)) = r.next_segment().await {
+                let line = plain(&String::from_utf8_lossy(&line));
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Machine {
+            qemu,
+            console,
+            lines,
+            qga,
+            started: Instant::now(),
+            edge,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for a console line containing `marker`; returns it.
+    async fn expect(&mut self, marker: &str) -> String {
+        let wait = async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(marker) {
+                    return Some(line);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(BOOT_DEADLINE, wait).await {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("QEMU exited before {marker:?}:\n{}", self.log()),
+            Err(_) => panic!("no {marker:?} on the console in time:\n{}", self.log()),
+        }
+    }
+
+    /// The lines from a console line containing `from` up to one containing `to`.
+    async fn expect_block(&mut self, from: &str, to: &str) -> Vec<String> {
+        self.expect(from).await;
+        let mut block = Vec::new();
+        loop {
+            let line = self.expect("").await;
+            let end = line.contains(to);
+            block.push(line);
+            if end {
+                return block;
+            }
+        }
+    }
+
+    /// Waits for systemd to report `unit` started (for a notify service: ready); if it
+    /// reports a failure first, panics with the unit's journal from the guest.
+    async fn started(&mut self, unit: &str) {
+        let short = &unit[..unit.len().min(10)];
+        let wait = async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(&format!("Started {unit}")) {
+                    return Ok(());
+                }
+                if line.contains("[FAILED]") && line.contains(short) {
+                    return Err(line);
+                }
+            }
+            Err("QEMU exited".to_owned())
+        };
+        let failed = match tokio::time::timeout(BOOT_DEADLINE, wait).await {
+            Ok(Ok(())) => return,
+            Ok(Err(line)) => line,
+            Err(_) => format!("no \"Started {unit}\" in time"),
+        };
+        let (_, journal) = self
+            .exec("/usr/bin/journalctl", &["-b", "--no-pager", "-u", unit])
+            .await;
+        panic!("{failed}\n--- journal of {unit} ---\n{journal}");
+    }
+
+    fn log(&self) -> String {
+        self.console.lock().unwrap().join("\n")
+    }
+
+    /// Runs `path args` in the guest through qemu-guest-agent; returns its exit code and
+    /// standard output.
+    async fn exec(&self, path: &str, args: &[&str]) -> (i64, String) {
+        let stream = tokio::time::timeout(crate::support::DEADLINE, async {
+            loop {
+                if let Ok(s) = UnixStream::connect(&self.qga).await {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("no qemu-guest-agent socket");
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd).lines();
+        let mut call = async |cmd: serde_json::Value| -> serde_json::Value {
+            wr.write_all(format!("{cmd}\n").as_bytes()).await.unwrap();
+            loop {
+                let line = tokio::time::timeout(crate::support::DEADLINE, rd.next_line())
+                    .await
+                    .expect("qemu-guest-agent did not answer")
+                    .unwrap()
+                    .expect("qemu-guest-agent closed");
+                let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+                if let Some(e) = v.get("error") {
+                    panic!("qemu-guest-agent: {e}");
+                }
+                if v.get("return").is_some() {
+                    return v["return"].clone();
+                }
+            }
+        };
+        let id = u64::from(std::process::id());
+        assert_eq!(
+            call(serde_json::json!({"execute": "guest-sync", "arguments": {"id": id}})).await,
+            id
+        );
+        let pid = call(serde_json::json!({"execute": "guest-exec", "arguments": {
+            "path": path, "arg": args, "capture-output": true}}))
+        .await["pid"]
+            .clone();
+        let deadline = Instant::now() + crate::support::DEADLINE;
+        loop {
+            let s = call(serde_json::json!({"execute": "guest-exec-status",
+                "arguments": {"pid": pid}}))
+            .await;
+            if s["exited"] == true {
+                let out = s["out-data"].as_str().map_or_else(Vec::new, |d| {
+                    base64::engine::general_purpose::STANDARD.decode(d).unwrap()
+                });
+                return (
+                    s["exitcode"].as_i64().unwrap_or(-1),
+                    String::from_utf8_lossy(&out).into_owned(),
+                );
+            }
+            assert!(Instant::now() < deadline, "{path} {args:?} still running");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn exec_ok(&self, path: &str, args: &[&str]) -> String {
+        let (code, out) = self.exec(path, args).await;
+        assert_eq!(code, 0, "{path} {args:?} in the guest: {out}");
+        out
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.qemu.start_kill();
+        if std::thread::panicking() {
+            eprintln!("--- guest console ---\n{}", self.log());
+        }
+    }
+}
+
+/// The provisioned image boots to `wardgate.service` ready; a device on the host connects
+/// through the forwarded port with the hospital's certificate, pinning the server CA the
+/// appliance made at first boot and printed; its message reaches the upstream broker on the
+/// host, and a command from upstream comes back down to it. No password works on the
+/// image and no key was in it.
+#[tokio::test]
+async fn a_provisioned_image_boots_and_carries_a_devices_messages_both_ways() {
+    let _one = MACHINE.lock().await;
+    let b = built();
+    let ward = Ward::new().await;
+    let mut m = Machine::boot(&ward.medium(), ward.upstream.port).await;
+    m.expect("wardgate-firstboot: keys made on this appliance for site st-mary")
+        .await;
+    let ca: Vec<String> = m
+        .expect_block(
+            "wardgate-firstboot: server CA certificate follows",
+            "END CERTIFICATE",
+        )
+        .await
+        .iter()
+        // Other services' lines may come between.
+        .filter_map(|l| {
+            l.find("wardgate-firstboot: ")
+                .map(|at| l[at + 20..].to_owned())
+        })
+        .collect();
+    let server_ca = ward.p("server-ca.pem");
+    std::fs::write(&server_ca, ca.join("\n") + "\n").unwrap();
+    m.started("wardgate.service").await;
+    let boot_s = m.started.elapsed().as_secs_f64();
+
+    // The firewall in the guest's kernel is the table `wardgate firewall render` makes from
+    // the same configuration, loaded by nft into a namespace of the test's own on the host
+    // (both listed without counters; no device has connected yet).
+    let live = m
+        .exec_ok(
+            "/usr/sbin/nft",
+            &["-s", "list", "table", "inet", "wardgate"],
+        )
+        .await;
+    let (status, rendered, err) = crate::support::wardgate(&[
+        "firewall",
+        "render",
+        "--config",
+        ward.p("medium/wardgate.toml").to_str().unwrap(),
+    ]);
+    assert!(status.success(), "{err}");
+    assert_eq!(live, crate::firewall::listed_by_nft(&rendered, "appliance"));
+
+    let mut consumer = ward.upstream.consumer("hospital/#").await;
+    let tls = wardgate::pki::cert::client_config(
+        &server_ca,
+        &ward.p("pump-1/pump-1.pem"),
+        &ward.p("pump-1/pump-1.key"),
+    )
+    .unwrap();
+    let mut pump = Client::connect_with(options("pump-1", m.edge, tls)).await;
+    pump.subscribe("ward/pump-1/cmd/#").await;
+    pump.publish("ward/pump-1/vitals/rate", b"12.5").await;
+    let got = consumer.next().await;
+    assert_eq!(
+        &got.topic[..],
+        b"hospital/st-mary/gw-qemu/pump-1/vitals/rate"
+    );
+    assert_eq!(&got.payload[..], b"12.5");
+    consumer
+        .client
+        .publish(
+            "hospital/st-mary/gw-qemu/pump-1/cmd/rate",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "5.0",
+        )
+        .await
+        .unwrap();
+    let cmd = pump.next_publish().await;
+    assert_eq!(cmd.topic, "ward/pump-1/cmd/rate");
+    assert_eq!(&cmd.payload[..], b"5.0");
+
+    // Nothing secret came with the image: the root account has no password, the keys are
+    // the appliance's own.
+    let shadow = m.exec_ok("/usr/bin/cat", &["/etc/shadow"]).await;
+    let root = shadow.lines().find(|l| l.starts_with("root:")).unwrap();
+    assert!(root.starts_with("root:!"), "{root}");
+    let pid = m
+        .exec_ok(
+            "/usr/bin/systemctl",
+            &["show", "-p", "MainPID", "--value", "wardgate.service"],
+        )
+        .await;
+    let status = m
+        .exec_ok("/usr/bin/cat", &[&format!("/proc/{}/status", pid.trim())])
+        .await;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .to_owned();
+    eprintln!(
+        "appliance: disk image {} MiB, root image {} MiB, boot to wardgate ready {boot_s:.1} s, \
+         gateway {rss}",
+        b.info["disk_bytes"].parse::<u64>().unwrap() >> 20,
+        b.info["rootfs_bytes"].parse::<u64>().unwrap() >> 20,
+    );
+}
