@@ -180,6 +180,35 @@ address = "{HOST_SEEN_BY_GUEST}"
             ),
         )
         .unwrap();
+        std::fs::write(
+            m.join("agent.toml"),
+            format!(
+                r#"[repository]
+url = "http://{HOST_IN_GUEST}:8080/"
+trusted_root = "/usr/share/wardgate/root.json"
+poll_interval = "1h"
+poll_jitter = "1s"
+[appliance]
+hardware = "qemu-virt"
+state_dir = "/var/lib/wardgate-agent"
+slot_a = "/dev/vda2"
+slot_b = "/dev/vda3"
+[boot]
+backend = "state-file"
+state_file = "/boot/firmware/wardgate-boot.txt"
+[maintenance]
+windows = []
+[health]
+deadline = "2m"
+units = ["wardgate.service"]
+nft_tables = ["inet wardgate"]
+commands = [["/usr/bin/wardgate", "status"]]
+[report]
+broker = "127.0.0.1:1883"
+"#
+            ),
+        )
+        .unwrap();
         let img = self.p("setup.img");
         run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "WGSETUP", "-d"])
@@ -225,6 +254,11 @@ impl Machine {
     /// Powers on a fresh copy of the built image with `medium` attached, the guest's
     /// 10.0.2.100:8883 forwarded to the upstream broker.
     async fn boot(medium: &Path, upstream_port: u16) -> Machine {
+        Machine::boot_with(medium, upstream_port, None).await
+    }
+
+    /// [`Machine::boot`], the guest's 10.0.2.100:8080 forwarded to `repository_port`.
+    async fn boot_with(medium: &Path, upstream_port: u16, repository_port: Option<u16>) -> Machine {
         let b = built();
         let dir = tempfile::tempdir().unwrap();
         let edge = free_port();
@@ -242,6 +276,11 @@ impl Machine {
             .arg(dir.path().join("qmp.sock"))
             .args(["--forward", &format!("{edge}:8883")])
             .args(["--guest-forward", &format!("8883:{upstream_port}")])
+            .args(
+                repository_port
+                    .map(|p| vec!["--guest-forward".to_owned(), format!("8080:{p}")])
+                    .unwrap_or_default(),
+            )
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
@@ -510,5 +549,98 @@ async fn a_provisioned_image_boots_and_carries_a_devices_messages_both_ways() {
          gateway {rss}",
         b.info["disk_bytes"].parse::<u64>().unwrap() >> 20,
         b.info["rootfs_bytes"].parse::<u64>().unwrap() >> 20,
+    );
+}
+
+/// An update on the real image: `wardgate-release` publishes version 0.1.1's slot image
+/// (built by `image/build --version 0.1.1`) in the fleet repository whose root the image
+/// trusts, served over HTTP from the host; the agent in the guest installs it into slot B,
+/// reboots, the boot script tries B once, the health check commits it, and the appliance
+/// runs 0.1.1 from B.
+#[tokio::test]
+async fn an_update_is_installed_tried_and_committed_on_the_image() {
+    let _one = MACHINE.lock().await;
+    let b = built();
+    let fleet = b.disk.parent().unwrap().parent().unwrap().join("fleet");
+    let v2 = fleet.parent().unwrap().join("v2");
+    let started = Instant::now();
+    run(Command::new(workspace().join("image/build"))
+        .arg("--trusted-root")
+        .arg(fleet.join("repo/metadata/1.root.json"))
+        .args(["--version", "0.1.1", "--out"])
+        .arg(&v2));
+    let p = |s: &str| fleet.join(s).display().to_string();
+    std::fs::write(fleet.join("sbom.json"), "{\"spdxVersion\":\"SPDX-2.3\"}").unwrap();
+    crate::updates::release(&[
+        "add",
+        "--repo",
+        &p("repo"),
+        "--image",
+        &v2.join("rootfs-0.1.1.ext4").display().to_string(),
+        "--version",
+        "0.1.1",
+        "--hardware",
+        "qemu-virt",
+        "--sbom",
+        &p("sbom.json"),
+        "--key",
+        &p("targets.key"),
+        "--key",
+        &p("snapshot.key"),
+        "--key",
+        &p("timestamp.key"),
+    ]);
+    eprintln!(
+        "appliance: update 0.1.1 built and published in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let http = free_port();
+    let _server = tokio::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &http.to_string(),
+            "--directory",
+        ])
+        .arg(fleet.join("repo"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 -m http.server");
+
+    let ward = Ward::new().await;
+    let mut m = Machine::boot_with(&ward.medium(), ward.upstream.port, Some(http)).await;
+    m.started("wardgate.service").await;
+    let first = Instant::now();
+    m.expect("wardgate: booting slot B").await;
+    let installed = first.elapsed().as_secs_f64();
+    m.started("wardgate.service").await;
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    loop {
+        let state = m
+            .exec_ok("/usr/bin/cat", &["/boot/firmware/wardgate-boot.txt"])
+            .await;
+        if state.trim() == "default=B" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot B never committed: {state}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        m.exec_ok("/usr/bin/cat", &["/etc/wardgate/version"])
+            .await
+            .trim(),
+        "0.1.1"
+    );
+    assert!(m
+        .exec_ok("/usr/bin/cat", &["/proc/cmdline"])
+        .await
+        .contains("wardgate.slot=B"));
+    eprintln!(
+        "appliance: update downloaded, written and rebooted into in {installed:.0} s, committed {:.0} s after the first ready",
+        first.elapsed().as_secs_f64()
     );
 }
