@@ -362,6 +362,13 @@ async fn topic_aliases_are_resolved_before_the_acl() {
     assert_eq!(pump.puback().await.reason, PubAckReason::NotAuthorized);
     pump.publish("", QoS::AtLeastOnce, 4, alias(2)).await;
     assert_eq!(pump.puback().await.reason, PubAckReason::NotAuthorized);
+    // The log line may follow the PUBACK: wait for both.
+    gw.wait_count(
+        "edge.acl_violation",
+        &["device=pump-1", "ward/pump-2/alarm/occlusion"],
+        2,
+    )
+    .await;
     assert_eq!(
         gw.events(
             "edge.acl_violation",
