@@ -569,27 +569,7 @@ async fn an_update_is_installed_tried_and_committed_on_the_image() {
         .arg(fleet.join("repo/metadata/1.root.json"))
         .args(["--version", "0.1.1", "--out"])
         .arg(&v2));
-    let p = |s: &str| fleet.join(s).display().to_string();
-    std::fs::write(fleet.join("sbom.json"), "{\"spdxVersion\":\"SPDX-2.3\"}").unwrap();
-    crate::updates::release(&[
-        "add",
-        "--repo",
-        &p("repo"),
-        "--image",
-        &v2.join("rootfs-0.1.1.ext4").display().to_string(),
-        "--version",
-        "0.1.1",
-        "--hardware",
-        "qemu-virt",
-        "--sbom",
-        &p("sbom.json"),
-        "--key",
-        &p("targets.key"),
-        "--key",
-        &p("snapshot.key"),
-        "--key",
-        &p("timestamp.key"),
-    ]);
+    crate::updates::publish(&fleet, &v2.join("rootfs-0.1.1.ext4"), "0.1.1");
     eprintln!(
         "appliance: update 0.1.1 built and published in {:.0} s",
         started.elapsed().as_secs_f64()

@@ -29,7 +29,7 @@ pub(crate) fn sibling_bin(name: &str) -> PathBuf {
     bin
 }
 
-pub(crate) fn release(args: &[&str]) {
+fn release(args: &[&str]) {
     let out = Command::new(sibling_bin("wardgate-release"))
         .args(args)
         .output()
@@ -63,15 +63,20 @@ pub(crate) fn repository(dir: &Path) {
 }
 
 fn add_bundle(dir: &Path, version: &str) {
-    let p = |s: &str| dir.join(s).display().to_string();
     std::fs::write(dir.join("image"), format!("rootfs {version}").repeat(500)).unwrap();
+    publish(dir, &dir.join("image"), version);
+}
+
+/// Publishes `image` as `version` for qemu-virt (with an SBOM) in the repository of `dir`.
+pub(crate) fn publish(dir: &Path, image: &Path, version: &str) {
+    let p = |s: &str| dir.join(s).display().to_string();
     std::fs::write(dir.join("sbom.json"), "{\"spdxVersion\":\"SPDX-2.3\"}").unwrap();
     release(&[
         "add",
         "--repo",
         &p("repo"),
         "--image",
-        &p("image"),
+        &image.display().to_string(),
         "--version",
         version,
         "--hardware",
