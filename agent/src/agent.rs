@@ -28,6 +28,10 @@ use crate::update::{self, Candidate, Source, Version};
 pub const STATUS_TOPIC: &str = "_gateway/update/status";
 /// The local topic of "check now" commands (from upstream, through the gateway).
 pub const COMMAND_TOPIC: &str = "_gateway/cmd/update";
+/// Every step, one JSON object a line, in `state_dir`.
+const JOURNAL: &str = "journal.jsonl";
+/// How far into the journal the broker has acknowledged (a byte offset), in `state_dir`.
+const REPORTED: &str = "journal.reported";
 
 /// One step of the update cycle, as journalled and reported.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -91,7 +95,7 @@ impl Agent {
         let reporter = cfg
             .report
             .broker
-            .map(|b| Reporter::start(b, &cfg.report, commands));
+            .map(|b| Reporter::start(b, &cfg.report, commands, dir));
         Ok(Agent {
             cfg,
             appliance,
@@ -104,7 +108,9 @@ impl Agent {
         self.cfg.appliance.state_dir.join(name)
     }
 
-    /// Journals and reports one step.
+    /// Journals and reports one step. The journal is the reports' outbox: a step the broker
+    /// does not acknowledge (the gateway is down, or the board reboots first) is sent again
+    /// by the next `run` ([`Reporter`]).
     pub async fn report(
         &self,
         event: &str,
@@ -121,20 +127,25 @@ impl Agent {
         };
         tracing::info!(event = format!("update.{event}").as_str(), version, slot = ?slot, detail, "update");
         let line = serde_json::to_string(&e).unwrap_or_default();
-        let journal = self.path("journal.jsonl");
+        let journal = self.path(JOURNAL);
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&journal)
             .and_then(|mut f| {
                 writeln!(f, "{line}")?;
-                f.sync_all()
+                f.sync_all()?;
+                f.metadata().map(|m| m.len())
             });
-        if let Err(err) = written {
-            tracing::error!(event = "update.journal_failed", path = %journal.display(), error = %err);
-        }
+        let end = match written {
+            Ok(end) => Some(end),
+            Err(err) => {
+                tracing::error!(event = "update.journal_failed", path = %journal.display(), error = %err);
+                None
+            }
+        };
         if let Some(r) = &self.reporter {
-            r.publish(line).await;
+            r.publish(line, end).await;
         }
     }
 
@@ -147,7 +158,7 @@ impl Agent {
 
     /// The journal's last `n` events.
     pub fn journal(&self, n: usize) -> Vec<Event> {
-        let text = std::fs::read_to_string(self.path("journal.jsonl")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.path(JOURNAL)).unwrap_or_default();
         let all: Vec<Event> = text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -192,6 +203,7 @@ impl Agent {
     /// The first step after a boot (see the module docs). Returns the record written, if a
     /// pending update was decided; a rollback of a running trial reboots.
     pub async fn after_boot(&mut self) -> Result<Option<Record>, String> {
+        let repaired = self.repair_boot_state().await?;
         let Some(Record::Pending { version, slot }) = self.appliance.last() else {
             // A trial armed with no record of its install (a crash between the two): the
             // install never finished, so the trial is disarmed rather than left to boot
@@ -224,7 +236,14 @@ impl Agent {
         } else {
             Ok(())
         };
-        let record = self.appliance.after_boot(booted, health)?;
+        let mut record = self.appliance.after_boot(booted, health)?;
+        if let (Some(Record::RolledBack { reason, .. }), Some(why)) = (&mut record, &repaired) {
+            // The trial never had its boot: the boot loader could not read its state.
+            *reason = format!("{reason}: the boot loader could not read its state ({why})");
+            if let Some(r) = &record {
+                self.appliance.save(r)?;
+            }
+        }
         match &record {
             Some(Record::Committed { version, slot }) => {
                 self.report(
@@ -250,6 +269,37 @@ impl Agent {
             _ => {}
         }
         Ok(record)
+    }
+
+    /// Rewrites an unreadable boot state from the update record
+    /// ([`Appliance::repair_boot_state`]) and reports it; returns why it was rewritten.
+    async fn repair_boot_state(&mut self) -> Result<Option<String>, String> {
+        if self.appliance.boot.state().is_ok() {
+            return Ok(None);
+        }
+        let booted = self.booted_slot()?;
+        let Some((state, why)) = self.appliance.repair_boot_state(booted)? else {
+            return Ok(None);
+        };
+        self.report("boot_state_repaired", None, Some(state.default), &why)
+            .await;
+        if state.default != booted {
+            // Not rebooted by itself: if the boot loader still cannot read what was written,
+            // a reboot would only come back here. The fleet is told; a reboot by hand
+            // returns to the committed slot.
+            self.report(
+                "error",
+                None,
+                Some(booted),
+                &format!(
+                    "slot {booted} is running, but slot {} is the committed one; no install \
+                     until a reboot returns to it",
+                    state.default
+                ),
+            )
+            .await;
+        }
+        Ok(Some(why))
     }
 
     /// Looks for an update at `base` (default: the configured repository) — `version` for
@@ -676,11 +726,75 @@ fn set_credentials(o: &mut rumqttc::MqttOptions, path: &std::path::Path) {
 }
 
 /// The agent's MQTT session with the gateway's embedded broker.
+///
+/// Reports are QoS 1. For `run` (the one process that takes commands) the journal is an
+/// outbox: `journal.reported` holds the offset up to which the broker acknowledged it, and
+/// at its start `run` sends again every line after that offset — the steps of a trial
+/// whose gateway never came up, or made just before a reboot, reach the fleet on the next
+/// boot, with their own times. Delivery is at least once: a line acknowledged just before
+/// a crash may be sent twice. Other invocations (`check`, `install`, …) send their own
+/// steps and leave the offset to `run`.
 #[derive(Debug)]
 struct Reporter {
     client: rumqttc::AsyncClient,
     published: std::sync::atomic::AtomicU64,
     acked: tokio::sync::watch::Receiver<u64>,
+    /// The journal offset each unacknowledged publish ends at, in publish order (`None`:
+    /// not journaled); `None` for a process that does not keep the offset.
+    outbox: Option<Outbox>,
+}
+
+#[derive(Debug, Clone)]
+struct Outbox {
+    ends: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Option<u64>>>>,
+    /// Held from queuing an end to handing its publish to the client, so both orders agree.
+    order: std::sync::Arc<tokio::sync::Mutex<()>>,
+    reported: PathBuf,
+}
+
+impl Outbox {
+    /// The journal's lines after the acknowledged offset, each with its end offset. A board
+    /// without the offset file (a fresh one, or one from before it existed) starts at the
+    /// journal's end: old history is not sent again.
+    fn backlog(dir: &std::path::Path) -> Vec<(String, u64)> {
+        let journal = std::fs::read(dir.join(JOURNAL)).unwrap_or_default();
+        let from = match std::fs::read_to_string(dir.join(REPORTED)) {
+            Ok(t) => t.trim().parse::<usize>().unwrap_or(0),
+            Err(_) => journal.len(),
+        };
+        if from > journal.len() {
+            // The journal was replaced: send none of it rather than guess.
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut at = from;
+        for piece in journal[from..].split_inclusive(|&b| b == b'\n') {
+            at += piece.len();
+            // A line cut short by a power cut is not a report.
+            if piece.ends_with(b"\n") {
+                let text = String::from_utf8_lossy(&piece[..piece.len() - 1]).into_owned();
+                if serde_json::from_str::<Event>(&text).is_ok() {
+                    out.push((text, at as u64));
+                }
+            }
+        }
+        out
+    }
+
+    /// A publish was acknowledged: the offset moves past it.
+    fn acked(&self) {
+        let end = self
+            .ends
+            .lock()
+            .ok()
+            .and_then(|mut q| q.pop_front())
+            .flatten();
+        if let Some(end) = end {
+            if let Err(e) = crate::slots::write_atomic(&self.reported, &format!("{end}\n")) {
+                tracing::warn!(event = "update.journal_offset", path = %self.reported.display(), error = %e);
+            }
+        }
+    }
 }
 
 impl Reporter {
@@ -688,6 +802,7 @@ impl Reporter {
         broker: std::net::SocketAddr,
         report: &crate::config::Report,
         commands: Option<mpsc::Sender<CheckNow>>,
+        state_dir: &std::path::Path,
     ) -> Reporter {
         let mut o =
             rumqttc::MqttOptions::new(&report.client_id, broker.ip().to_string(), broker.port());
@@ -698,6 +813,12 @@ impl Reporter {
         let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
         let sub = client.clone();
         let subscribe = commands.is_some();
+        let outbox = commands.is_some().then(|| Outbox {
+            ends: Default::default(),
+            order: Default::default(),
+            reported: state_dir.join(REPORTED),
+        });
+        let on_ack = outbox.clone();
         tokio::spawn(async move {
             use rumqttc::{Event, Packet};
             loop {
@@ -706,6 +827,9 @@ impl Reporter {
                         let _ = sub.try_subscribe(COMMAND_TOPIC, rumqttc::QoS::AtLeastOnce);
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        if let Some(o) = &on_ack {
+                            o.acked();
+                        }
                         acked_tx.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == COMMAND_TOPIC => {
@@ -730,14 +854,58 @@ impl Reporter {
                 }
             }
         });
-        Reporter {
+        let reporter = Reporter {
             client,
             published: Default::default(),
             acked,
+            outbox,
+        };
+        if reporter.outbox.is_some() {
+            let backlog = Outbox::backlog(state_dir);
+            if !backlog.is_empty() {
+                tracing::info!(
+                    event = "update.reports_resent",
+                    count = backlog.len(),
+                    "journal steps the broker never acknowledged are sent again"
+                );
+            }
+            for (line, end) in backlog {
+                reporter.queue(line, Some(end));
+            }
+        }
+        reporter
+    }
+
+    /// Hands one report to the client without waiting (the backlog, at start: the
+    /// client's queue holds 64, more wait for the next start).
+    fn queue(&self, line: String, end: Option<u64>) {
+        let Some(o) = &self.outbox else { return };
+        let Ok(_order) = o.order.try_lock() else {
+            return;
+        };
+        if self
+            .client
+            .try_publish(STATUS_TOPIC, rumqttc::QoS::AtLeastOnce, false, line)
+            .is_ok()
+        {
+            self.published
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(mut q) = o.ends.lock() {
+                q.push_back(end);
+            }
         }
     }
 
-    async fn publish(&self, line: String) {
+    async fn publish(&self, line: String, end: Option<u64>) {
+        let _order = match &self.outbox {
+            Some(o) => Some(o.order.lock().await),
+            None => None,
+        };
+        if let Some(o) = &self.outbox {
+            if let Ok(mut q) = o.ends.lock() {
+                q.push_back(end);
+            }
+        }
         self.published
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self
@@ -746,6 +914,14 @@ impl Reporter {
             .await
         {
             tracing::warn!(event = "update.report_failed", error = %e);
+            // Never sent, so never acknowledged: it stays in the outbox for the next start.
+            if let Some(o) = &self.outbox {
+                if let Ok(mut q) = o.ends.lock() {
+                    q.pop_back();
+                }
+            }
+            self.published
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -759,6 +935,44 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_outbox_is_what_follows_the_acknowledged_offset_without_a_line_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |event: &str| {
+            serde_json::to_string(&Event {
+                time: now(),
+                event: event.into(),
+                version: None,
+                slot: None,
+                detail: String::new(),
+            })
+            .unwrap()
+                + "\n"
+        };
+        let (a, b, c) = (line("started"), line("health_check"), line("rolled_back"));
+        let journal = format!("{a}{b}{c}{{\"time\":\"20");
+        std::fs::write(dir.path().join(JOURNAL), &journal).unwrap();
+        // No offset yet (a fresh board, or one from before the outbox): history stays.
+        assert!(Outbox::backlog(dir.path()).is_empty());
+        std::fs::write(dir.path().join(REPORTED), format!("{}\n", a.len())).unwrap();
+        let got = Outbox::backlog(dir.path());
+        let ends: Vec<u64> = got.iter().map(|(_, e)| *e).collect();
+        assert_eq!(
+            ends,
+            [a.len() + b.len(), a.len() + b.len() + c.len()].map(|n| n as u64)
+        );
+        assert_eq!(got[1].0, c.trim_end());
+        std::fs::write(
+            dir.path().join(REPORTED),
+            format!("{}\n", journal.len() + 1),
+        )
+        .unwrap();
+        assert!(
+            Outbox::backlog(dir.path()).is_empty(),
+            "a replaced journal is not guessed at"
+        );
+    }
 
     #[test]
     fn the_wait_for_a_window_counts_to_the_nearest_start() {

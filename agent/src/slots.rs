@@ -236,6 +236,24 @@ fn invalidate(path: &Path) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// What the boot loader found in a slot that did not boot, as far as its head tells: blank,
+/// no ext4 file system, or one (whose kernel is missing, or did not start).
+pub fn what_a_slot_holds(path: &Path) -> String {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(1 << 20);
+    if let Err(e) = std::fs::File::open(path).and_then(|f| f.take(1 << 20).read_to_end(&mut head)) {
+        return format!("{} cannot be read: {e}", path.display());
+    }
+    if head.iter().all(|&b| b == 0) {
+        return "its first MiB is zeros: a blank or invalidated image".into();
+    }
+    // The ext4 superblock starts at 1024; its magic 0xEF53 is at 56 within it.
+    if head.get(1080..1082) != Some(&[0x53, 0xEF][..]) {
+        return "it holds no ext4 file system".into();
+    }
+    "it holds an ext4 file system: its kernel is missing or did not start".into()
+}
+
 /// Whether the slot at `path` was invalidated ([`invalidate`]: its first MiB, or all of it
 /// if shorter, is zeros — no bootable image starts so) or holds nothing.
 pub fn is_invalidated(path: &Path) -> std::io::Result<bool> {
@@ -357,6 +375,73 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_boot_state_is_rewritten_from_the_record_never_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Appliance {
+            slots: [dir.path().join("a"), dir.path().join("b")],
+            boot: StateFile {
+                path: dir.path().join("boot.txt"),
+            },
+            floor: Floor {
+                path: dir.path().join("floor"),
+                factory: None,
+            },
+            record: dir.path().join("update.json"),
+        };
+        let garble = || {
+            std::fs::write(dir.path().join("boot.txt"), "default=?\n").unwrap();
+            std::fs::write(dir.path().join("boot.bak"), "").unwrap();
+        };
+        let repair = |a: &mut Appliance<StateFile>, booted| {
+            a.repair_boot_state(booted).unwrap().map(|(s, _)| s.default)
+        };
+        // No record: the slot running (the boot loader's own choice).
+        garble();
+        assert_eq!(repair(&mut a, Slot::A), Some(Slot::A));
+        assert_eq!(repair(&mut a, Slot::A), None, "readable now: left alone");
+        // Committed to B, but the boot loader fell back to A: B stays the default.
+        a.save(&Record::Committed {
+            version: "1.1.0".into(),
+            slot: Slot::B,
+        })
+        .unwrap();
+        garble();
+        assert_eq!(repair(&mut a, Slot::A), Some(Slot::B));
+        // Installed to A beside B, or rolled back from A: B.
+        for r in [
+            Record::Pending {
+                version: "1.2.0".into(),
+                slot: Slot::A,
+            },
+            Record::RolledBack {
+                version: "1.2.0".into(),
+                slot: Slot::A,
+                reason: String::new(),
+            },
+        ] {
+            a.save(&r).unwrap();
+            garble();
+            assert_eq!(repair(&mut a, Slot::A), Some(Slot::B));
+            assert_eq!(a.boot.state().unwrap().trial, None);
+        }
+    }
+
+    #[test]
+    fn a_slot_that_did_not_boot_is_described_by_its_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("slot");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        assert!(what_a_slot_holds(&p).contains("zeros"));
+        std::fs::write(&p, vec![7u8; 4096]).unwrap();
+        assert!(what_a_slot_holds(&p).contains("no ext4"));
+        let mut ext4 = vec![0u8; 4096];
+        ext4[1080..1082].copy_from_slice(&0xEF53u16.to_le_bytes());
+        std::fs::write(&p, ext4).unwrap();
+        assert!(what_a_slot_holds(&p).contains("kernel is missing"));
+        assert!(what_a_slot_holds(&dir.path().join("none")).contains("cannot be read"));
+    }
+
+    #[test]
     fn the_floor_only_rises_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         let f = Floor {
@@ -439,6 +524,51 @@ impl<B: BootControl> Appliance<B> {
         candidate: &crate::update::Candidate,
     ) -> Result<Slot, String> {
         self.install_with(repo, candidate, None).await
+    }
+
+    /// Rewrites a boot state that cannot be read (both copies of the state file garbled, an
+    /// environment lost) from what this appliance recorded, since the boot loader will not
+    /// guess (it boots slot A and writes nothing): the committed slot is the one the last
+    /// update was committed to, or, after an install or a rollback, the other one; with no
+    /// update ever recorded, the slot `booted`. Any trial is dropped: one that was armed has
+    /// lost its boot. Returns the state written and why, or `None` if the state was readable.
+    pub fn repair_boot_state(
+        &mut self,
+        booted: Slot,
+    ) -> Result<Option<(BootState, String)>, String> {
+        let unreadable = match self.boot.state() {
+            Ok(_) => return Ok(None),
+            Err(e) => e,
+        };
+        let (default, from) = match self.last() {
+            Some(Record::Committed { version, slot }) => (
+                slot,
+                format!("update {version} was committed to slot {slot}"),
+            ),
+            Some(Record::Pending { version, slot }) => (
+                slot.other(),
+                format!("update {version} was installed to slot {slot}, beside the default"),
+            ),
+            Some(Record::RolledBack { version, slot, .. }) => (
+                slot.other(),
+                format!("update {version} was rolled back from slot {slot}"),
+            ),
+            None => (
+                booted,
+                format!("no update was ever recorded; slot {booted} is running"),
+            ),
+        };
+        let s = BootState {
+            default,
+            trial: None,
+        };
+        self.boot
+            .set(s)
+            .map_err(|e| format!("{unreadable}; rewriting it as default={default} failed: {e}"))?;
+        Ok(Some((
+            s,
+            format!("{unreadable}; rewritten as default={default} ({from})"),
+        )))
     }
 
     /// Disarms a trial the boot loader holds when no pending install is recorded (a crash
@@ -557,7 +687,10 @@ impl<B: BootControl> Appliance<B> {
             Record::RolledBack {
                 version,
                 slot,
-                reason: format!("slot {slot} did not come up; slot {booted} booted instead"),
+                reason: format!(
+                    "slot {slot} did not come up; slot {booted} booted instead ({})",
+                    what_a_slot_holds(self.slot_path(slot))
+                ),
             }
         } else {
             match health {

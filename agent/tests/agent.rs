@@ -264,6 +264,57 @@ async fn a_trial_that_never_came_up_is_recorded_and_not_tried_again() {
         .contains("[tryboot]"));
 }
 
+/// Both copies of the boot state garbled while a trial is armed: the boot loader boots
+/// slot A and leaves the state alone. The agent rewrites it from its update record (A, the
+/// slot the update was installed beside), records the update as rolled back saying why,
+/// and the next check runs instead of failing on the state for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_boot_state_is_rewritten_from_the_update_record() {
+    let b = Board::new(&["1.1.0"], Options::default()).await;
+    b.healthy(true);
+    let (ok, out) = b.agent(&["check", "--now"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.reboots(), 1);
+    for f in ["boot-state.txt", "boot-state.bak"] {
+        std::fs::write(b.fleet.p(f), b"\xff\xfe garbled\n").unwrap();
+    }
+    assert_eq!(b.power_cycle(), Slot::A);
+    let agent = b.spawn_run();
+    wait_for("the rollback record", Duration::from_secs(30), || {
+        b.has_event("rolled_back")
+    });
+    wait_for("a check", Duration::from_secs(30), || {
+        b.has_event("checked")
+    });
+    stop(agent);
+    let repaired = b
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "boot_state_repaired")
+        .expect("a boot_state_repaired step");
+    let why = repaired["detail"].as_str().unwrap();
+    assert!(
+        why.contains("boot-state.txt") && why.contains("rewritten as default=A"),
+        "{why}"
+    );
+    let s = b.status();
+    assert_eq!(s["boot"]["default"], "A", "{s}");
+    assert_eq!(s["boot"]["trial"], serde_json::Value::Null, "{s}");
+    assert_eq!(s["last_update"]["state"], "rolled_back", "{s}");
+    let reason = s["last_update"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("did not come up") && reason.contains("could not read its state"),
+        "{reason}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(b.fleet.p("boot-state.txt")).unwrap(),
+        "default=A\n"
+    );
+    assert_eq!(b.reboots(), 1, "slot A is the committed one: no reboot");
+    let (ok, out) = b.agent(&["check"]);
+    assert!(ok, "a check after the repair: {out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_download_cut_off_resumes_after_a_restart_from_its_last_durable_point() {
     // No resumes within the attempt: the cut ends it, as a power cut would.

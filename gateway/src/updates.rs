@@ -6,7 +6,8 @@
 //!   `{prefix}/{site}/{gateway}/_gateway/update` (QoS 1, priority vital, room made only from
 //!   the stream's own records, like the audit stream);
 //! - writes an audit record for the security decisions among them: `update.installed`,
-//!   `update.committed`, `update.rolled_back`, `update.refused`, `update.rebooting`.
+//!   `update.committed`, `update.rolled_back`, `update.refused`, `update.rebooting`,
+//!   `update.clock_recovered`, `update.boot_state_repaired`.
 //!
 //! A report that is not a JSON object with a string `event`, or is larger than 64 KiB, is
 //! refused (logged and audited as `update.report_refused`), not forwarded.
@@ -29,12 +30,14 @@ pub const UPDATE_TOPIC: &str = "update";
 const MAX_REPORT: usize = 64 * 1024;
 const CLIENT_ID: &str = "_wardgate-updates";
 /// Steps that are security decisions (and so audited).
-const AUDITED: [&str; 6] = [
+const AUDITED: [&str; 7] = [
     "installed",
     "committed",
     "rolled_back",
     "refused",
     "rebooting",
+    // An unreadable boot state rewritten from the agent's update record.
+    "boot_state_repaired",
     // Trusted metadata forgotten and re-verified after the clock ran ahead.
     "clock_recovered",
 ];

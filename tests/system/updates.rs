@@ -99,8 +99,18 @@ struct Board {
 
 impl Board {
     /// A board whose agent reports to the gateway's `broker` with the credentials the
-    /// gateway wrote to `credentials`.
+    /// gateway wrote to `credentials`, and whose health check passes.
     fn new(dir: &Path, broker: &str, credentials: &Path) -> Board {
+        Board::with_health(
+            dir,
+            broker,
+            credentials,
+            "deadline = \"5s\"\ncommands = [[\"true\"]]",
+        )
+    }
+
+    /// [`Board::new`] with these `[health]` lines.
+    fn with_health(dir: &Path, broker: &str, credentials: &Path, health: &str) -> Board {
         std::fs::create_dir_all(dir).unwrap();
         for s in ["slot-a.img", "slot-b.img"] {
             std::fs::write(dir.join(s), b"factory").unwrap();
@@ -133,8 +143,7 @@ state_file = "{d}/boot.txt"
 [maintenance]
 windows = []
 [health]
-deadline = "5s"
-commands = [["true"]]
+{health}
 [report]
 broker = "{broker}"
 credentials = "{credentials}"
@@ -146,6 +155,22 @@ credentials = "{credentials}"
             dir: dir.to_owned(),
             config,
         }
+    }
+
+    /// The gateway restarted with its embedded broker at `broker`.
+    fn set_broker(&self, broker: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("broker = ") {
+                    format!("broker = \"{broker}\"")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, text.join("\n") + "\n").unwrap();
     }
 
     fn spawn(&self) -> Child {
@@ -185,7 +210,13 @@ credentials = "{credentials}"
         };
         std::fs::write(self.dir.join("boot.txt"), next).unwrap();
         std::fs::write(self.dir.join("cmdline"), format!("wardgate.slot={slot}\n")).unwrap();
-        std::fs::write(self.dir.join("boot_id"), "boot-1\n").unwrap();
+        let n: u32 = std::fs::read_to_string(self.dir.join("boot_id"))
+            .unwrap()
+            .trim()
+            .trim_start_matches("boot-")
+            .parse()
+            .unwrap();
+        std::fs::write(self.dir.join("boot_id"), format!("boot-{}\n", n + 1)).unwrap();
         if slot == "B" {
             "B"
         } else {
@@ -316,6 +347,86 @@ async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
         .filter(|e| *e == "update.report_refused")
         .count();
     assert_eq!(refused, 1);
+}
+
+/// A trial whose gateway never comes up: its health check fails while the embedded broker
+/// is down, the agent rolls back and reboots with nobody to tell. Those steps (the rollback
+/// and its reason among them) are in the journal, and reach the hospital, with the times
+/// they happened, once the old slot's gateway is back; a further start sends them no more.
+#[tokio::test]
+async fn steps_made_while_the_gateway_was_down_reach_upstream_after_the_next_boot() {
+    let mut site = Site::ward();
+    let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
+    let link = Link::start(upstream.port, true).await;
+    site.extra = upstream.uplink_section("gw-test", link.port, "");
+    let mut updates = upstream
+        .consumer("hospital/st-mary/gw-test/_gateway/update")
+        .await;
+    let gw = site.start().await;
+    let credentials = site.path("admin/broker-agent.secret");
+    let board = Board::with_health(
+        &site.path("board"),
+        &gw.broker.to_string(),
+        &credentials,
+        "deadline = \"1s\"\nretry = \"200ms\"\ncommands = [[\"sh\", \"-c\", \"echo gateway not ready >&2; exit 1\"]]",
+    );
+    repository(&board.dir);
+    add_bundle(&board.dir, "1.1.0");
+    let agent = board.spawn();
+    updates
+        .until(|g| g.iter().any(|p| event(p)["event"] == "rebooting"))
+        .await;
+    wait_until("the reboot command", || board.reboots() == 1).await;
+    stop(agent);
+
+    // Slot B's gateway never starts: the trial fails its health check unheard.
+    gw.stop().await;
+    assert_eq!(board.power_cycle(), "B");
+    let agent = board.spawn();
+    wait_until("the rollback's reboot", || board.reboots() == 2).await;
+    stop(agent);
+
+    // Back in slot A, its gateway up again (a new broker port, new credentials).
+    let mut gw = site.start().await;
+    board.set_broker(&gw.broker.to_string());
+    assert_eq!(board.power_cycle(), "A");
+    let agent = board.spawn();
+    // The gateway's own uplink delivers at least once (its first run stopped before every
+    // acknowledgement was durable), so steps are told apart by their times.
+    let time = |e: &serde_json::Value| e["time"].as_str().unwrap_or_default().to_owned();
+    let got = updates
+        .until(|g| {
+            let events: Vec<_> = g.iter().map(event).collect();
+            events.iter().any(|r| {
+                r["event"] == "rolled_back"
+                    && events
+                        .iter()
+                        .any(|s| s["event"] == "started" && time(s) > time(r))
+            })
+        })
+        .await;
+    let events: Vec<serde_json::Value> = got.iter().map(event).collect();
+    let rolled_back = events.iter().find(|e| e["event"] == "rolled_back").unwrap();
+    assert_eq!(rolled_back["version"], "1.1.0");
+    assert_eq!(rolled_back["slot"], "B");
+    let reason = rolled_back["detail"].as_str().unwrap();
+    assert!(
+        reason.contains("health check failed") && reason.contains("gateway not ready"),
+        "{reason}"
+    );
+    // Slot B's boot is told in the order it happened.
+    let at = |n: &str| events.iter().position(|e| e["event"] == n).unwrap();
+    assert!(at("health_check") < at("rolled_back"), "{events:?}");
+    gw.wait_log("update.rolled_back", &[]).await;
+    stop(agent);
+
+    // Delivered once: with the gateway up, every line is acknowledged by the time the agent
+    // stops, so the next start has nothing to send again.
+    let journal = std::fs::metadata(board.dir.join("state/journal.jsonl"))
+        .unwrap()
+        .len();
+    let reported = std::fs::read_to_string(board.dir.join("state/journal.reported")).unwrap();
+    assert_eq!(reported.trim(), journal.to_string());
 }
 
 /// The running gateway's audit events, over its admin socket.

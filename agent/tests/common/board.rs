@@ -223,8 +223,16 @@ retry = "200ms"
         let boot = StateFile {
             path: self.fleet.p("boot-state.txt"),
         };
-        let (slot, after) = power_on(boot.state().unwrap());
-        boot.write(after).unwrap();
+        // As the boot script: with neither copy of the state readable, slot A, and the
+        // state left as it is.
+        let slot = match boot.state() {
+            Ok(state) => {
+                let (slot, after) = power_on(state);
+                boot.write(after).unwrap();
+                slot
+            }
+            Err(_) => Slot::A,
+        };
         let n = std::fs::read_to_string(self.fleet.p("boot_id")).unwrap();
         let n: u32 = n.trim().trim_start_matches("boot-").parse().unwrap();
         std::fs::write(self.fleet.p("boot_id"), format!("boot-{}\n", n + 1)).unwrap();
