@@ -237,9 +237,13 @@ impl Agent {
             Ok(())
         };
         let mut record = self.appliance.after_boot(booted, health)?;
-        if let (Some(Record::RolledBack { reason, .. }), Some(why)) = (&mut record, &repaired) {
-            // The trial never had its boot: the boot loader could not read its state.
-            *reason = format!("{reason}: the boot loader could not read its state ({why})");
+        if let (Some(Record::RolledBack { reason, slot, .. }), Some(why)) = (&mut record, &repaired)
+        {
+            // The trial never had its boot: what the slot holds does not matter.
+            *reason = format!(
+                "slot {slot} was never tried: the boot loader could not read its state, so \
+                 slot {booted} booted ({why})"
+            );
             if let Some(r) = &record {
                 self.appliance.save(r)?;
             }

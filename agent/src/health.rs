@@ -46,6 +46,41 @@ async fn run(argv: &[String], timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// What systemd says of a unit that is not active: `; failed/failed, result exit-code,
+/// main process exit status 1` — empty if it cannot say.
+async fn unit_state(unit: &str, timeout: Duration) -> String {
+    let out = Command::new("systemctl")
+        .args([
+            "show",
+            "--property=ActiveState,SubState,Result,ExecMainStatus",
+            unit,
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let Ok(Ok(out)) = tokio::time::timeout(timeout, out).await else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    if !out.status.success() || get("ActiveState") == "?" {
+        return String::new();
+    }
+    format!(
+        "; {}/{}, result {}, main process exit status {}",
+        get("ActiveState"),
+        get("SubState"),
+        get("Result"),
+        get("ExecMainStatus")
+    )
+}
+
 /// One round of every check.
 pub async fn round(h: &Health, fetcher: &Fetcher, timeout: Duration) -> Result<(), String> {
     for u in &h.http {
@@ -58,9 +93,12 @@ pub async fn round(h: &Health, fetcher: &Fetcher, timeout: Duration) -> Result<(
     }
     for unit in &h.units {
         let argv = ["systemctl", "is-active", "--quiet", unit.as_str()].map(String::from);
-        run(&argv, timeout)
-            .await
-            .map_err(|e| format!("unit {unit} is not active ({e})"))?;
+        if let Err(e) = run(&argv, timeout).await {
+            return Err(format!(
+                "unit {unit} is not active ({e}{})",
+                unit_state(unit, timeout).await
+            ));
+        }
     }
     for (family, table) in &h.nft_tables {
         let argv = ["nft", "list", "table", family.as_str(), table.as_str()].map(String::from);

@@ -124,7 +124,8 @@ pub fn power_on(state: BootState) -> (Slot, BootState) {
     }
 }
 
-/// Writes `text` to `path` atomically.
+/// Writes `text` to `path` atomically and durably: a power cut at any moment leaves the old
+/// content or the new, and once this returns, the new.
 pub(crate) fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
@@ -133,6 +134,12 @@ pub(crate) fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
+    // On FAT (the boot partition) a rename over a file moves the new file's inode into the
+    // old one's directory entry and leaves that entry to the inode's writeback, some 30 s
+    // later: a directory fsync does not write it. Without this fsync of the file under its
+    // new name, a trial armed just before a power cut was lost (seen by the power-cut
+    // test on the QEMU image), and a commit would have been.
+    std::fs::File::open(path)?.sync_all()?;
     if let Some(dir) = path.parent() {
         // The rename itself must reach the disk.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -236,8 +243,8 @@ fn invalidate(path: &Path) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// What the boot loader found in a slot that did not boot, as far as its head tells: blank,
-/// no ext4 file system, or one (whose kernel is missing, or did not start).
+/// What a slot that did not come up holds, as far as its head tells: blank, no ext4 file
+/// system, or one whose boot never reached the health check.
 pub fn what_a_slot_holds(path: &Path) -> String {
     use std::io::Read;
     let mut head = Vec::with_capacity(1 << 20);
@@ -251,7 +258,9 @@ pub fn what_a_slot_holds(path: &Path) -> String {
     if head.get(1080..1082) != Some(&[0x53, 0xEF][..]) {
         return "it holds no ext4 file system".into();
     }
-    "it holds an ext4 file system: its kernel is missing or did not start".into()
+    "it holds an ext4 file system: the boot never reached the health check (no kernel, or \
+     a crash, a hang or a power cut first)"
+        .into()
 }
 
 /// Whether the slot at `path` was invalidated ([`invalidate`]: its first MiB, or all of it
@@ -437,7 +446,7 @@ mod tests {
         let mut ext4 = vec![0u8; 4096];
         ext4[1080..1082].copy_from_slice(&0xEF53u16.to_le_bytes());
         std::fs::write(&p, ext4).unwrap();
-        assert!(what_a_slot_holds(&p).contains("kernel is missing"));
+        assert!(what_a_slot_holds(&p).contains("never reached the health check"));
         assert!(what_a_slot_holds(&dir.path().join("none")).contains("cannot be read"));
     }
 

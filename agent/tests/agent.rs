@@ -303,7 +303,7 @@ async fn an_unreadable_boot_state_is_rewritten_from_the_update_record() {
     assert_eq!(s["last_update"]["state"], "rolled_back", "{s}");
     let reason = s["last_update"]["reason"].as_str().unwrap();
     assert!(
-        reason.contains("did not come up") && reason.contains("could not read its state"),
+        reason.contains("slot B was never tried") && reason.contains("could not read its state"),
         "{reason}"
     );
     assert_eq!(

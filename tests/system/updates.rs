@@ -245,15 +245,22 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
+/// A ward site whose uplink reaches a mosquitto upstream (through a link), and the
+/// hospital's view of the gateway's update stream.
+async fn site_with_updates() -> (Site, Upstream, Link, crate::support::upstream::Consumer) {
     let mut site = Site::ward();
     let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
     let link = Link::start(upstream.port, true).await;
     site.extra = upstream.uplink_section("gw-test", link.port, "");
-    let mut updates = upstream
+    let updates = upstream
         .consumer("hospital/st-mary/gw-test/_gateway/update")
         .await;
+    (site, upstream, link, updates)
+}
+
+#[tokio::test]
+async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
+    let (site, _upstream, _link, mut updates) = site_with_updates().await;
     let mut gw = site.start().await;
     let ready = gw.wait_log("gateway.ready", &[]).await;
     let broker = ready
@@ -355,13 +362,7 @@ async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
 /// they happened, once the old slot's gateway is back; a further start sends them no more.
 #[tokio::test]
 async fn steps_made_while_the_gateway_was_down_reach_upstream_after_the_next_boot() {
-    let mut site = Site::ward();
-    let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
-    let link = Link::start(upstream.port, true).await;
-    site.extra = upstream.uplink_section("gw-test", link.port, "");
-    let mut updates = upstream
-        .consumer("hospital/st-mary/gw-test/_gateway/update")
-        .await;
+    let (site, _upstream, _link, mut updates) = site_with_updates().await;
     let gw = site.start().await;
     let credentials = site.path("admin/broker-agent.secret");
     let board = Board::with_health(

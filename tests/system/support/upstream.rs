@@ -98,7 +98,10 @@ impl Upstream {
     async fn consumer_of(&self, filter: &str, audit: bool) -> Consumer {
         let (ca, cert, key) = self.hospital.client_files("hospital-consumer");
         let tls = wardgate::pki::cert::client_config(&ca, &cert, &key).unwrap();
-        let mut o = MqttOptions::new("hospital-consumer", "127.0.0.1", self.port);
+        // Its own client id: two consumers on one broker must not take each other over.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!("hospital-consumer-{}", N.fetch_add(1, Ordering::SeqCst));
+        let mut o = MqttOptions::new(id, "127.0.0.1", self.port);
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         o.set_keep_alive(Duration::from_secs(30));
         o.set_max_packet_size(Some(1 << 20));
@@ -143,6 +146,15 @@ impl Consumer {
         tokio::time::timeout(DEADLINE, self.rx.recv())
             .await
             .expect("nothing reached the upstream before the deadline")
+            .expect("consumer ended")
+    }
+
+    /// The next message, waiting up to `deadline` (longer than [`DEADLINE`], for a peer
+    /// that reboots between messages).
+    pub async fn next_within(&mut self, deadline: Duration) -> Publish {
+        tokio::time::timeout(deadline, self.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("nothing reached the upstream within {deadline:?}"))
             .expect("consumer ended")
     }
 
