@@ -4,7 +4,7 @@
 //! appliance (`wardgate-agent`): [`update`] chooses a bundle through TUF over [`http`],
 //! [`slots`] and [`boot`] install it into the inactive slot and drive the boot loader,
 //! [`health`] decides whether a new slot stays, [`agent`] ties them to a configuration
-//! ([`config`]) and reports.
+//! ([`config`]), [`report`] journals and reports each step, [`window`] times the reboot.
 
 pub mod agent;
 pub mod boot;
@@ -12,8 +12,10 @@ pub mod config;
 pub mod health;
 pub mod http;
 pub mod release;
+pub mod report;
 pub mod slots;
 pub mod update;
+pub mod window;
 
 /// Test-only crash points: with `WARDGATE_AGENT_CRASH_AT` naming this point, the process
 /// aborts here, as a power cut would stop it (for the tests of each crash window:
