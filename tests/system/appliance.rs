@@ -956,8 +956,8 @@ async fn acknowledged_alarms(ward: &Ward, m: &Machine, round: &str, n: usize) ->
 /// Power cuts on the real image (QMP `system_reset`: the guest loses its memory at once, as
 /// at a cut; the disk keeps what reached it): in the middle of writing slot B, right after
 /// the trial of B was armed, right after its commit, and during the first boot of a new
-/// slot. Before each cut the
-/// uplink is down and the pump's alarms are acknowledged into the spool. After each, the
+/// slot. Before the cuts mid-write, after arming and during a first boot, the uplink is
+/// down and the pump's alarms are acknowledged into the spool. After each cut the
 /// appliance boots a good slot, the committed slot and version are what they were, and
 /// every acknowledged alarm reaches the hospital once the link is back.
 #[tokio::test]
