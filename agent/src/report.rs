@@ -159,8 +159,14 @@ impl Reporter {
         commands: Option<mpsc::Sender<CheckNow>>,
         state_dir: &Path,
     ) -> Reporter {
-        let mut o =
-            rumqttc::MqttOptions::new(&report.client_id, broker.ip().to_string(), broker.port());
+        // `run` has the configured id; a command by hand beside it (`check`, `status`, …)
+        // adds its pid, so the broker never hands it `run`'s session (a takeover would drop
+        // `run` and the "check now" commands sent meanwhile).
+        let client_id = match &commands {
+            Some(_) => report.client_id.clone(),
+            None => format!("{}-{}", report.client_id, std::process::id()),
+        };
+        let mut o = rumqttc::MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
         o.set_keep_alive(Duration::from_secs(30));
         let credentials = report.credentials.clone();
         set_credentials(&mut o, &credentials);

@@ -184,6 +184,33 @@ credentials = "{credentials}"
             .unwrap()
     }
 
+    /// `run`, its log written to `log`.
+    fn spawn_logged(&self, log: &Path) -> Child {
+        Command::new(sibling_bin("wardgate-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// One `wardgate-agent` command by hand, beside `run`; its success and output.
+    fn command(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(sibling_bin("wardgate-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
     fn reboots(&self) -> usize {
         std::fs::read_to_string(self.dir.join("reboots"))
             .map(|s| s.lines().count())
@@ -428,6 +455,55 @@ async fn steps_made_while_the_gateway_was_down_reach_upstream_after_the_next_boo
         .len();
     let reported = std::fs::read_to_string(board.dir.join("state/journal.reported")).unwrap();
     assert_eq!(reported.trim(), journal.to_string());
+}
+
+/// Commands by hand beside `run` (a ward engineer's `check` and `status`) report on their
+/// own MQTT sessions: `run`'s session, which takes "check now" from the hospital, is never
+/// taken over, and a check-now sent right after them still arrives.
+#[tokio::test]
+async fn commands_by_hand_leave_the_running_agents_broker_session_alone() {
+    let (site, _upstream, _link, mut updates) = site_with_updates().await;
+    let mut gw = site.start().await;
+    gw.wait_log("uplink.commands_subscribed", &[]).await;
+    let board = Board::new(
+        &site.path("board"),
+        &gw.broker.to_string(),
+        &site.path("admin/broker-agent.secret"),
+    );
+    repository(&board.dir);
+    let log = site.path("agent.log");
+    let agent = board.spawn_logged(&log);
+    updates
+        .until(|g| g.iter().any(|p| event(p)["event"] == "checked"))
+        .await;
+    for args in [&["check"][..], &["status"], &["check"]] {
+        let (ok, out) = board.command(args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    // The hand-made check's own report arrived: it had a session of its own.
+    updates
+        .until(|g| g.iter().filter(|p| event(p)["event"] == "checked").count() >= 2)
+        .await;
+    add_bundle(&board.dir, "1.1.0");
+    updates
+        .client
+        .publish(
+            "hospital/st-mary/gw-test/_gateway/cmd/update",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "{\"now\": false}",
+        )
+        .await
+        .unwrap();
+    updates
+        .until(|g| g.iter().any(|p| event(p)["event"] == "installed"))
+        .await;
+    stop(agent);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("update.broker_link"),
+        "run lost its broker session:\n{text}"
+    );
 }
 
 /// The running gateway's audit events, over its admin socket.
