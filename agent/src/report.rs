@@ -109,14 +109,16 @@ struct Outbox {
 
 impl Outbox {
     /// The journal's lines after the acknowledged offset, each with its end offset. A board
-    /// without the offset file (a fresh one, or one from before it existed) starts at the
-    /// journal's end: old history is not sent again.
+    /// without a readable offset file (a fresh one, one from before it existed, or one whose
+    /// file is garbled) starts at the journal's end: old history is not sent again.
     fn backlog(dir: &Path) -> Vec<(String, u64)> {
         let journal = std::fs::read(dir.join(JOURNAL)).unwrap_or_default();
-        let from = match std::fs::read_to_string(dir.join(REPORTED)) {
-            Ok(t) => t.trim().parse::<usize>().unwrap_or(0),
-            Err(_) => journal.len(),
-        };
+        // An offset file that cannot be read or parsed is treated as missing: the whole
+        // history is never sent again because of a garbled file.
+        let from = std::fs::read_to_string(dir.join(REPORTED))
+            .ok()
+            .and_then(|t| t.trim().parse::<usize>().ok())
+            .unwrap_or(journal.len());
         if from > journal.len() {
             // The journal was replaced: send none of it rather than guess.
             return Vec::new();
@@ -316,6 +318,11 @@ mod tests {
         std::fs::write(dir.path().join(JOURNAL), &journal).unwrap();
         // No offset yet (a fresh board, or one from before the outbox): history stays.
         assert!(Outbox::backlog(dir.path()).is_empty());
+        std::fs::write(dir.path().join(REPORTED), "garbled\n").unwrap();
+        assert!(
+            Outbox::backlog(dir.path()).is_empty(),
+            "a garbled offset resends nothing"
+        );
         std::fs::write(dir.path().join(REPORTED), format!("{}\n", a.len())).unwrap();
         let got = Outbox::backlog(dir.path());
         let ends: Vec<u64> = got.iter().map(|(_, e)| *e).collect();

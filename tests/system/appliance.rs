@@ -725,16 +725,7 @@ impl Fleet {
     /// before the appliance's uplink subscribed is not kept for it.
     async fn check_now(&mut self, now: bool, event: &str, version: Option<&str>) {
         loop {
-            self.updates
-                .client
-                .publish(
-                    format!("hospital/st-mary/{GATEWAY_ID}/_gateway/cmd/update"),
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
-                    format!("{{\"now\": {now}}}"),
-                )
-                .await
-                .unwrap();
+            crate::updates::check_now(&self.updates, GATEWAY_ID, now).await;
             if tokio::time::timeout(Duration::from_secs(30), self.step(event, version))
                 .await
                 .is_ok()

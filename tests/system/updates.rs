@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Publish;
 
-use crate::support::upstream::{Link, Upstream};
+use crate::support::upstream::{Consumer, Link, Upstream};
 use crate::support::{Site, DEADLINE};
 
 /// A binary of the workspace's other package, built by `cargo test --workspace`.
@@ -272,9 +272,24 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The hospital asks `gateway`'s agent to check for updates now (`now`: and reboot into one
+/// at once), on `…/_gateway/cmd/update`.
+pub(crate) async fn check_now(hospital: &Consumer, gateway: &str, now: bool) {
+    hospital
+        .client
+        .publish(
+            format!("hospital/st-mary/{gateway}/_gateway/cmd/update"),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            format!("{{\"now\": {now}}}"),
+        )
+        .await
+        .unwrap();
+}
+
 /// A ward site whose uplink reaches a mosquitto upstream (through a link), and the
 /// hospital's view of the gateway's update stream.
-async fn site_with_updates() -> (Site, Upstream, Link, crate::support::upstream::Consumer) {
+async fn site_with_updates() -> (Site, Upstream, Link, Consumer) {
     let mut site = Site::ward();
     let upstream = Upstream::start(&site.path("upstream"), "gw-test").await;
     let link = Link::start(upstream.port, true).await;
@@ -309,16 +324,7 @@ async fn agent_reports_reach_upstream_audited_and_check_now_comes_down() {
 
     // The fleet manager publishes 1.1.0 and asks this gateway to check now, rebooting at once.
     add_bundle(&board.dir, "1.1.0");
-    updates
-        .client
-        .publish(
-            "hospital/st-mary/gw-test/_gateway/cmd/update",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            "{\"now\": true}",
-        )
-        .await
-        .unwrap();
+    check_now(&updates, "gw-test", true).await;
     let got = updates
         .until(|g| g.iter().any(|p| event(p)["event"] == "rebooting"))
         .await;
@@ -485,16 +491,7 @@ async fn commands_by_hand_leave_the_running_agents_broker_session_alone() {
         .until(|g| g.iter().filter(|p| event(p)["event"] == "checked").count() >= 2)
         .await;
     add_bundle(&board.dir, "1.1.0");
-    updates
-        .client
-        .publish(
-            "hospital/st-mary/gw-test/_gateway/cmd/update",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            "{\"now\": false}",
-        )
-        .await
-        .unwrap();
+    check_now(&updates, "gw-test", false).await;
     updates
         .until(|g| g.iter().any(|p| event(p)["event"] == "installed"))
         .await;
