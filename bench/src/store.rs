@@ -27,9 +27,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use wardgate::clock::now_ms;
 use wardgate::device::DeviceId;
 use wardgate::spool::record::Sealer;
-use wardgate::spool::{now_ms, Key, Priority, Record, Spool, SpoolLimits};
+use wardgate::spool::{Key, Priority, Record, Spool, SpoolLimits};
 
 pub const ENGINES: [&str; 3] = ["log", "sled", "redb"];
 pub const BATCH: usize = 32;
@@ -300,7 +301,9 @@ fn open(engine: &str, dir: &Path, max_bytes: u64) -> anyhow::Result<Store> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let spool = rt.block_on(async { Spool::open(dir, limits) })?;
+            let spool = rt.block_on(async {
+                Spool::open(dir, limits, wardgate::events::Events::unaudited())
+            })?;
             Store::Log { spool, rt }
         }
         "sled" => Store::Sled(sled::Config::new().path(dir.join("sled")).open()?),

@@ -90,11 +90,11 @@ async fn spool_full(dir: &Path) -> (f64, f64, f64) {
         topic: format!("ward/{device}/status"),
         payload: Bytes::from(format!("{n:08}")),
         qos: 1,
-        received_at_ms: wardgate::spool::now_ms(),
+        received_at_ms: wardgate::clock::now_ms(),
         properties: Default::default(),
     };
     let full_bytes = {
-        let spool = Spool::open(dir, limits()).unwrap();
+        let spool = Spool::open(dir, limits(), wardgate::events::Events::unaudited()).unwrap();
         let mut last = None;
         for n in 0..FULL_N {
             last = Some(spool.append(&small(n), Priority::Routine).unwrap());
@@ -107,7 +107,7 @@ async fn spool_full(dir: &Path) -> (f64, f64, f64) {
     let mut l = limits();
     l.max_bytes = full_bytes;
     l.device_quota = full_bytes;
-    let spool = Spool::open(dir, l).unwrap();
+    let spool = Spool::open(dir, l, wardgate::events::Events::unaudited()).unwrap();
     let index = (rss().saturating_sub(before)) as f64 / FULL_N as f64;
     assert_eq!(spool.stats().records, FULL_N);
     let start = Instant::now();
@@ -147,13 +147,13 @@ fn record(device: &DeviceId) -> Record {
         topic: format!("ward/{device}/vitals/hr"),
         payload: Bytes::from(vec![b'v'; PAYLOAD]),
         qos: 1,
-        received_at_ms: wardgate::spool::now_ms(),
+        received_at_ms: wardgate::clock::now_ms(),
         properties: Default::default(),
     }
 }
 
 async fn spool_group_commit(dir: &Path) -> f64 {
-    let spool = Spool::open(dir, limits()).unwrap();
+    let spool = Spool::open(dir, limits(), wardgate::events::Events::unaudited()).unwrap();
     let device = DeviceId::parse("bench-1").unwrap();
     let start = Instant::now();
     let waits: Vec<_> = (0..N)
@@ -168,7 +168,7 @@ async fn spool_group_commit(dir: &Path) -> f64 {
 }
 
 async fn spool_flush_each(dir: &Path) -> f64 {
-    let spool = Spool::open(dir, limits()).unwrap();
+    let spool = Spool::open(dir, limits(), wardgate::events::Events::unaudited()).unwrap();
     let device = DeviceId::parse("bench-1").unwrap();
     let start = Instant::now();
     for _ in 0..NAIVE_N {

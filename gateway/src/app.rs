@@ -13,6 +13,7 @@ use crate::audit::{AuditError, AuditLog};
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
+use crate::events::Events;
 use crate::firewall::live::LiveFirewall;
 use crate::ingest::Ingest;
 use crate::quarantine::{Quarantine, QuarantineError, StateError};
@@ -61,6 +62,7 @@ pub struct Gateway {
     admin: AdminSocket,
     started: std::time::Instant,
     firewall: Option<std::sync::Arc<LiveFirewall>>,
+    events: Events,
 }
 
 /// How often records past their `max_age` are swept out of the spool.
@@ -77,16 +79,22 @@ impl Gateway {
                 source,
             })?;
         let started = std::time::Instant::now();
-        crate::audit::install(AuditLog::open(
+        // The one handle every part records its decisions through.
+        let events = Events::audited(std::sync::Arc::new(AuditLog::open(
             &config.gateway.data_dir,
             config.audit_max_records,
-        )?);
+        )?));
         let state = crate::quarantine::open_state(&config.gateway.data_dir)?;
-        audit_config(&config, &state);
+        audit_config(&config, &state, &events);
         let registry = Registry::open(&config, &state)?.shared();
-        let spool = Spool::open(&config.gateway.data_dir, config.spool.clone())?;
-        let broker = broker::start(&config.broker, config.max_payload()).await?;
-        let quarantine = std::sync::Arc::new(Quarantine::open(&state, config.quarantine)?);
+        let spool = Spool::open(
+            &config.gateway.data_dir,
+            config.spool.clone(),
+            events.clone(),
+        )?;
+        let broker = broker::start(&config.broker, config.max_payload(), events.clone()).await?;
+        let quarantine =
+            std::sync::Arc::new(Quarantine::open(&state, config.quarantine, events.clone())?);
         // The firewall is in place before the edge listens; if it cannot be, the gateway
         // does not start (and the early-boot ruleset keeps devices out).
         let firewall = match &config.firewall {
@@ -96,11 +104,12 @@ impl Gateway {
                 broker.addr.port(),
                 registry.clone(),
                 quarantine.clone(),
+                events.clone(),
             )?),
             None => None,
         };
         // The one door into the spool, for every producer.
-        let ingest = Ingest::new(spool.clone(), config.topic_map());
+        let ingest = Ingest::new(spool.clone(), config.topic_map(), events.clone());
         let edge = Edge::bind(
             config.edge.clone(),
             ingest.clone(),
@@ -108,6 +117,7 @@ impl Gateway {
             broker.clone(),
             quarantine.clone(),
             config.throttle_limit,
+            events.clone(),
         )
         .await?;
         let admin = AdminSocket::bind(&config.admin.socket)?;
@@ -122,6 +132,7 @@ impl Gateway {
             admin,
             started,
             firewall,
+            events,
         })
     }
 
@@ -165,6 +176,7 @@ impl Gateway {
             spool: self.spool.clone(),
             uplink_connected: uplink_connected.clone(),
             firewall: self.firewall.clone(),
+            events: self.events.clone(),
         };
         tracker.spawn(self.admin.run(admin_state, shutdown.clone()));
         let modbus = if self.config.modbus.devices.is_empty() {
@@ -174,14 +186,15 @@ impl Gateway {
                 ingest: self.ingest.clone(),
                 registry: self.registry.clone(),
                 local: crate::modbus::local_client(&self.broker, shutdown.clone()),
+                events: self.events.clone(),
             };
             crate::modbus::start(&self.config.modbus, sink, shutdown.clone(), &tracker)
         };
         match &self.config.uplink {
             Some(u) => {
-                if let Some(log) = crate::audit::global() {
+                if let Some(log) = self.events.audit_log() {
                     tracker.spawn(crate::audit::forward::run(
-                        log,
+                        log.clone(),
                         self.ingest.clone(),
                         shutdown.clone(),
                     ));
@@ -194,6 +207,7 @@ impl Gateway {
                     spool: self.spool.clone(),
                     registry: self.registry.clone(),
                     broker: self.broker.clone(),
+                    events: self.events.clone(),
                 };
                 tracker.spawn(uplink.run(shutdown.clone()));
             }
@@ -206,6 +220,7 @@ impl Gateway {
         tracker.spawn(crate::updates::run(
             &self.broker,
             self.ingest.clone(),
+            self.events.clone(),
             shutdown.clone(),
         ));
         tracker.spawn(sweep_expired(self.spool.clone(), shutdown.clone()));
@@ -221,7 +236,7 @@ impl Gateway {
                 "sessions still open after the shutdown grace period; leaving them"
             );
         }
-        crate::audit::flush();
+        self.events.flush();
         if let Err(e) = self.spool.flush() {
             tracing::error!(event = "spool.flush_failed", error = %e, "final spool flush failed");
         }
@@ -238,7 +253,7 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// Audits the configuration in force at start, and says when it differs from the last run.
-fn audit_config(config: &Config, state: &sled::Db) {
+fn audit_config(config: &Config, state: &sled::Db, events: &Events) {
     const KEY: &[u8] = b"config_digest";
     let previous = state
         .get(KEY)
@@ -252,21 +267,7 @@ fn audit_config(config: &Config, state: &sled::Db) {
         config.devices.len(),
         config.classes.len()
     );
-    match previous {
-        Some(p) if p == config.digest => {
-            crate::audit::record("gateway.started", None, &detail);
-        }
-        Some(p) => {
-            crate::audit::record("config.changed", None, &format!("{detail} previous={p}"));
-            tracing::info!(
-                event = "config.changed",
-                previous = p,
-                sha256 = config.digest,
-                "configuration changed since the last start"
-            );
-        }
-        None => crate::audit::record("config.loaded", None, &detail),
-    }
+    events.config_in_force(&detail, &config.digest, previous.as_deref());
     if let Err(e) = state
         .insert(KEY, config.digest.as_bytes())
         .and_then(|_| state.flush().map(|_| ()))

@@ -121,6 +121,7 @@ struct Gatekeeper {
     gateway: Login,
     agent: Login,
     refusals: Mutex<Refusals>,
+    events: crate::events::Events,
 }
 
 /// Refusals since the last audit record about them.
@@ -151,28 +152,15 @@ impl Gatekeeper {
         let due = r
             .last_audit
             .is_none_or(|t| now.duration_since(t) >= REFUSAL_AUDIT_INTERVAL);
-        let shown = crate::events::shown(client_id);
-        if !due {
+        let others = if due {
+            r.last_audit = Some(now);
+            Some(std::mem::take(&mut r.unaudited))
+        } else {
             r.unaudited += 1;
-            tracing::debug!(event = "broker.auth_refused", client_id = %shown, "embedded broker refused a CONNECT");
-            return;
-        }
-        let others = std::mem::take(&mut r.unaudited);
-        r.last_audit = Some(now);
+            None
+        };
         drop(r);
-        let user = crate::events::shown(username);
-        crate::audit::record(
-            "broker.auth_refused",
-            None,
-            &format!("client_id={shown} username={user} others_since_last={others}"),
-        );
-        tracing::warn!(
-            event = "broker.auth_refused",
-            client_id = %shown,
-            username = %user,
-            others_since_last = others,
-            "embedded broker refused a CONNECT without the gateway's credentials"
-        );
+        self.events.broker_auth_refused(client_id, username, others);
     }
 }
 
@@ -198,7 +186,11 @@ fn write_agent_credentials(path: &Path, login: &Login) -> Result<(), BrokerError
 }
 
 /// Starts rumqttd and waits until it answers an MQTT CONNECT.
-pub async fn start(cfg: &BrokerConfig, max_payload: u64) -> Result<EmbeddedBroker, BrokerError> {
+pub async fn start(
+    cfg: &BrokerConfig,
+    max_payload: u64,
+    events: crate::events::Events,
+) -> Result<EmbeddedBroker, BrokerError> {
     let mut addr = cfg.listen;
     if addr.port() == 0 {
         let l = TcpListener::bind(addr).map_err(BrokerError::Reserve)?;
@@ -208,6 +200,7 @@ pub async fn start(cfg: &BrokerConfig, max_payload: u64) -> Result<EmbeddedBroke
         gateway: Login::make(GATEWAY_USER)?,
         agent: Login::make(AGENT_USER)?,
         refusals: Mutex::default(),
+        events,
     });
     write_agent_credentials(&cfg.agent_credentials, &gatekeeper.agent)?;
     let login = gatekeeper.gateway.clone();

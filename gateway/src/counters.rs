@@ -1,15 +1,11 @@
 //! Per-device counters since the gateway started: what `wardgate device show` prints.
 //!
-//! The edge and [`crate::events`] bump them as decisions are taken; the spool keeps its own
-//! (stored, evicted, expired, refused) and the admin socket shows both side by side.
-//! Counters live in memory: they describe this run. The audit log is the durable record.
-
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex, PoisonError};
+//! [`crate::events::Events`] holds them, one set per device, and bumps them as decisions
+//! are taken; the spool keeps its own (stored, evicted, expired, refused) and the admin
+//! socket shows both side by side. Counters live in memory: they describe this run. The
+//! audit log is the durable record.
 
 use serde::{Deserialize, Serialize};
-
-use crate::device::DeviceId;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EdgeCounters {
@@ -36,26 +32,4 @@ pub struct EdgeCounters {
     pub modbus_exceptions: u64,
     #[serde(default)]
     pub modbus_errors: u64,
-}
-
-static COUNTERS: LazyLock<Mutex<HashMap<DeviceId, EdgeCounters>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-
-/// Applies `f` to the counters of `device`.
-pub fn bump(device: &DeviceId, f: impl FnOnce(&mut EdgeCounters)) {
-    let mut all = COUNTERS.lock().unwrap_or_else(PoisonError::into_inner);
-    // Looked up first: the id is cloned only for a device's first count.
-    match all.get_mut(device) {
-        Some(c) => f(c),
-        None => f(all.entry(device.clone()).or_default()),
-    }
-}
-
-pub fn get(device: &DeviceId) -> EdgeCounters {
-    COUNTERS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(device)
-        .copied()
-        .unwrap_or_default()
 }

@@ -62,6 +62,11 @@ impl DeviceId {
         Self(GATEWAY_STREAM.to_owned())
     }
 
+    /// True for the gateway's own stream.
+    pub fn is_gateway(&self) -> bool {
+        self.0 == GATEWAY_STREAM
+    }
+
     /// A device id, or the gateway's own stream, as stored in a spool record.
     pub fn parse_stored(s: &str) -> Result<Self, DeviceIdError> {
         if s == GATEWAY_STREAM {

@@ -26,11 +26,12 @@
 
 use bytes::Bytes;
 
+use crate::clock::now_ms;
 use crate::device::DeviceId;
-use crate::events::Violation;
+use crate::events::{Events, Violation};
 use crate::policy::acl;
 use crate::registry::Grant;
-use crate::spool::{now_ms, Durable, Key, Priority, Properties, Record, Spool, SpoolError};
+use crate::spool::{Durable, Key, Priority, Properties, Record, Spool, SpoolError};
 use crate::uplink::{TopicMap, UnmappableTopic};
 
 /// The door; cheap to clone (one per producer).
@@ -38,6 +39,7 @@ use crate::uplink::{TopicMap, UnmappableTopic};
 pub struct Ingest {
     spool: Spool,
     topics: TopicMap,
+    events: Events,
 }
 
 /// One message a device sends.
@@ -65,8 +67,12 @@ pub enum Refused {
 }
 
 impl Ingest {
-    pub fn new(spool: Spool, topics: TopicMap) -> Self {
-        Ingest { spool, topics }
+    pub fn new(spool: Spool, topics: TopicMap, events: Events) -> Self {
+        Ingest {
+            spool,
+            topics,
+            events,
+        }
     }
 
     /// The spool behind the door (wills held at CONNECT are released or dropped on it).
@@ -131,7 +137,7 @@ impl Ingest {
             .map_err(Refused::Policy)?;
         reserved(m).map_err(Refused::Policy)?;
         let durable = self.spool.append(&received(device, m), priority)?;
-        crate::counters::bump(device, |c| c.accepted += 1);
+        self.events.message_accepted(device);
         Ok(durable)
     }
 
@@ -204,8 +210,12 @@ mod tests {
         let config = Config::parse(&text, std::path::Path::new("/etc/wardgate/x.toml")).unwrap();
         let device = DeviceId::parse("pump-1").unwrap();
         let grant = Registry::from_config(&config).grant(&device).unwrap();
-        let spool = Spool::open(dir, config.spool.clone()).unwrap();
-        (Ingest::new(spool, config.topic_map()), grant, device)
+        let spool = Spool::open(dir, config.spool.clone(), Events::unaudited()).unwrap();
+        (
+            Ingest::new(spool, config.topic_map(), Events::unaudited()),
+            grant,
+            device,
+        )
     }
 
     fn msg<'a>(topic: &'a str, payload: &'a Bytes) -> Message<'a> {

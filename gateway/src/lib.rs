@@ -8,6 +8,7 @@ pub mod app;
 pub mod audit;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod demo;

@@ -68,6 +68,7 @@ pub struct Quarantine {
     recent: Mutex<HashMap<DeviceId, VecDeque<Instant>>>,
     /// Called after every quarantine and release (the firewall's sets follow).
     on_change: std::sync::OnceLock<ChangeHook>,
+    events: crate::events::Events,
 }
 
 type ChangeHook = Box<dyn Fn() + Send + Sync>;
@@ -81,7 +82,11 @@ impl std::fmt::Debug for Quarantine {
 }
 
 impl Quarantine {
-    pub fn open(db: &sled::Db, threshold: Threshold) -> Result<Quarantine, QuarantineError> {
+    pub fn open(
+        db: &sled::Db,
+        threshold: Threshold,
+        events: crate::events::Events,
+    ) -> Result<Quarantine, QuarantineError> {
         let tree = db.open_tree("quarantine")?;
         let mut current = HashMap::new();
         for item in tree.iter() {
@@ -109,6 +114,7 @@ impl Quarantine {
             current: Mutex::new(current),
             recent: Mutex::new(HashMap::new()),
             on_change: std::sync::OnceLock::new(),
+            events,
         })
     }
 
@@ -159,7 +165,7 @@ impl Quarantine {
             return Ok(false);
         }
         let entry = Entry {
-            since_ms: crate::spool::now_ms(),
+            since_ms: crate::clock::now_ms(),
             reason: reason.to_owned(),
         };
         let value = serde_json::to_vec(&entry).unwrap_or_default();
@@ -167,8 +173,7 @@ impl Quarantine {
         self.db.flush()?;
         current.insert(device.clone(), entry);
         drop(current);
-        crate::audit::record("device.quarantined", Some(device.as_str()), reason);
-        tracing::warn!(event = "device.quarantined", %device, reason, "device quarantined");
+        self.events.device_quarantined(device, reason);
         self.changed();
         Ok(true)
     }
@@ -186,8 +191,7 @@ impl Quarantine {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(device);
         drop(current);
-        crate::audit::record("device.released", Some(device.as_str()), by);
-        tracing::warn!(event = "device.released", %device, by, "device released from quarantine");
+        self.events.device_released(device, by);
         self.changed();
         Ok(true)
     }
@@ -236,7 +240,7 @@ mod tests {
         // at once can race sled's background work for the file lock).
         let db = open_state(dir.path()).unwrap();
         {
-            let q = Quarantine::open(&db, T).unwrap();
+            let q = Quarantine::open(&db, T, crate::events::Events::unaudited()).unwrap();
             let t0 = Instant::now();
             assert!(!q.note_violation(&d, t0).unwrap());
             // The first one falls out of the window.
@@ -245,11 +249,14 @@ mod tests {
             assert!(q.note_violation(&d, t0 + Duration::from_secs(63)).unwrap());
             assert!(q.reason(&d).unwrap().contains("3 ACL violations"));
         }
-        let q = Quarantine::open(&db, T).unwrap();
+        let q = Quarantine::open(&db, T, crate::events::Events::unaudited()).unwrap();
         assert!(q.reason(&d).is_some(), "quarantine survives a restart");
         assert!(q.release(&d, "test").unwrap());
         assert!(!q.release(&d, "test").unwrap());
         drop(q);
-        assert!(Quarantine::open(&db, T).unwrap().reason(&d).is_none());
+        assert!(Quarantine::open(&db, T, crate::events::Events::unaudited())
+            .unwrap()
+            .reason(&d)
+            .is_none());
     }
 }

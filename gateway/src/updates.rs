@@ -19,6 +19,7 @@
 
 use tokio_util::sync::CancellationToken;
 
+use crate::events::Events;
 use crate::ingest::Ingest;
 
 /// Where the agent reports, on the embedded broker.
@@ -46,6 +47,7 @@ const AUDITED: [&str; 7] = [
 pub fn run(
     broker: &crate::broker::EmbeddedBroker,
     ingest: Ingest,
+    events: Events,
     shutdown: CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
     let mut reports =
@@ -55,7 +57,7 @@ pub fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 p = reports.recv() => match p {
-                    Some(p) if p.topic == STATUS_TOPIC => relay(&ingest, &p.payload),
+                    Some(p) if p.topic == STATUS_TOPIC => relay(&ingest, &events, &p.payload),
                     Some(_) => {}
                     None => return,
                 },
@@ -65,7 +67,7 @@ pub fn run(
 }
 
 /// One report: audited if it is a decision, and queued for upstream.
-fn relay(ingest: &Ingest, payload: &[u8]) {
+fn relay(ingest: &Ingest, events: &Events, payload: &[u8]) {
     let parsed: Option<serde_json::Value> = (payload.len() <= MAX_REPORT)
         .then(|| serde_json::from_slice(payload).ok())
         .flatten();
@@ -80,37 +82,20 @@ fn relay(ingest: &Ingest, payload: &[u8]) {
         } else {
             "not a JSON object with an \"event\"".to_owned()
         };
-        crate::audit::record("update.report_refused", None, &why);
-        tracing::warn!(
-            event = "update.report_refused",
-            reason = why,
-            "agent report refused"
-        );
+        events.update_report_refused(&why);
         return;
     };
     let v = parsed.unwrap_or_default();
     let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
-    tracing::info!(
-        event = format!("update.{event}").as_str(),
-        version = field("version"),
-        slot = field("slot"),
-        detail = field("detail"),
-        "update agent"
+    events.update_reported(
+        &event,
+        &field("version"),
+        &field("slot"),
+        &field("detail"),
+        AUDITED.contains(&event.as_str()),
     );
-    if AUDITED.contains(&event.as_str()) {
-        crate::audit::record(
-            &format!("update.{event}"),
-            None,
-            &format!(
-                "version={:?} slot={:?} detail={:?}",
-                field("version"),
-                field("slot"),
-                field("detail")
-            ),
-        );
-    }
     let payload = bytes::Bytes::copy_from_slice(payload);
-    if let Err(e) = ingest.own(UPDATE_TOPIC, payload, crate::spool::now_ms()) {
+    if let Err(e) = ingest.own(UPDATE_TOPIC, payload, crate::clock::now_ms()) {
         tracing::warn!(event = "update.not_forwarded", error = %e, "agent report not forwarded: no room in the spool");
     }
 }

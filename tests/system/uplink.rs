@@ -388,7 +388,12 @@ async fn corrupt_record_is_reported_and_skipped_the_rest_forwarded() {
     {
         use std::os::unix::fs::FileExt;
         let config = wardgate::config::Config::load(&site.path("wardgate.toml")).unwrap();
-        let spool = wardgate::spool::Spool::open(&site.path("data"), config.spool).unwrap();
+        let spool = wardgate::spool::Spool::open(
+            &site.path("data"),
+            config.spool,
+            wardgate::events::Events::unaudited(),
+        )
+        .unwrap();
         let batch = spool.next_batch(1000, &Default::default());
         let (key, _) = batch
             .into_iter()

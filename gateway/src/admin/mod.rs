@@ -68,6 +68,8 @@ pub struct AdminState {
     pub uplink_connected: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// `None` without a `[firewall]`.
     pub firewall: Option<Arc<crate::firewall::live::LiveFirewall>>,
+    /// The audit log and the devices' counters.
+    pub events: crate::events::Events,
 }
 
 /// A bound admin socket.
@@ -207,12 +209,7 @@ async fn serve(stream: UnixStream, state: Arc<AdminState>, group: Option<u32>) {
     let who = match authorise(&stream, group) {
         Ok(who) => who,
         Err(who) => {
-            crate::audit::record("admin.refused", None, &who);
-            tracing::warn!(
-                event = "admin.refused",
-                peer = who,
-                "admin connection refused"
-            );
+            state.events.admin_refused(&who);
             let (_, mut wr) = stream.into_split();
             let _ = reply(
                 &mut wr,
@@ -281,7 +278,7 @@ fn device(id: &str) -> Result<DeviceId, String> {
 pub fn handle(state: &AdminState, request: &Request, who: &str) -> Response {
     if request.changes() {
         let what = serde_json::to_string(request).unwrap_or_default();
-        crate::audit::record("admin.command", None, &format!("{who} request={what}"));
+        state.events.admin_command(who, &what);
     }
     match execute(state, request, who) {
         Ok(r) => r,
@@ -324,9 +321,7 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
             if let Some(fw) = &state.firewall {
                 fw.refresh();
             }
-            let detail = format!("class={class} address={address} by {who}");
-            crate::audit::record("device.added", Some(d.as_str()), &detail);
-            tracing::info!(event = "device.added", device = %d, class, %address, "device registered");
+            state.events.device_added(&d, class, *address, who);
             Ok(success(&view(state, &d)))
         }
         Request::DeviceRemove { id } => {
@@ -341,12 +336,9 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
             if let Some(fw) = &state.firewall {
                 fw.refresh();
             }
-            let detail = format!(
-                "class={} address={} closed={closed} by {who}",
-                removed.class, removed.address
-            );
-            crate::audit::record("device.removed", Some(d.as_str()), &detail);
-            tracing::info!(event = "device.removed", device = %d, closed, "device unregistered");
+            state
+                .events
+                .device_removed(&d, &removed.class, removed.address, closed, who);
             Ok(success(&view(state, &d)))
         }
         Request::DeviceQuarantine { id, reason } => {
@@ -377,13 +369,13 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
             Ok(success(&view(state, &d)))
         }
         Request::AuditTail { count } => {
-            let entries = audit_log()?
+            let entries = audit_log(state)?
                 .tail((*count).min(MAX_TAIL))
                 .map_err(|e| e.to_string())?;
             Ok(success(&entries))
         }
         Request::AuditVerify => {
-            let n = audit_log()?.verify().map_err(|e| e.to_string())?;
+            let n = audit_log(state)?.verify().map_err(|e| e.to_string())?;
             Ok(success(&n))
         }
     }
@@ -392,8 +384,12 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
 /// Longest `audit tail` answered over the socket.
 const MAX_TAIL: usize = 10_000;
 
-fn audit_log() -> Result<&'static crate::audit::AuditLog, String> {
-    crate::audit::global().ok_or_else(|| "no audit log in this process".to_owned())
+fn audit_log(state: &AdminState) -> Result<&crate::audit::AuditLog, String> {
+    state
+        .events
+        .audit_log()
+        .map(|l| &**l)
+        .ok_or_else(|| "no audit log in this process".to_owned())
 }
 
 fn status(state: &AdminState) -> proto::Status {
@@ -461,7 +457,7 @@ fn view(state: &AdminState, d: &DeviceId) -> DeviceView {
             reason: e.reason,
         }),
         counters: Counters {
-            edge: crate::counters::get(d),
+            edge: state.events.counters(d),
             evicted: spool.evicted,
             expired: spool.expired,
             spool_refused: spool.refused,

@@ -29,7 +29,7 @@
 pub mod forward;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
@@ -260,7 +260,7 @@ impl AuditLog {
         detail: &str,
     ) -> Result<u64, AuditError> {
         let index = head.next;
-        let time_ms = crate::spool::now_ms();
+        let time_ms = crate::clock::now_ms();
         let hash = chain_hash(index, time_ms, event, device, detail, &head.prev);
         let entry = Entry {
             v: AUDIT_VERSION,
@@ -424,37 +424,6 @@ fn tail_chain(chain: &sled::Tree, n: usize) -> Result<Vec<Entry>, AuditError> {
     }
     out.reverse();
     Ok(out)
-}
-
-static GLOBAL: OnceLock<AuditLog> = OnceLock::new();
-
-/// Makes `log` the process's audit log, which [`crate::events`] writes to.
-pub fn install(log: AuditLog) -> &'static AuditLog {
-    GLOBAL.get_or_init(|| log)
-}
-
-/// Records an event in the process's audit log, if one is installed. A failure to audit is
-/// itself logged loudly: it must never pass silently.
-pub fn record(event: &str, device: Option<&str>, detail: &str) {
-    if let Some(log) = GLOBAL.get() {
-        if let Err(e) = log.record(event, device, detail) {
-            tracing::error!(event = "audit.write_failed", error = %e, "audit record could not be written");
-        }
-    }
-}
-
-/// The process's audit log, if one is installed.
-pub fn global() -> Option<&'static AuditLog> {
-    GLOBAL.get()
-}
-
-/// Flushes the process's audit log (at shutdown).
-pub fn flush() {
-    if let Some(log) = GLOBAL.get() {
-        if let Err(e) = log.flush() {
-            tracing::error!(event = "audit.flush_failed", error = %e, "audit log flush failed");
-        }
-    }
 }
 
 #[cfg(test)]

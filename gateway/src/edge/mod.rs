@@ -41,7 +41,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::EdgeConfig;
 use crate::device::DeviceId;
-use crate::events::{self, Refusal};
+use crate::events::{Events, Refusal};
 use crate::ingest::Ingest;
 use crate::quarantine::Quarantine;
 use crate::registry::SharedRegistry;
@@ -72,6 +72,7 @@ struct EdgeShared {
     /// could not forward, is refused there.
     ingest: Ingest,
     quarantine: Arc<Quarantine>,
+    events: Events,
     /// A device throttled without pause for this long is quarantined.
     throttle_limit: Option<std::time::Duration>,
     rates: crate::policy::DeviceRates,
@@ -105,9 +106,9 @@ impl EdgeShared {
     /// full once per source and interval, summarised after (see [`unidentified`]).
     fn refuse_unidentified(&self, peer: SocketAddr, reason: &Refusal) {
         if self.unidentified.refused(peer.ip()) {
-            events::connection_refused(peer, None, reason);
+            self.events.connection_refused(peer, None, reason);
         } else {
-            events::connection_refused_unaudited(peer, None, reason);
+            self.events.connection_refused_unaudited(peer, None, reason);
         }
     }
 
@@ -203,6 +204,7 @@ impl Edge {
         broker: crate::broker::EmbeddedBroker,
         quarantine: Arc<Quarantine>,
         throttle_limit: Option<std::time::Duration>,
+        events: Events,
     ) -> Result<Edge, EdgeError> {
         let tls = tls::load(&config)?;
         let listener =
@@ -221,6 +223,7 @@ impl Edge {
                 broker,
                 ingest,
                 quarantine,
+                events,
                 throttle_limit,
                 rates: crate::policy::DeviceRates::default(),
                 subscriptions: subscriptions::Subscriptions::default(),
@@ -291,7 +294,7 @@ async fn summarise_refusals(shared: Arc<EdgeShared>, shutdown: CancellationToken
             _ = tick.tick() => false,
         };
         for (source, count) in shared.unidentified.end_interval() {
-            events::refusals_summarised(source, count, every);
+            shared.events.refusals_summarised(source, count, every);
         }
         if stop {
             return;
@@ -330,7 +333,7 @@ impl EdgeHandle {
         let material = match tls::load(&self.shared.config) {
             Ok(m) => Arc::new(m),
             Err(e) => {
-                events::tls_reload_failed(&e);
+                self.shared.events.tls_reload_failed(&e);
                 return Err(e);
             }
         };
@@ -350,7 +353,9 @@ impl EdgeHandle {
             .unwrap_or(std::path::Path::new("."));
         for serial in material.revoked.difference(&previous.revoked) {
             let device = crate::pki::device_of_serial(pki_dir, serial);
-            events::certificate_revoked(serial, device.as_deref());
+            self.shared
+                .events
+                .certificate_revoked(serial, device.as_deref());
         }
         let now = UnixTime::now();
         let mut closed = 0;
@@ -362,12 +367,14 @@ impl EdgeHandle {
                 .verifier
                 .verify_client_cert(end_entity, intermediates, now)
             {
-                events::live_connection_revoked(conn.peer, &conn.device, &e.to_string());
+                self.shared
+                    .events
+                    .live_connection_revoked(conn.peer, &conn.device, &e.to_string());
                 conn.close.cancel();
                 closed += 1;
             }
         }
-        events::tls_reloaded(material.crl_count, closed);
+        self.shared.events.tls_reloaded(material.crl_count, closed);
         Ok(closed)
     }
 }

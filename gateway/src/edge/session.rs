@@ -24,7 +24,7 @@ use super::sessions::SessionAsk;
 use super::v5::{self, Granted, PubCode};
 use super::EdgeShared;
 use crate::device::DeviceId;
-use crate::events::{self, Refusal, Violation};
+use crate::events::{Refusal, Violation};
 use crate::ingest::{Message, Refused};
 use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD};
 use crate::pki::cert;
@@ -91,11 +91,15 @@ pub(super) async fn serve(
     };
     let (connect, dialect) = match connect {
         Err(_) => {
-            events::connection_refused(peer, Some(&device), &Refusal::ConnectTimeout);
+            shared
+                .events
+                .connection_refused(peer, Some(&device), &Refusal::ConnectTimeout);
             return close(tls).await;
         }
         Ok(Err((refusal, v5))) => {
-            events::connection_refused(peer, Some(&device), &refusal);
+            shared
+                .events
+                .connection_refused(peer, Some(&device), &refusal);
             let reply = match (&refusal, v5) {
                 (_, true) => Some(v5::connack_refused(&refusal).to_vec()),
                 (Refusal::UnsupportedProtocol { .. }, false) => {
@@ -114,7 +118,9 @@ pub(super) async fn serve(
     let grant = match admit(&shared, &device, peer, &chain, &connect) {
         Ok(g) => g,
         Err((refusal, code)) => {
-            events::connection_refused(peer, Some(&device), &refusal);
+            shared
+                .events
+                .connection_refused(peer, Some(&device), &refusal);
             let reply = match &dialect {
                 Dialect::V4 => connack(code),
                 Dialect::V5(_) => v5::connack_refused(&refusal).to_vec(),
@@ -136,7 +142,7 @@ pub(super) async fn serve(
     let mut broker = None;
     let present = if opening.attach {
         if opening.stale || opening.discard {
-            purge_session(&shared.broker, &device, &grant.class, opening.stale).await;
+            purge_session(&shared, &device, &grant.class, opening.stale).await;
         }
         match connect_broker(&shared.broker, &connect).await {
             Ok((
@@ -161,7 +167,9 @@ pub(super) async fn serve(
                     Ok((_, a, _)) => format!("broker refused the session: {:?}", a.code),
                 };
                 let refusal = Refusal::BrokerUnavailable(e);
-                events::connection_refused(peer, Some(&device), &refusal);
+                shared
+                    .events
+                    .connection_refused(peer, Some(&device), &refusal);
                 let reply = match &dialect {
                     Dialect::V4 => connack(ConnectReturnCode::ServiceUnavailable),
                     Dialect::V5(_) => v5::connack_refused(&refusal).to_vec(),
@@ -172,7 +180,7 @@ pub(super) async fn serve(
         }
     } else {
         if opening.stale {
-            events::session_purged(&device, &grant.class, None);
+            shared.events.session_purged(&device, &grant.class, None);
         }
         opening.present
     };
@@ -198,7 +206,7 @@ pub(super) async fn serve(
         };
         hold_will(&shared, &device, &grant, w, props)
     });
-    events::device_connected(peer, &device, &grant.class);
+    shared.events.device_connected(peer, &device, &grant.class);
     let ended = relay(
         Relay {
             shared: &shared,
@@ -238,12 +246,14 @@ pub(super) async fn serve(
         && expiry == Some(Duration::ZERO)
         && !_live.taken_over().load(Ordering::Relaxed);
     if purge_now {
-        purge_session(&shared.broker, &device, &grant.class, false).await;
+        purge_session(&shared, &device, &grant.class, false).await;
     }
     shared
         .sessions
         .ended(&device, opening.generation, expiry, purge_now);
-    events::device_disconnected(peer, &device, &ended.reason);
+    shared
+        .events
+        .device_disconnected(peer, &device, &ended.reason);
 }
 
 /// Stores the will of a CONNECT (already checked by [`admit`]) in the spool, held until
@@ -423,15 +433,10 @@ fn connack(code: ConnectReturnCode) -> Vec<u8> {
 /// CONNECT; if the broker cannot be reached, that CONNECT fails the same way.
 /// `stale` says the purge is for that reason (audited); otherwise the device's session asked
 /// for it (MQTT 5's Clean Start or Session Expiry Interval), which is only logged.
-async fn purge_session(
-    broker: &crate::broker::EmbeddedBroker,
-    device: &DeviceId,
-    class: &str,
-    stale: bool,
-) {
+async fn purge_session(shared: &EdgeShared, device: &DeviceId, class: &str, stale: bool) {
     let mut purge = Connect::new(device.as_str());
     purge.clean_session = true;
-    let result = match connect_broker(broker, &purge).await {
+    let result = match connect_broker(&shared.broker, &purge).await {
         Ok((mut stream, _, _)) => {
             let mut out = BytesMut::new();
             let _ = Packet::Disconnect.write(&mut out, 16);
@@ -450,7 +455,9 @@ async fn purge_session(
         Err(e) => Err(e),
     };
     if stale {
-        events::session_purged(device, class, result.as_ref().err());
+        shared
+            .events
+            .session_purged(device, class, result.as_ref().err());
     } else if let Err(e) = result {
         tracing::warn!(event = "edge.session_not_purged", %device, error = %e, "the broker's part of an ended session could not be purged");
     }
@@ -884,7 +891,7 @@ async fn relay(
                     Dialect::V5(_) => "suback_0x87",
                 };
                 for f in &refused.filters {
-                    events::subscribe_refused(peer, device, f, answer);
+                    shared.events.subscribe_refused(peer, device, f, answer);
                     count_towards_quarantine(shared, device);
                 }
                 shared
@@ -1008,11 +1015,8 @@ async fn relay(
                 over_for: Some(over_for),
             }) = admission
             {
-                if throttled == 0 {
-                    events::throttled(peer, device, wait);
-                }
+                shared.events.throttled(peer, device, wait, throttled == 0);
                 throttled += 1;
-                crate::counters::bump(device, |c| c.throttled += 1);
                 if let Some(limit) = shared.throttle_limit {
                     if over_for >= limit {
                         return Err(Stop::HardLimit(limit));
@@ -1390,7 +1394,9 @@ fn refuse_publish(
 ) -> Result<PubCode, Stop> {
     match (dialect, &v) {
         (Dialect::V5(_), Violation::PublishDenied { .. }) => {
-            events::publish_refused(peer, device, &v, "puback_0x87");
+            shared
+                .events
+                .publish_refused(peer, device, &v, "puback_0x87");
             count_towards_quarantine(shared, device);
             Ok(PubCode::NotAuthorized)
         }
@@ -1493,7 +1499,7 @@ fn stopped(
     match r {
         Ok(reason) => reason,
         Err(Stop::HardLimit(limit)) => {
-            events::rate_hard_limit(peer, device, limit);
+            shared.events.rate_hard_limit(peer, device, limit);
             let reason = format!(
                 "over its rate without pause for {}",
                 humantime::format_duration(limit)
@@ -1502,7 +1508,7 @@ fn stopped(
             "rate hard limit".to_owned()
         }
         Err(Stop::Violation(v) | Stop::Bad(v, _)) => {
-            events::violation(peer, device, &v);
+            shared.events.violation(peer, device, &v);
             if matches!(
                 v,
                 Violation::PublishDenied { .. } | Violation::TooManySubscriptions { .. }

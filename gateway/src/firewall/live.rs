@@ -20,6 +20,7 @@ pub struct LiveFirewall {
     uid: u32,
     registry: SharedRegistry,
     quarantine: Arc<Quarantine>,
+    events: crate::events::Events,
     current: Mutex<Ruleset>,
 }
 
@@ -32,6 +33,7 @@ impl LiveFirewall {
         broker_port: u16,
         registry: SharedRegistry,
         quarantine: Arc<Quarantine>,
+        events: crate::events::Events,
     ) -> Result<Arc<LiveFirewall>, NetlinkError> {
         let fw = LiveFirewall {
             config,
@@ -40,6 +42,7 @@ impl LiveFirewall {
             uid: super::own_uid(),
             registry,
             quarantine,
+            events,
             current: Mutex::new(Ruleset {
                 sets: Vec::new(),
                 chains: Vec::new(),
@@ -53,12 +56,7 @@ impl LiveFirewall {
             ));
         }
         let detail = summary(&ruleset);
-        crate::audit::record("firewall.applied", None, &detail);
-        tracing::info!(
-            event = "firewall.applied",
-            detail,
-            "firewall table inet wardgate loaded"
-        );
+        fw.events.firewall_applied(&detail);
         *fw.current.lock().unwrap_or_else(PoisonError::into_inner) = ruleset;
         let fw = Arc::new(fw);
         // Quarantine and release change the sets at once.
@@ -115,18 +113,10 @@ impl LiveFirewall {
         };
         match result {
             Ok(detail) => {
-                crate::audit::record("firewall.updated", None, &detail);
-                tracing::info!(event = "firewall.updated", detail, "firewall sets updated");
+                self.events.firewall_updated(&detail);
                 *current = next;
             }
-            Err(e) => {
-                crate::audit::record("firewall.update_failed", None, &e.to_string());
-                tracing::error!(
-                    event = "firewall.update_failed",
-                    error = %e,
-                    "firewall not updated; the edge still enforces the registry and quarantine"
-                );
-            }
+            Err(e) => self.events.firewall_update_failed(&e),
         }
     }
 }

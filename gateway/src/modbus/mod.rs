@@ -62,6 +62,7 @@ struct WriteJob {
 #[derive(Debug, Clone, Default)]
 pub struct ModbusHandle {
     devices: Arc<HashMap<DeviceId, (ModbusDevice, mpsc::Sender<WriteJob>)>>,
+    events: crate::events::Events,
 }
 
 /// Where polled values go: the device's class policy, the spool, and local subscribers.
@@ -70,6 +71,7 @@ pub struct Sink {
     pub ingest: crate::ingest::Ingest,
     pub registry: SharedRegistry,
     pub local: rumqttc::AsyncClient,
+    pub events: crate::events::Events,
 }
 
 /// The local broker session values are published on (an id no device can have).
@@ -115,6 +117,7 @@ pub fn start(
     }
     ModbusHandle {
         devices: Arc::new(devices),
+        events: sink.events,
     }
 }
 
@@ -129,19 +132,13 @@ impl ModbusHandle {
     pub async fn write(&self, device: &DeviceId, name: &str, payload: &[u8], origin: &str) {
         let result = self.try_write(device, name, payload).await;
         let text = String::from_utf8_lossy(payload);
-        match result {
-            Ok(()) => {
-                let detail = format!("register={name} value={text} from={origin}");
-                crate::audit::record("modbus.write", Some(device.as_str()), &detail);
-                tracing::info!(event = "modbus.write", %device, register = name, value = %text, "Modbus write done");
-            }
-            Err(reason) => {
-                let detail =
-                    format!("register={name:?} value={text:?} from={origin} reason={reason}");
-                crate::audit::record("modbus.write_refused", Some(device.as_str()), &detail);
-                tracing::warn!(event = "modbus.write_refused", %device, register = name, reason, "Modbus write refused");
-            }
-        }
+        self.events.modbus_write(
+            device,
+            name,
+            &text,
+            origin,
+            result.as_ref().map(|_| ()).map_err(String::as_str),
+        );
     }
 
     async fn try_write(&self, device: &DeviceId, name: &str, payload: &[u8]) -> Result<(), String> {

@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Bus, BusKind, Function, ModbusDevice, Parity, Register, Sink, Value, WriteJob, MAX_BACKOFF,
 };
+use crate::clock::now_ms;
+use crate::events::ModbusFailure;
 use crate::ingest::{Message, Refused};
-use crate::spool::now_ms;
 
 /// Why a request failed.
 #[derive(Debug)]
@@ -246,12 +247,13 @@ async fn poll_device(bus: &Bus, link: &mut Option<Context>, st: &mut DeviceState
         match read(bus, link, d.unit, r).await {
             Ok(v) => values.push((r, v)),
             Err(f) => {
-                crate::counters::bump(&d.id, |c| match f {
-                    Failure::Timeout => c.modbus_timeouts += 1,
-                    Failure::Exception(_) => c.modbus_exceptions += 1,
-                    Failure::Error(_) => c.modbus_errors += 1,
-                });
-                tracing::warn!(event = "modbus.read_failed", bus = bus.name, device = %d.id, register = r.name, reason = %f, "Modbus read failed");
+                let kind = match f {
+                    Failure::Timeout => ModbusFailure::Timeout,
+                    Failure::Exception(_) => ModbusFailure::Exception,
+                    Failure::Error(_) => ModbusFailure::Other,
+                };
+                sink.events
+                    .modbus_read_failed(&bus.name, &d.id, &r.name, kind, &f);
                 failure = Some(format!("register {}: {f}", r.name));
                 break;
             }
@@ -260,15 +262,7 @@ async fn poll_device(bus: &Bus, link: &mut Option<Context>, st: &mut DeviceState
     let now = Instant::now();
     match failure {
         None => {
-            crate::counters::bump(&d.id, |c| c.modbus_polls += 1);
-            if st.silent {
-                crate::audit::record(
-                    "modbus.device_returned",
-                    Some(d.id.as_str()),
-                    &format!("bus={}", bus.name),
-                );
-                tracing::info!(event = "modbus.device_returned", bus = bus.name, device = %d.id, "Modbus device answers again");
-            }
+            sink.events.modbus_polled(&bus.name, &d.id, st.silent);
             st.failures = 0;
             st.silent = false;
             st.due = now + d.interval;
@@ -304,9 +298,7 @@ async fn poll_device(bus: &Bus, link: &mut Option<Context>, st: &mut DeviceState
             st.due = now + backoff(d.interval, st.failures);
             if !st.silent {
                 st.silent = true;
-                let detail = format!("bus={} {reason}", bus.name);
-                crate::audit::record("modbus.device_silent", Some(d.id.as_str()), &detail);
-                tracing::warn!(event = "modbus.device_silent", bus = bus.name, device = %d.id, reason, "Modbus device does not answer");
+                sink.events.modbus_device_silent(&bus.name, &d.id, &reason);
                 for r in &d.registers {
                     let body = serde_json::json!({
                         "value": null,
@@ -346,13 +338,7 @@ fn emit(sink: &Sink, d: &ModbusDevice, r: &Register, body: &serde_json::Value) {
     match sink.ingest.device(&d.id, &grant, m) {
         Ok(_) => {}
         Err(Refused::Policy(v)) => {
-            crate::events::count_violation(&d.id, &v);
-            crate::audit::record(
-                "modbus.publish_denied",
-                Some(d.id.as_str()),
-                &format!("code={} reason={v}", v.code()),
-            );
-            tracing::warn!(event = "modbus.publish_denied", device = %d.id, topic, code = v.code(), reason = %v, "value refused by the device's class policy");
+            sink.events.modbus_publish_denied(&d.id, &topic, &v);
             return;
         }
         // The spool has counted and logged the refusal.

@@ -108,11 +108,14 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::now_ms;
 
 use tokio::sync::{oneshot, Notify};
 
 use crate::device::DeviceId;
+use crate::events::Events;
 use log::{Frame, Loc, Log};
 pub use record::{Key, Priority, Properties, Record, RecordError};
 use record::{Sealer, KEY_LEN, SECRET_LEN};
@@ -656,6 +659,7 @@ struct Inner {
     shared: Arc<Shared>,
     sealer: Sealer,
     limits: SpoolLimits,
+    events: Events,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The origin of the monotonic clock records are aged on.
     opened: std::time::Instant,
@@ -731,12 +735,6 @@ fn age_at_open(received_at_ms: u64, wall_now: u64) -> i64 {
     i64::try_from(wall_now - received_at_ms).unwrap_or(i64::MAX)
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn load_or_make_secret(path: &Path, store_has_data: bool) -> Result<[u8; SECRET_LEN], SpoolError> {
     let key_err = |source| SpoolError::KeyFile {
         path: path.to_owned(),
@@ -809,21 +807,6 @@ fn keep_corrupt(dir: &Path, name: &str, bytes: &[u8]) -> bool {
     }
 }
 
-/// Reports damaged bytes set aside (`what` names them).
-fn report_corrupt(what: &str, error: &str) {
-    crate::audit::record(
-        "spool.corrupt_record",
-        None,
-        &format!("record={what} error={error}"),
-    );
-    tracing::error!(
-        event = "spool.corrupt_record",
-        record = what,
-        error,
-        "unreadable spool record set aside; the rest is forwarded"
-    );
-}
-
 /// What replaying the log found.
 #[derive(Default)]
 struct Replayed {
@@ -838,7 +821,7 @@ struct Replayed {
 }
 
 /// Reads every segment in order.
-fn replay(dir: &Path, corrupt_dir: &Path) -> Result<Replayed, SpoolError> {
+fn replay(dir: &Path, corrupt_dir: &Path, events: &Events) -> Result<Replayed, SpoolError> {
     let mut r = Replayed::default();
     let found = log::segments(dir).map_err(io_error(dir))?;
     let newest = found.keys().last().copied();
@@ -889,7 +872,7 @@ fn replay(dir: &Path, corrupt_dir: &Path) -> Result<Replayed, SpoolError> {
                 &bytes[range.clone()],
             ) {
                 r.corrupt += 1;
-                report_corrupt(
+                events.spool_corrupt_record(
                     &format!("segment {n:016x} bytes {}..{}", range.start, range.end),
                     "frames that do not check (length or CRC)",
                 );
@@ -1024,7 +1007,7 @@ fn migrate_sled(data_dir: &Path, dir: &Path) -> Result<(), SpoolError> {
 
 impl Spool {
     /// Opens (or creates) the spool in `data_dir`.
-    pub fn open(data_dir: &Path, limits: SpoolLimits) -> Result<Spool, SpoolError> {
+    pub fn open(data_dir: &Path, limits: SpoolLimits, events: Events) -> Result<Spool, SpoolError> {
         let path = data_dir.join(LOG_DIR);
         migrate_sled(data_dir, &path)?;
         private_dir(&path)?;
@@ -1062,7 +1045,7 @@ impl Spool {
             .map_err(io_error(&corrupt_dir))?
             .count() as u64;
 
-        let replayed = replay(&path, &corrupt_dir)?;
+        let replayed = replay(&path, &corrupt_dir, &events)?;
         let has_data = !replayed.records.is_empty() || !replayed.rejected.is_empty();
         let secret = load_or_make_secret(&data_dir.join("spool.key"), has_data)?;
         let sealer = Sealer::new(&secret);
@@ -1099,7 +1082,7 @@ impl Spool {
                 Err(e) => {
                     let name = format!("{:016x}-{:x}.bin", loc.segment, loc.offset);
                     keep_corrupt(&corrupt_dir, &name, &value);
-                    report_corrupt(&format!("{key:?}"), &e.to_string());
+                    events.spool_corrupt_record(&format!("{key:?}"), &e.to_string());
                     state.corrupt += 1;
                     deletes.push(key);
                 }
@@ -1188,6 +1171,7 @@ impl Spool {
                 shared,
                 sealer,
                 limits,
+                events,
                 writer: Mutex::new(Some(writer)),
                 opened: std::time::Instant::now(),
                 _lock: lock,
@@ -1279,20 +1263,9 @@ impl Spool {
             Err(reason) => {
                 st.counters(&record.device).refused += 1;
                 let refused = st.counters(&record.device).refused;
-                crate::audit::record(
-                    "spool.refused",
-                    Some(record.device.as_str()),
-                    &format!("priority={priority} size={size} reason={reason}"),
-                );
-                tracing::warn!(
-                    event = "spool.refused",
-                    device = %record.device,
-                    priority = %priority,
-                    size,
-                    refused,
-                    reason,
-                    "record refused: no room in the spool"
-                );
+                inner
+                    .events
+                    .spool_refused(&record.device, priority, size, reason, refused);
                 return Err(SpoolError::Refused {
                     device: record.device.clone(),
                     priority,
@@ -1312,23 +1285,9 @@ impl Spool {
                 let c = st.counters(&entry.device);
                 c.evicted += 1;
                 let evicted = c.evicted;
-                crate::audit::record(
-                    "spool.evicted",
-                    Some(entry.device.as_str()),
-                    &format!(
-                        "priority={} seq={} for_device={}",
-                        victim.priority, victim.seq, record.device
-                    ),
-                );
-                tracing::warn!(
-                    event = "spool.evicted",
-                    device = %entry.device,
-                    priority = %victim.priority,
-                    seq = victim.seq,
-                    for_device = %record.device,
-                    evicted,
-                    "record evicted to make room"
-                );
+                inner
+                    .events
+                    .spool_evicted(&entry.device, victim, &record.device, evicted);
             }
         }
         let (tx, rx) = oneshot::channel();
@@ -1497,19 +1456,9 @@ impl Spool {
         for ((device, priority), count) in per_device {
             n += count as usize;
             let expired = st.counters(&device).expired;
-            crate::audit::record(
-                "spool.expired",
-                Some(device.as_str()),
-                &format!("priority={priority} count={count}"),
-            );
-            tracing::warn!(
-                event = "spool.expired",
-                %device,
-                priority = %priority,
-                count,
-                expired,
-                "records expired unsent (older than max_age or their own expiry)"
-            );
+            self.inner
+                .events
+                .spool_expired(&device, priority, count, expired);
         }
         n
     }
@@ -1526,7 +1475,9 @@ impl Spool {
         keep_corrupt(&self.inner.shared.corrupt_dir, &name, value);
         st.corrupt += 1;
         drop(st);
-        report_corrupt(&format!("{key:?}"), &error.to_string());
+        self.inner
+            .events
+            .spool_corrupt_record(&format!("{key:?}"), &error.to_string());
     }
 
     /// Sets a record aside that cannot be delivered upstream (`reason` says why): it leaves
@@ -1572,20 +1523,9 @@ impl Spool {
         st.rejected_bytes += size;
         st.counters(&entry.device).rejected += 1;
         let rejected = st.counters(&entry.device).rejected;
-        crate::audit::record(
-            "spool.rejected",
-            Some(entry.device.as_str()),
-            &format!("priority={} seq={} reason={reason}", key.priority, key.seq),
-        );
-        tracing::warn!(
-            event = "spool.rejected",
-            device = %entry.device,
-            priority = %key.priority,
-            seq = key.seq,
-            reason,
-            rejected,
-            "record set aside: it cannot be delivered upstream"
-        );
+        inner
+            .events
+            .spool_rejected(&entry.device, key, reason, rejected);
         while st.rejected_bytes > inner.limits.max_rejected {
             let Some((number, old)) = st.rejected.pop_first() else {
                 break;
@@ -1595,20 +1535,9 @@ impl Spool {
             }
             st.rejected_bytes = st.rejected_bytes.saturating_sub(old.size);
             st.send(Op::Unreject(number));
-            crate::audit::record(
-                "spool.rejected_dropped",
-                old.device.as_ref().map(DeviceId::as_str),
-                &format!(
-                    "record={:?} reason=more than max_rejected bytes set aside",
-                    old.key
-                ),
-            );
-            tracing::warn!(
-                event = "spool.rejected_dropped",
-                device = old.device.as_ref().map_or("-", DeviceId::as_str),
-                record = ?old.key,
-                "oldest rejected record deleted: more than max_rejected bytes set aside"
-            );
+            inner
+                .events
+                .spool_rejected_dropped(old.device.as_ref(), old.key);
         }
     }
 

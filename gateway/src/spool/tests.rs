@@ -25,7 +25,12 @@ fn rec(device: &str, n: u32) -> Record {
 
 /// Bytes one `rec()` takes in the spool.
 fn unit(dir: &Path) -> u64 {
-    let s = Spool::open(&dir.join("probe"), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(
+        &dir.join("probe"),
+        limits(1 << 20, 1 << 20),
+        Events::unaudited(),
+    )
+    .unwrap();
     s.append(&rec("pump-1", 0), Priority::Routine).unwrap();
     s.stats().bytes
 }
@@ -42,7 +47,7 @@ async fn payloads(s: &Spool) -> Vec<(Priority, String)> {
 #[tokio::test]
 async fn drains_alarms_first_then_vitals_then_routine_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     for (n, p) in [
         (1, Priority::Routine),
         (2, Priority::Vital),
@@ -77,7 +82,12 @@ async fn drains_alarms_first_then_vitals_then_routine_oldest_first() {
 async fn full_spool_evicts_routine_then_vital_never_alarms() {
     let dir = tempfile::tempdir().unwrap();
     let u = unit(dir.path());
-    let s = Spool::open(&dir.path().join("s"), limits(4 * u, 100 * u)).unwrap();
+    let s = Spool::open(
+        &dir.path().join("s"),
+        limits(4 * u, 100 * u),
+        Events::unaudited(),
+    )
+    .unwrap();
     s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
     s.append(&rec("pump-2", 2), Priority::Vital).unwrap();
     s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
@@ -144,7 +154,12 @@ async fn full_spool_evicts_routine_then_vital_never_alarms() {
 async fn device_over_its_quota_evicts_its_own_records_first() {
     let dir = tempfile::tempdir().unwrap();
     let u = unit(dir.path());
-    let s = Spool::open(&dir.path().join("s"), limits(100 * u, 2 * u)).unwrap();
+    let s = Spool::open(
+        &dir.path().join("s"),
+        limits(100 * u, 2 * u),
+        Events::unaudited(),
+    )
+    .unwrap();
     s.append(&rec("pump-2", 1), Priority::Routine).unwrap();
     s.append(&rec("pump-1", 2), Priority::Routine).unwrap();
     s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
@@ -168,7 +183,7 @@ async fn sequence_numbers_never_repeat_across_restarts() {
             .collect()
     };
     let first = {
-        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
         s.append(&rec("pump-1", 1), Priority::Routine)
             .unwrap()
             .wait()
@@ -179,7 +194,7 @@ async fn sequence_numbers_never_repeat_across_restarts() {
         s.flush().unwrap();
         k.seq
     };
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     s.append(&rec("pump-1", 2), Priority::Routine)
         .unwrap()
         .wait()
@@ -200,21 +215,21 @@ async fn records_survive_reopen_and_corrupt_ones_are_set_aside() {
         };
         damage(&s, k);
     }
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(left, ["00000000", "00000001", "00000003", "00000004"]);
     assert_eq!(s.stats().corrupt, 1);
     assert_eq!(corrupt_files(dir.path()), 1);
     drop(s);
     // Found once: a later open neither loses more nor reports it again.
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     assert_eq!(s.stats().records, 4);
     assert_eq!(s.stats().corrupt, 1);
 }
 
 /// A spool in `dir` holding `n` durable vitals of pump-1, payloads `0000000{0..n}`.
 async fn with_vitals(dir: &Path, n: u32) -> Spool {
-    let s = Spool::open(dir, limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir, limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     for n in 0..n {
         s.append(&rec("pump-1", n), Priority::Vital)
             .unwrap()
@@ -274,7 +289,7 @@ async fn disk_use_stays_within_max_bytes_plus_the_stated_slack_over_many_turnove
     let dir = tempfile::tempdir().unwrap();
     let l = limits(16 << 20, 16 << 20);
     let unit = {
-        let s = Spool::open(&dir.path().join("probe"), l.clone()).unwrap();
+        let s = Spool::open(&dir.path().join("probe"), l.clone(), Events::unaudited()).unwrap();
         s.append(&sized("pump-1", 0, 200), Priority::Routine)
             .unwrap();
         s.stats().bytes
@@ -285,7 +300,7 @@ async fn disk_use_stays_within_max_bytes_plus_the_stated_slack_over_many_turnove
         + l.slack()
         + 2 * l.segment_bytes()
         + u64::from(per_turnover) * log::RECORD_OVERHEAD;
-    let s = Spool::open(&dir.path().join("s"), l.clone()).unwrap();
+    let s = Spool::open(&dir.path().join("s"), l.clone(), Events::unaudited()).unwrap();
     let mut highest = 0;
     let mut n = 0;
     // Four turnovers of a full spool, every append past the first evicting the oldest;
@@ -323,7 +338,7 @@ async fn disk_use_stays_within_max_bytes_plus_the_stated_slack_over_many_turnove
     );
     assert!(highest <= bound, "{highest} > {bound}");
     // Compaction lost nothing: every record still there reads back.
-    let s = Spool::open(&dir.path().join("s"), l).unwrap();
+    let s = Spool::open(&dir.path().join("s"), l, Events::unaudited()).unwrap();
     assert_eq!(s.stats().records, records);
     assert_eq!(s.stats().corrupt, 0);
     assert_eq!(payloads(&s).await.len(), records);
@@ -339,7 +354,7 @@ async fn a_write_a_stop_cut_short_is_dropped_and_everything_durable_kept() {
     let mut f = OpenOptions::new().append(true).open(newest).unwrap();
     io::Write::write_all(&mut f, b"WG\x00\x00\x01\x00half").unwrap();
     drop(f);
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(left, ["00000000", "00000001", "00000002"]);
     assert_eq!(s.stats().corrupt, 0, "a torn write is not damage");
@@ -349,19 +364,19 @@ async fn a_write_a_stop_cut_short_is_dropped_and_everything_durable_kept() {
         .await
         .unwrap();
     drop(s);
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     assert_eq!(payloads(&s).await.len(), 4);
 }
 
 #[tokio::test]
 async fn a_second_process_cannot_open_an_open_spool() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     // Another open file description, as another process would have.
-    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap_err();
+    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap_err();
     assert!(matches!(e, SpoolError::Busy { .. }), "{e}");
     drop(s);
-    Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
 }
 
 #[tokio::test]
@@ -412,7 +427,7 @@ async fn a_format_1_spool_is_moved_into_the_log_whole() {
             .unwrap();
         db.flush().unwrap();
     }
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     assert!(
         !dir.path().join("spool").exists(),
         "the sled store is deleted once moved"
@@ -437,7 +452,7 @@ async fn old_records_expire_per_class() {
     l.max_age[Priority::Routine as usize] = Duration::from_secs(60);
     {
         // Received two minutes ago, by the wall clock, before a restart.
-        let s = Spool::open(dir.path(), l.clone()).unwrap();
+        let s = Spool::open(dir.path(), l.clone(), Events::unaudited()).unwrap();
         let mut old = rec("pump-1", 1);
         old.received_at_ms -= 120_000;
         s.append(&old, Priority::Routine).unwrap();
@@ -446,7 +461,7 @@ async fn old_records_expire_per_class() {
         s.append(&old_alarm, Priority::Alarm).unwrap();
         s.flush().unwrap();
     }
-    let s = Spool::open(dir.path(), l).unwrap();
+    let s = Spool::open(dir.path(), l, Events::unaudited()).unwrap();
     s.append(&rec("pump-1", 3), Priority::Routine).unwrap();
     assert_eq!(s.expire(), 1);
     let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
@@ -470,7 +485,7 @@ async fn a_records_own_expiry_shortens_its_class_max_age() {
         r
     };
     {
-        let s = Spool::open(dir.path(), l.clone()).unwrap();
+        let s = Spool::open(dir.path(), l.clone(), Events::unaudited()).unwrap();
         // 10 s of 30 gone: kept; 40 s gone: expired; 2 h of an expiry past max_age: expired.
         s.append(&with_expiry(1, 30, 10_000), Priority::Alarm)
             .unwrap();
@@ -481,7 +496,7 @@ async fn a_records_own_expiry_shortens_its_class_max_age() {
         s.append(&rec("pump-1", 4), Priority::Vital).unwrap();
         s.flush().unwrap();
     }
-    let s = Spool::open(dir.path(), l).unwrap();
+    let s = Spool::open(dir.path(), l, Events::unaudited()).unwrap();
     assert_eq!(s.expire(), 2);
     let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(left, ["00000001", "00000004"]);
@@ -494,7 +509,7 @@ async fn a_records_own_expiry_shortens_its_class_max_age() {
 async fn a_missing_key_with_records_present_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
         s.append(&rec("pump-1", 1), Priority::Routine)
             .unwrap()
             .wait()
@@ -502,14 +517,14 @@ async fn a_missing_key_with_records_present_is_refused() {
             .unwrap();
     }
     fs::remove_file(dir.path().join("spool.key")).unwrap();
-    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap_err();
+    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap_err();
     assert!(matches!(e, SpoolError::KeyMissing(_)), "{e}");
 }
 
 #[tokio::test]
 async fn group_commit_serves_many_waiters() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Spool::open(dir.path(), limits(1 << 30, 1 << 30)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 30, 1 << 30), Events::unaudited()).unwrap();
     let waits: Vec<Durable> = (0..500)
         .map(|n| s.append(&rec("pump-1", n), Priority::Routine).unwrap())
         .collect();
@@ -524,7 +539,12 @@ async fn the_gateways_own_stream_makes_room_only_from_its_own_records() {
     let dir = tempfile::tempdir().unwrap();
     let u = unit(dir.path());
     // An audit record is 2 bytes longer than a unit ("_gateway" against "pump-1").
-    let s = Spool::open(&dir.path().join("s"), limits(3 * u + 2, 100 * u)).unwrap();
+    let s = Spool::open(
+        &dir.path().join("s"),
+        limits(3 * u + 2, 100 * u),
+        Events::unaudited(),
+    )
+    .unwrap();
     let own = |n| Record {
         device: DeviceId::gateway(),
         ..rec("pump-1", n)
@@ -537,7 +557,12 @@ async fn the_gateways_own_stream_makes_room_only_from_its_own_records() {
     let got: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(got, ["00000004", "00000002", "00000003"]);
     // With no audit record left to evict, it is refused rather than displacing a device's.
-    let only_devices = Spool::open(&dir.path().join("t"), limits(2 * u, 100 * u)).unwrap();
+    let only_devices = Spool::open(
+        &dir.path().join("t"),
+        limits(2 * u, 100 * u),
+        Events::unaudited(),
+    )
+    .unwrap();
     only_devices
         .append(&rec("pump-1", 5), Priority::Routine)
         .unwrap();
@@ -556,7 +581,7 @@ async fn rejected_records_leave_the_drain_order_and_are_kept_within_max_rejected
     // rejection number is part of its key).
     let mut l = limits(1 << 20, 1 << 20);
     l.max_rejected = 2 * (one + 8);
-    let s = Spool::open(dir.path(), l.clone()).unwrap();
+    let s = Spool::open(dir.path(), l.clone(), Events::unaudited()).unwrap();
     for n in 1..=4 {
         s.append(&rec("pump-1", n), Priority::Alarm).unwrap();
     }
@@ -581,7 +606,7 @@ async fn rejected_records_leave_the_drain_order_and_are_kept_within_max_rejected
     );
     drop(s);
     // Kept across a restart, and still out of the drain order.
-    let s = Spool::open(dir.path(), l).unwrap();
+    let s = Spool::open(dir.path(), l, Events::unaudited()).unwrap();
     assert_eq!(s.stats().rejected, 2);
     let left: Vec<String> = payloads(&s).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(left, ["00000004"]);
@@ -593,7 +618,7 @@ async fn a_held_will_takes_room_but_is_neither_forwarded_nor_expired_until_relea
     let mut l = limits(1 << 20, 1 << 20);
     let max_age = Duration::from_millis(500);
     l.max_age = [max_age; 3];
-    let s = Spool::open(dir.path(), l).unwrap();
+    let s = Spool::open(dir.path(), l, Events::unaudited()).unwrap();
     let held = s.hold_will(&rec("pump-1", 1), Priority::Alarm).unwrap();
     let dropped = s.hold_will(&rec("pump-2", 2), Priority::Alarm).unwrap();
     assert_eq!(s.stats().records, 2, "held wills take room");
@@ -620,7 +645,7 @@ async fn a_held_will_takes_room_but_is_neither_forwarded_nor_expired_until_relea
 async fn wills_held_when_the_spool_closed_are_deleted_at_open() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
         s.hold_will(&rec("pump-1", 1), Priority::Alarm).unwrap();
         s.append(&rec("pump-1", 2), Priority::Routine)
             .unwrap()
@@ -628,7 +653,7 @@ async fn wills_held_when_the_spool_closed_are_deleted_at_open() {
             .await
             .unwrap();
     }
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     assert_eq!(s.stats().records, 1);
     assert_eq!(payloads(&s).await, [(Priority::Routine, "00000002".into())]);
 }
@@ -638,7 +663,7 @@ fn a_key_file_a_crash_left_empty_is_replaced_while_the_spool_is_empty() {
     let dir = tempfile::tempdir().unwrap();
     // What a crash between create and write left behind with an older wardgate.
     fs::write(dir.path().join("spool.key"), b"").unwrap();
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
     s.flush().unwrap();
     drop(s);
@@ -646,11 +671,11 @@ fn a_key_file_a_crash_left_empty_is_replaced_while_the_spool_is_empty() {
     assert_eq!(key.len(), SECRET_LEN);
     // With records in the store, a key that is not whole is an error, never replaced.
     fs::write(dir.path().join("spool.key"), &key[..5]).unwrap();
-    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap_err();
+    let e = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap_err();
     assert!(e.to_string().contains("expected 32 bytes, found 5"), "{e}");
     fs::write(dir.path().join("spool.key"), &key).unwrap();
     assert_eq!(
-        Spool::open(dir.path(), limits(1 << 20, 1 << 20))
+        Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited())
             .unwrap()
             .stats()
             .records,
@@ -661,7 +686,7 @@ fn a_key_file_a_crash_left_empty_is_replaced_while_the_spool_is_empty() {
 #[tokio::test]
 async fn a_paced_batch_takes_backlog_records_only_within_its_budget_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     for n in 0..4 {
         s.append(&rec("pump-1", n), Priority::Routine).unwrap();
     }
@@ -698,7 +723,7 @@ async fn a_clock_step_never_expires_what_was_received() {
     let l = limits(1 << 20, 1 << 20); // max_age one hour for every class
     let day = 86_400_000;
     {
-        let s = Spool::open(dir.path(), l.clone()).unwrap();
+        let s = Spool::open(dir.path(), l.clone(), Events::unaudited()).unwrap();
         // Received while the board's clock still said 1970 (no RTC, NTP not yet synced);
         // then NTP stepped it forward 56 years.
         let mut before_ntp = rec("pump-1", 1);
@@ -713,7 +738,7 @@ async fn a_clock_step_never_expires_what_was_received() {
     }
     // Read back after a restart: a receipt time the wall clock cannot vouch for counts as
     // now, never as long ago.
-    let s = Spool::open(dir.path(), l).unwrap();
+    let s = Spool::open(dir.path(), l, Events::unaudited()).unwrap();
     assert_eq!(s.expire(), 0);
     assert_eq!(payloads(&s).await.len(), 2);
 }
@@ -723,7 +748,7 @@ async fn max_records_bounds_the_index_like_max_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let mut l = limits(1 << 20, 1 << 20);
     l.max_records = 3;
-    let s = Spool::open(dir.path(), l).unwrap();
+    let s = Spool::open(dir.path(), l, Events::unaudited()).unwrap();
     for n in 0..3 {
         s.append(&rec("pump-1", n), Priority::Routine).unwrap();
     }
@@ -746,11 +771,11 @@ async fn max_records_bounds_the_index_like_max_bytes() {
 async fn recent_records_are_read_from_memory_older_ones_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+        let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
         s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
         s.settle().await;
     }
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     s.append(&rec("pump-1", 2), Priority::Alarm).unwrap();
     s.settle().await;
     let b = s.next_batch_paced(10, &HashSet::new(), 0, 0, Reads::Memory);
@@ -792,7 +817,7 @@ async fn a_forwarded_records_deletion_reaches_the_log_without_other_writes() {
             .sum()
     }
     let dir = tempfile::tempdir().unwrap();
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     s.append(&rec("pump-1", 1), Priority::Routine).unwrap();
     s.settle().await;
     let before = log_bytes(dir.path());
@@ -808,7 +833,7 @@ async fn a_forwarded_records_deletion_reaches_the_log_without_other_writes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(s);
-    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20)).unwrap();
+    let s = Spool::open(dir.path(), limits(1 << 20, 1 << 20), Events::unaudited()).unwrap();
     assert_eq!(s.stats().records, 0);
 }
 
@@ -824,6 +849,7 @@ async fn flushes_are_at_least_commit_interval_apart() {
             commit_interval: interval,
             ..limits(1 << 20, 1 << 20)
         },
+        Events::unaudited(),
     )
     .unwrap();
     s.append(&rec("pump-1", 0), Priority::Routine)

@@ -40,18 +40,7 @@ impl LocalDelivery {
                 .client
                 .try_publish(local, QoS::AtLeastOnce, false, payload)
             {
-                Ok(()) => {
-                    crate::audit::record(
-                        "uplink.command_delivered",
-                        Some(crate::device::GATEWAY_STREAM),
-                        &format!("topic={local:?}"),
-                    );
-                    tracing::info!(
-                        event = "uplink.command_delivered",
-                        topic = local,
-                        "update check requested from upstream"
-                    );
-                }
+                Ok(()) => uplink.events.command_delivered(&DeviceId::gateway(), local),
                 Err(e) => {
                     tracing::error!(event = "uplink.command_failed", topic = local, error = %e, "command could not be queued to the local broker")
                 }
@@ -72,19 +61,7 @@ impl LocalDelivery {
                     .client
                     .try_publish(local.clone(), QoS::AtLeastOnce, false, payload)
                 {
-                    Ok(()) => {
-                        crate::audit::record(
-                            "uplink.command_delivered",
-                            Some(device.as_str()),
-                            &format!("topic={local:?}"),
-                        );
-                        tracing::info!(
-                            event = "uplink.command_delivered",
-                            %device,
-                            topic = ?local,
-                            "command from upstream delivered"
-                        );
-                    }
+                    Ok(()) => uplink.events.command_delivered(&device, &local),
                     Err(e) => tracing::error!(
                         event = "uplink.command_failed",
                         %device,
@@ -93,19 +70,7 @@ impl LocalDelivery {
                     ),
                 }
             }
-            Err(reason) => {
-                crate::audit::record(
-                    "uplink.command_refused",
-                    None,
-                    &format!("topic={topic:?} reason={reason}"),
-                );
-                tracing::warn!(
-                    event = "uplink.command_refused",
-                    topic = ?topic,
-                    reason,
-                    "command from upstream refused"
-                );
-            }
+            Err(reason) => uplink.events.command_refused(&topic, reason),
         }
     }
 }

@@ -71,6 +71,7 @@ pub struct Uplink {
     pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Modbus devices, whose commands are register writes.
     pub modbus: crate::modbus::ModbusHandle,
+    pub events: crate::events::Events,
 }
 
 impl Uplink {
@@ -353,7 +354,7 @@ impl Uplink {
         ]);
         // What is left of its Message Expiry Interval (the spool expires it at 0).
         let message_expiry_interval = p.expiry_secs.map(|e| {
-            let age_secs = crate::spool::now_ms().saturating_sub(record.received_at_ms) / 1000;
+            let age_secs = crate::clock::now_ms().saturating_sub(record.received_at_ms) / 1000;
             u32::try_from(u64::from(e).saturating_sub(age_secs).max(1)).unwrap_or(e)
         });
         let properties = PublishProperties {

@@ -1,0 +1,183 @@
+//! Security events: every decision the gateway takes, each named, audited and logged once.
+//!
+//! [`Events`] is one handle, built by `app.rs` and handed to every part (edge, spool,
+//! ingest, Modbus, uplink, broker, firewall, admin, quarantine, update reports): it holds
+//! the audit log and the per-device counters. Nothing here is process-wide, so two gateways
+//! in one process (as tests run them) keep their records apart.
+//!
+//! Each decision is one method, in the file of the room that takes it ([`edge`], [`spool`],
+//! [`control`]): it writes one structured `tracing` record whose `event` field is the
+//! decision's stable name (`edge.connect_refused`, `spool.evicted`, …), so operators can
+//! alert on it and tests can wait for it; appends a record under the same name to the
+//! hash-chained audit log ([`crate::audit`]) with the device and a detail text; and bumps
+//! the device's counters. Fields never carry payloads or key material; strings that a peer
+//! controls (client ids, topics) are written escaped and cut ([`shown`]).
+//!
+//! Tested through the system tests, which wait for these names in the gateway's log and
+//! count the audit records of every refusal path; the counters by the admin socket's tests.
+
+mod control;
+mod edge;
+mod spool;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+pub use control::ModbusFailure;
+pub use edge::{Refusal, Violation};
+pub use spool::SPOOL_EVENTS;
+
+use crate::audit::AuditLog;
+use crate::counters::EdgeCounters;
+use crate::device::DeviceId;
+
+/// The gateway's events: its audit log (if it keeps one) and its per-device counters.
+/// Cheap to clone; clones share both.
+#[derive(Clone, Default)]
+pub struct Events {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    audit: Option<Arc<AuditLog>>,
+    counters: Mutex<HashMap<DeviceId, EdgeCounters>>,
+}
+
+impl fmt::Debug for Events {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Events")
+            .field("audited", &self.inner.audit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Events {
+    /// Events recorded in `audit` as well as logged and counted: the running gateway's.
+    pub fn audited(audit: Arc<AuditLog>) -> Events {
+        Events {
+            inner: Arc::new(Inner {
+                audit: Some(audit),
+                counters: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Events logged and counted but audited nowhere: for tools that open the spool
+    /// offline, benchmarks and unit tests.
+    pub fn unaudited() -> Events {
+        Events::default()
+    }
+
+    /// The audit log these events are recorded in.
+    pub fn audit_log(&self) -> Option<&Arc<AuditLog>> {
+        self.inner.audit.as_ref()
+    }
+
+    /// `device`'s counters since the gateway started.
+    pub fn counters(&self, device: &DeviceId) -> EdgeCounters {
+        self.inner
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Applies `f` to the counters of `device`.
+    fn count(&self, device: &DeviceId, f: impl FnOnce(&mut EdgeCounters)) {
+        let mut all = self
+            .inner
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Looked up first: the id is cloned only for a device's first count.
+        match all.get_mut(device) {
+            Some(c) => f(c),
+            None => f(all.entry(device.clone()).or_default()),
+        }
+    }
+
+    /// Appends a record to the audit log, if there is one. A failure to audit is itself
+    /// logged loudly: it must never pass silently.
+    fn audit(&self, event: &str, device: Option<&DeviceId>, detail: impl AsRef<str>) {
+        self.audit_str(event, device.map(DeviceId::as_str), detail.as_ref());
+    }
+
+    /// [`Events::audit`] for a device named by a string another part could not validate
+    /// (a PKI index entry).
+    fn audit_str(&self, event: &str, device: Option<&str>, detail: &str) {
+        if let Some(log) = &self.inner.audit {
+            if let Err(e) = log.record(event, device, detail) {
+                tracing::error!(event = "audit.write_failed", error = %e, "audit record could not be written");
+            }
+        }
+    }
+
+    /// Flushes the audit log (at shutdown).
+    pub fn flush(&self) {
+        if let Some(log) = &self.inner.audit {
+            if let Err(e) = log.flush() {
+                tracing::error!(event = "audit.flush_failed", error = %e, "audit log flush failed");
+            }
+        }
+    }
+}
+
+/// A string a peer controls as logs and audit records show it: a device may send topics of
+/// up to 64 KiB, which would swamp both; past [`SHOWN_TOPIC`] bytes only the start and the
+/// length show.
+struct Shown<'a>(&'a str);
+
+/// A string a peer controls as logs and audit records show it: quoted, escaped, and cut
+/// after [`SHOWN_TOPIC`] bytes.
+pub fn shown(s: &str) -> String {
+    format!("{:?}", Shown(s))
+}
+
+/// Bytes of a topic that logs and audit records show.
+const SHOWN_TOPIC: usize = 200;
+
+impl fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.len() <= SHOWN_TOPIC {
+            return write!(f, "{:?}", self.0);
+        }
+        let mut end = SHOWN_TOPIC;
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        write!(f, "{:?}… ({} bytes)", &self.0[..end], self.0.len())
+    }
+}
+
+fn dev(device: Option<&DeviceId>) -> &str {
+    device.map_or("-", DeviceId::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_belong_to_their_handle() {
+        let a = Events::unaudited();
+        let b = Events::unaudited();
+        let d = DeviceId::parse("pump-1").unwrap();
+        a.count(&d, |c| c.accepted += 2);
+        a.clone().count(&d, |c| c.accepted += 1);
+        assert_eq!(a.counters(&d).accepted, 3);
+        assert_eq!(b.counters(&d), EdgeCounters::default());
+    }
+
+    #[test]
+    fn a_long_peer_string_is_cut_and_escaped() {
+        let long = "a\"".repeat(300);
+        let s = shown(&long);
+        assert!(s.starts_with("\"a\\\"a"), "{s}");
+        assert!(s.ends_with("(600 bytes)"), "{s}");
+        assert!(s.len() < SHOWN_TOPIC + 120, "{}", s.len());
+    }
+}
