@@ -193,7 +193,7 @@ impl Gateway {
         match &self.config.uplink {
             Some(u) => {
                 if let Some(log) = self.events.audit_log() {
-                    tracker.spawn(crate::audit::forward::run(
+                    tracker.spawn(crate::audit_stream::run(
                         log.clone(),
                         self.ingest.clone(),
                         shutdown.clone(),

@@ -88,7 +88,7 @@ impl Login {
         ring::rand::SystemRandom::new()
             .fill(&mut secret)
             .map_err(|_| BrokerError::Random("no randomness".into()))?;
-        let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let password = hex::encode(secret);
         Ok(Login {
             username,
             password: password.into(),

@@ -2,7 +2,7 @@
 //!
 //! Every message the gateway forwards upstream comes in here, whoever produced it: a
 //! device's PUBLISH and its last will (the edge), a Modbus reading (the poller), the update
-//! agent's reports (`updates`) and the gateway's own audit records (`audit::forward`). One
+//! agent's reports (`updates`) and the gateway's own audit records (`audit_stream`). One
 //! step for all of them:
 //!
 //! 1. the **policy verdict** on a device's message ([`Ingest::verdict`]): a valid topic

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod audit_stream;
 pub mod broker;
 pub mod cli;
 pub mod clock;

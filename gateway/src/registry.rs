@@ -19,8 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DeviceClass, DeviceEntry};
 use crate::device::DeviceId;
-use crate::policy::{Acl, TopicFilter};
-use crate::spool::Priority;
+use crate::policy::{Acl, Priorities, Priority};
 
 /// What a registered device is granted, resolved at CONNECT.
 #[derive(Debug, Clone)]
@@ -34,20 +33,13 @@ pub struct Grant {
     pub receive_maximum: u16,
     pub topic_alias_maximum: u16,
     pub rate: crate::policy::RateLimits,
-    alarm: Vec<TopicFilter>,
-    vital: Vec<TopicFilter>,
+    priorities: Priorities,
 }
 
 impl Grant {
     /// The priority class of a topic this device publishes: alarm, vital, else routine.
     pub fn priority(&self, topic: &str) -> Priority {
-        if self.alarm.iter().any(|f| f.matches(topic)) {
-            Priority::Alarm
-        } else if self.vital.iter().any(|f| f.matches(topic)) {
-            Priority::Vital
-        } else {
-            Priority::Routine
-        }
+        self.priorities.of(topic)
     }
 }
 
@@ -170,8 +162,10 @@ impl Registry {
             receive_maximum: class.receive_maximum,
             topic_alias_maximum: class.topic_alias_maximum,
             rate: class.rate,
-            alarm: class.alarm.iter().map(|t| t.expand(device)).collect(),
-            vital: class.vital.iter().map(|t| t.expand(device)).collect(),
+            priorities: Priorities {
+                alarm: class.alarm.iter().map(|t| t.expand(device)).collect(),
+                vital: class.vital.iter().map(|t| t.expand(device)).collect(),
+            },
         })
     }
 

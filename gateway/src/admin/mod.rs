@@ -22,7 +22,7 @@
 pub mod client;
 pub mod proto;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
@@ -80,14 +80,12 @@ pub struct AdminSocket {
     group: Option<u32>,
 }
 
-/// The gid of `name` in `/etc/group`.
+/// The gid of group `name` (through NSS, as `getent group` finds it).
 pub fn group_id(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|line| {
-        let mut f = line.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
 impl AdminSocket {
@@ -184,7 +182,9 @@ fn authorise(stream: &UnixStream, group: Option<u32>) -> Result<String, String> 
         cred.gid(),
         cred.pid().map_or("-".into(), |p| p.to_string())
     );
-    let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let own_uid = Some(nix::unistd::geteuid().as_raw());
+    // The peer's supplementary groups: the kernel gives a socket peer's uid, gid and pid
+    // only, so they are read from its /proc entry.
     let in_group = |gid: u32| {
         cred.gid() == gid
             || cred.pid().is_some_and(|pid| {

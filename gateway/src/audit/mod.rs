@@ -26,8 +26,6 @@
 //! Tested by the unit tests below (chain, tampering, deletion, pruning) and by the system
 //! tests that count the audit records of every refusal path and edit a record offline.
 
-pub mod forward;
-
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -104,10 +102,6 @@ fn chain_hash(
     out
 }
 
-fn hex(b: &[u8]) -> String {
-    crate::pki::cert::hex(b)
-}
-
 #[derive(Debug)]
 struct Head {
     /// The first record kept.
@@ -129,6 +123,12 @@ pub struct AuditLog {
 }
 
 const FORWARDED: &[u8] = b"forwarded";
+
+/// A stored hash or link: 32 bytes of hex.
+fn unhex(s: &str) -> Option<[u8; HASH_LEN]> {
+    let mut out = [0u8; HASH_LEN];
+    hex::decode_to_slice(s, &mut out).ok().map(|()| out)
+}
 /// The event of a pruning record.
 const PRUNED: &str = "audit.pruned";
 
@@ -179,12 +179,10 @@ impl AuditLog {
             },
             Some((k, v)) => {
                 let e = decode(&k, &v)?;
-                let prev = crate::pki::cert::unhex(&e.hash)
-                    .and_then(|h| <[u8; HASH_LEN]>::try_from(h).ok())
-                    .ok_or(AuditError::Broken {
-                        index: e.index,
-                        reason: "hash is not 32 bytes of hex".into(),
-                    })?;
+                let prev = unhex(&e.hash).ok_or(AuditError::Broken {
+                    index: e.index,
+                    reason: "hash is not 32 bytes of hex".into(),
+                })?;
                 Head {
                     first,
                     next: e.index + 1,
@@ -269,8 +267,8 @@ impl AuditLog {
             event: event.to_owned(),
             device: device.map(str::to_owned),
             detail: detail.to_owned(),
-            prev: hex(&head.prev),
-            hash: hex(&hash),
+            prev: hex::encode(head.prev),
+            hash: hex::encode(hash),
         };
         let value = serde_json::to_vec(&entry).map_err(|e| AuditError::Broken {
             index,
@@ -358,12 +356,10 @@ fn verify_chain(chain: &sled::Tree, end: Option<u64>) -> Result<u64, AuditError>
         let first = decode(&k, &v)?;
         if first.index > 0 {
             expected = first.index;
-            prev = crate::pki::cert::unhex(&first.prev)
-                .and_then(|h| <[u8; HASH_LEN]>::try_from(h).ok())
-                .ok_or(AuditError::Broken {
-                    index: first.index,
-                    reason: "link is not 32 bytes of hex".into(),
-                })?;
+            prev = unhex(&first.prev).ok_or(AuditError::Broken {
+                index: first.index,
+                reason: "link is not 32 bytes of hex".into(),
+            })?;
             unvouched = Some((first.index, first.prev));
         }
     }
@@ -385,11 +381,11 @@ fn verify_chain(chain: &sled::Tree, end: Option<u64>) -> Result<u64, AuditError>
         if e.v != AUDIT_VERSION {
             return Err(broken("unknown record version"));
         }
-        if e.prev != hex(&prev) {
+        if e.prev != hex::encode(prev) {
             return Err(broken("does not link to the previous record"));
         }
         let hash = e.expected_hash(&prev);
-        if e.hash != hex(&hash) {
+        if e.hash != hex::encode(hash) {
             return Err(broken("contents do not match its hash (edited)"));
         }
         if e.event == PRUNED {
@@ -521,8 +517,8 @@ mod tests {
         edit(dir.path(), 1, |v| {
             let mut e: Entry = serde_json::from_slice(v).unwrap();
             e.detail = "nothing happened".into();
-            let prev = crate::pki::cert::unhex(&e.prev).unwrap();
-            e.hash = hex(&e.expected_hash(&prev));
+            let prev = unhex(&e.prev).unwrap();
+            e.hash = hex::encode(e.expected_hash(&prev));
             *v = serde_json::to_vec(&e).unwrap();
         });
         match verify_free(dir.path()) {

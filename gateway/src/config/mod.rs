@@ -312,7 +312,7 @@ impl Config {
         if v.diagnostics.is_empty() {
             if let Some(mut config) = config {
                 let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-                config.digest = crate::pki::cert::hex(d.as_ref());
+                config.digest = hex::encode(d.as_ref());
                 return Ok(config);
             }
         }

@@ -1,7 +1,6 @@
 //! The demo's hospital side: mosquitto with TLS and client certificates, and a consumer
 //! that prints what reaches it.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,9 +113,7 @@ async fn spawn(
     acl: Option<&str>,
 ) -> anyhow::Result<Option<tokio::process::Child>> {
     // Started as root, mosquitto drops to its own user and could not read the 0600 key.
-    let as_root = std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false);
+    let as_root = nix::unistd::geteuid().is_root();
     let conf = dir.join("mosquitto.conf");
     let acl_line = match acl {
         Some(acl) => {

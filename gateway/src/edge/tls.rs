@@ -102,7 +102,7 @@ fn revoked_serials(
         {
             out.extend(
                 crl.iter_revoked_certificates()
-                    .map(|r| cert::hex(r.raw_serial())),
+                    .map(|r| hex::encode(r.raw_serial())),
             );
         }
     }

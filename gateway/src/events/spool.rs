@@ -4,12 +4,12 @@
 //! Records of the gateway's own stream (audit records, update reports) are spooled like a
 //! device's, so forwarding them can cause more of these events. [`SPOOL_EVENTS`] names the
 //! events the audit forwarder keeps local when they concern that stream (see
-//! [`crate::audit::forward`]); the spool makes room for an own record only among own
+//! [`crate::audit_stream`]); the spool makes room for an own record only among own
 //! records, so an eviction on the stream's behalf always names the stream as its device.
 
 use super::Events;
 use crate::device::DeviceId;
-use crate::spool::{Key, Priority};
+use crate::policy::Priority;
 
 /// Every event the spool records, by name.
 pub const SPOOL_EVENTS: [&str; 6] = [
@@ -48,27 +48,25 @@ impl Events {
         );
     }
 
-    /// `victim`, a record of `device`, was evicted to make room for one of `for_device`.
+    /// A record of `device` (`priority`, `seq`) was evicted to make room for one of
+    /// `for_device`.
     pub fn spool_evicted(
         &self,
         device: &DeviceId,
-        victim: Key,
+        (priority, seq): (Priority, u64),
         for_device: &DeviceId,
         evicted: u64,
     ) {
         self.audit(
             "spool.evicted",
             Some(device),
-            format!(
-                "priority={} seq={} for_device={for_device}",
-                victim.priority, victim.seq
-            ),
+            format!("priority={} seq={} for_device={for_device}", priority, seq),
         );
         tracing::warn!(
             event = "spool.evicted",
             %device,
-            priority = %victim.priority,
-            seq = victim.seq,
+            priority = %priority,
+            seq,
             %for_device,
             evicted,
             "record evicted to make room"
@@ -94,17 +92,23 @@ impl Events {
 
     /// A record of `device` was set aside: the upstream refused it or it cannot be
     /// published upstream at all.
-    pub fn spool_rejected(&self, device: &DeviceId, key: Key, reason: &str, rejected: u64) {
+    pub fn spool_rejected(
+        &self,
+        device: &DeviceId,
+        (priority, seq): (Priority, u64),
+        reason: &str,
+        rejected: u64,
+    ) {
         self.audit(
             "spool.rejected",
             Some(device),
-            format!("priority={} seq={} reason={reason}", key.priority, key.seq),
+            format!("priority={priority} seq={seq} reason={reason}"),
         );
         tracing::warn!(
             event = "spool.rejected",
             %device,
-            priority = %key.priority,
-            seq = key.seq,
+            priority = %priority,
+            seq,
             reason,
             rejected,
             "record set aside: it cannot be delivered upstream"
@@ -112,16 +116,16 @@ impl Events {
     }
 
     /// The oldest record set aside was deleted: more than `max_rejected` bytes were.
-    pub fn spool_rejected_dropped(&self, device: Option<&DeviceId>, key: Key) {
+    pub fn spool_rejected_dropped(&self, device: Option<&DeviceId>, record: &dyn std::fmt::Debug) {
         self.audit(
             "spool.rejected_dropped",
             device,
-            format!("record={key:?} reason=more than max_rejected bytes set aside"),
+            format!("record={record:?} reason=more than max_rejected bytes set aside"),
         );
         tracing::warn!(
             event = "spool.rejected_dropped",
             device = super::dev(device),
-            record = ?key,
+            record = ?record,
             "oldest rejected record deleted: more than max_rejected bytes set aside"
         );
     }

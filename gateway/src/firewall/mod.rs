@@ -490,10 +490,9 @@ pub fn render(inputs: &Inputs<'_>) -> Ruleset {
     }
 }
 
-/// The user this process runs as (the owner of `/proc/self`).
+/// The user this process runs as: its sockets' owner, which the ruleset matches.
 pub fn own_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+    nix::unistd::geteuid().as_raw()
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 at the firewall.

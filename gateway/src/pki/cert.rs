@@ -103,21 +103,7 @@ pub fn device_id(cert: &CertificateDer<'_>) -> Result<DeviceId, CertIdError> {
 pub fn serial_hex(cert: &CertificateDer<'_>) -> Result<String, CertIdError> {
     let (_, x509) =
         X509Certificate::from_der(cert.as_ref()).map_err(|_| CertIdError::Unparsable)?;
-    Ok(hex(x509.raw_serial()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    Ok(hex::encode(x509.raw_serial()))
 }
 
 #[cfg(test)]
@@ -156,14 +142,6 @@ mod tests {
             device_id(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])),
             Err(CertIdError::Unparsable)
         );
-    }
-
-    #[test]
-    fn hex_round_trip() {
-        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
-        assert_eq!(unhex("00ab10"), Some(vec![0, 0xab, 0x10]));
-        assert_eq!(unhex("0"), None);
-        assert_eq!(unhex("zz"), None);
     }
 }
 

@@ -422,7 +422,7 @@ fn write_crl(pki: &PkiDir, issuer: &Issuer<'_, KeyPair>, mut index: Index) -> Re
         .iter()
         .filter_map(|c| {
             let at = c.revoked_at_unix?;
-            let serial = cert::unhex(&c.serial)?;
+            let serial = hex::decode(&c.serial).ok()?;
             Some(RevokedCertParams {
                 serial_number: SerialNumber::from_slice(&serial),
                 revocation_time: OffsetDateTime::from_unix_timestamp(at).unwrap_or(this_update),
@@ -495,7 +495,7 @@ mod tests {
                 .unwrap();
         let serials: Vec<String> = crl
             .iter_revoked_certificates()
-            .map(|r| cert::hex(r.raw_serial()))
+            .map(|r| hex::encode(r.raw_serial()))
             .collect();
         assert_eq!(serials, vec![issued.serial]);
     }

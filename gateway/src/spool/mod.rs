@@ -960,7 +960,7 @@ fn migrate_sled(data_dir: &Path, dir: &Path) -> Result<(), SpoolError> {
             None => {
                 keep_corrupt(
                     &tmp.join("corrupt"),
-                    &format!("sled-key-{}.bin", hex_of(&k)),
+                    &format!("sled-key-{}.bin", hex::encode(&k)),
                     &v,
                 );
             }
@@ -1285,9 +1285,12 @@ impl Spool {
                 let c = st.counters(&entry.device);
                 c.evicted += 1;
                 let evicted = c.evicted;
-                inner
-                    .events
-                    .spool_evicted(&entry.device, victim, &record.device, evicted);
+                inner.events.spool_evicted(
+                    &entry.device,
+                    (victim.priority, victim.seq),
+                    &record.device,
+                    evicted,
+                );
             }
         }
         let (tx, rx) = oneshot::channel();
@@ -1525,7 +1528,7 @@ impl Spool {
         let rejected = st.counters(&entry.device).rejected;
         inner
             .events
-            .spool_rejected(&entry.device, key, reason, rejected);
+            .spool_rejected(&entry.device, (key.priority, key.seq), reason, rejected);
         while st.rejected_bytes > inner.limits.max_rejected {
             let Some((number, old)) = st.rejected.pop_first() else {
                 break;
@@ -1537,7 +1540,7 @@ impl Spool {
             st.send(Op::Unreject(number));
             inner
                 .events
-                .spool_rejected_dropped(old.device.as_ref(), old.key);
+                .spool_rejected_dropped(old.device.as_ref(), &old.key);
         }
     }
 
@@ -1596,10 +1599,6 @@ impl Spool {
             Err(_) => Err(SpoolError::Flush("the spool's writer stopped".into())),
         }
     }
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn read_u64(v: &[u8]) -> u64 {

@@ -26,6 +26,7 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::device::DeviceId;
+pub use crate::policy::Priority;
 
 pub const RECORD_VERSION: u8 = 2;
 /// The first format, written before MQTT 5 properties were kept; still read.
@@ -34,36 +35,6 @@ pub const KEY_LEN: usize = 9;
 const NONCE_LEN: usize = 12;
 /// Length of the spool's encryption key file.
 pub const SECRET_LEN: usize = 32;
-
-/// Priority classes, most urgent first; the discriminant is the key's first byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Priority {
-    Alarm = 0,
-    Vital = 1,
-    Routine = 2,
-}
-
-impl Priority {
-    pub const ALL: [Priority; 3] = [Priority::Alarm, Priority::Vital, Priority::Routine];
-
-    pub fn from_byte(b: u8) -> Option<Priority> {
-        Priority::ALL.into_iter().find(|p| *p as u8 == b)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Priority::Alarm => "alarm",
-            Priority::Vital => "vital",
-            Priority::Routine => "routine",
-        }
-    }
-}
-
-impl std::fmt::Display for Priority {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Where a record lives: its priority, then its gateway sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

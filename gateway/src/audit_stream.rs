@@ -1,4 +1,5 @@
-//! Forwarding audit records upstream: through the spool, like telemetry.
+//! The audit stream: the audit log's records forwarded upstream through the spool, like
+//! telemetry.
 //!
 //! Each record becomes a spool record of the gateway's own stream ([`DeviceId::gateway`],
 //! upstream topic `{prefix}/{site}/{gateway}/_gateway/audit`, priority vital, QoS 1) whose
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{AuditLog, Entry};
+use crate::audit::{AuditLog, Entry};
 use crate::device::GATEWAY_STREAM;
 use crate::events::SPOOL_EVENTS;
 use crate::ingest::Ingest;
@@ -123,7 +124,10 @@ mod tests {
         let own = Some(GATEWAY_STREAM);
         for event in SPOOL_EVENTS {
             assert!(self_inflicted(&entry(event, own, "")), "{event}");
-            assert!(!self_inflicted(&entry(event, Some("pump-1"), "")), "{event}");
+            assert!(
+                !self_inflicted(&entry(event, Some("pump-1"), "")),
+                "{event}"
+            );
         }
         // A device's record evicted for the gateway's stream cannot happen (own records
         // make room among own records only), and a detail text decides nothing.
