@@ -109,7 +109,11 @@ impl Gateway {
             None => None,
         };
         // The one door into the spool, for every producer.
-        let ingest = Ingest::new(spool.clone(), config.topic_map(), events.clone());
+        let ingest = Ingest::new(
+            spool.clone(),
+            crate::uplink::TopicMap::of(&config),
+            events.clone(),
+        );
         let edge = Edge::bind(
             config.edge.clone(),
             ingest.clone(),
@@ -203,7 +207,7 @@ impl Gateway {
                     connected: uplink_connected.unwrap_or_default(),
                     modbus,
                     config: u.clone(),
-                    topics: self.config.topic_map(),
+                    topics: crate::uplink::TopicMap::of(&self.config),
                     spool: self.spool.clone(),
                     registry: self.registry.clone(),
                     broker: self.broker.clone(),

@@ -212,7 +212,7 @@ mod tests {
         let grant = Registry::from_config(&config).grant(&device).unwrap();
         let spool = Spool::open(dir, config.spool.clone(), Events::unaudited()).unwrap();
         (
-            Ingest::new(spool, config.topic_map(), Events::unaudited()),
+            Ingest::new(spool, TopicMap::of(&config), Events::unaudited()),
             grant,
             device,
         )

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -53,12 +53,7 @@ pub struct Entry {
     pub reason: String,
 }
 
-/// When repeated violations quarantine a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Threshold {
-    pub violations: usize,
-    pub window: Duration,
-}
+pub use crate::config::Threshold;
 
 pub struct Quarantine {
     db: sled::Db,
@@ -226,6 +221,7 @@ impl Quarantine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const T: Threshold = Threshold {
         violations: 3,

@@ -30,7 +30,6 @@
 //! Tested by the snapshot tests below and the system tests in `tests/system/firewall.rs`
 //! (network namespaces, real packets).
 
-pub mod cidr;
 pub mod live;
 pub mod netlink;
 
@@ -38,50 +37,11 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
-pub use cidr::Cidr;
+pub use crate::config::{FirewallConfig, Forward, Proto};
+pub use ipnet::IpNet;
 
 /// The one table wardgate owns.
 pub const TABLE: &str = "wardgate";
-
-/// `[firewall]` in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FirewallConfig {
-    /// Interfaces the ward's devices are on.
-    pub device_interfaces: Vec<String>,
-    /// Networks from which the management ports may be reached.
-    pub management_networks: Vec<Cidr>,
-    /// TCP ports for management (SSH, metrics), reachable only from those networks.
-    pub management_ports: Vec<u16>,
-    /// New edge connections per second allowed from one source address, and the burst.
-    pub new_connections_per_sec: u32,
-    pub new_connections_burst: u32,
-    /// Destinations beyond the gateway that devices may reach directly.
-    pub forward: Vec<Forward>,
-}
-
-/// A destination devices may reach through the gateway's routing (e.g. a PACS server).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Forward {
-    pub name: String,
-    pub network: Cidr,
-    pub protocol: Proto,
-    pub port: u16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
 
 /// What the ruleset is rendered from, beside the configuration.
 #[derive(Debug, Clone)]
@@ -180,8 +140,8 @@ pub enum Stmt {
         family: Family,
         set: String,
     },
-    Saddr(Cidr),
-    Daddr(Cidr),
+    Saddr(IpNet),
+    Daddr(IpNet),
     Dport {
         proto: Proto,
         port: u16,
@@ -495,6 +455,19 @@ pub fn own_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+/// A network as nft lists it: one host as its bare address.
+struct Net<'a>(&'a IpNet);
+
+impl fmt::Display for Net<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.prefix_len() == self.0.max_prefix_len() {
+            write!(f, "{}", self.0.addr())
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
 /// IPv4-mapped IPv6 addresses are IPv4 at the firewall.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -524,8 +497,8 @@ impl fmt::Display for Stmt {
                 write!(f, "ct state {}", names.join(","))
             }
             Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", family.addr()),
-            Stmt::Saddr(n) => write!(f, "{} saddr {n}", Family::of(n.addr()).addr()),
-            Stmt::Daddr(n) => write!(f, "{} daddr {n}", Family::of(n.addr()).addr()),
+            Stmt::Saddr(n) => write!(f, "{} saddr {}", Family::of(n.addr()).addr(), Net(n)),
+            Stmt::Daddr(n) => write!(f, "{} daddr {}", Family::of(n.addr()).addr(), Net(n)),
             Stmt::Dport { proto, port } => write!(f, "{proto} dport {port}"),
             Stmt::Icmpv6Type(t) => write!(f, "icmpv6 type {t}"),
             Stmt::SkuidNot(uid) => write!(f, "meta skuid != {uid}"),

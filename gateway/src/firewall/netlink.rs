@@ -33,7 +33,7 @@ use nftnl::{
     Rule as NRule, Table,
 };
 
-use super::{Cidr, CtState, Element, Family, Hook, Proto, Ruleset, Set, SetType, Stmt, TABLE};
+use super::{CtState, Element, Family, Hook, Proto, Ruleset, Set, SetType, Stmt, TABLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -256,27 +256,23 @@ fn l4proto(rule: &mut NRule<'_>, proto: u8) {
 }
 
 /// The network `n` matched against the address in register 1.
-fn match_net(rule: &mut NRule<'_>, n: &Cidr) {
-    let full = if n.is_ipv4() { 32 } else { 128 };
-    match n.addr() {
-        IpAddr::V4(a) => {
-            if n.prefix() < full {
-                let bits = u32::MAX
-                    .checked_shl(u32::from(32 - n.prefix()))
-                    .unwrap_or(0);
-                rule.add_expr(&Bitwise::new(Ipv4Addr::from(bits), Ipv4Addr::UNSPECIFIED));
+fn match_net(rule: &mut NRule<'_>, n: &ipnet::IpNet) {
+    let whole = n.prefix_len() == n.max_prefix_len();
+    match (n.addr(), n.netmask()) {
+        (IpAddr::V4(a), IpAddr::V4(mask)) => {
+            if !whole {
+                rule.add_expr(&Bitwise::new(mask, Ipv4Addr::UNSPECIFIED));
             }
             rule.add_expr(&Cmp::new(CmpOp::Eq, a));
         }
-        IpAddr::V6(a) => {
-            if n.prefix() < full {
-                let bits = u128::MAX
-                    .checked_shl(u32::from(128 - n.prefix()))
-                    .unwrap_or(0);
-                rule.add_expr(&Bitwise::new(Ipv6Addr::from(bits), Ipv6Addr::UNSPECIFIED));
+        (IpAddr::V6(a), IpAddr::V6(mask)) => {
+            if !whole {
+                rule.add_expr(&Bitwise::new(mask, Ipv6Addr::UNSPECIFIED));
             }
             rule.add_expr(&Cmp::new(CmpOp::Eq, a));
         }
+        // An IpNet's address and mask are of one family.
+        _ => {}
     }
 }
 
@@ -336,7 +332,11 @@ fn encode(
             rule.add_expr(&set(s)?.lookup());
         }
         Stmt::Saddr(n) | Stmt::Daddr(n) => {
-            let f = if n.is_ipv4() { Family::V4 } else { Family::V6 };
+            let f = if n.addr().is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            };
             nfproto(rule, f);
             let src = matches!(stmt, Stmt::Saddr(_));
             match (f, src) {

@@ -3,6 +3,7 @@
 //! wardgate --lib firewall` rewrites them; the diff is then part of the review.
 
 use super::*;
+use crate::config::firewall::network;
 
 fn config() -> FirewallConfig {
     FirewallConfig {
@@ -65,13 +66,13 @@ fn a_ward_with_quarantine_management_and_a_forward() {
     let mut c = config();
     c.device_interfaces.push("ward1".into());
     c.management_networks = vec![
-        "10.70.0.0/24".parse().unwrap(),
-        "fd70::/64".parse().unwrap(),
+        network("10.70.0.0/24").unwrap(),
+        network("fd70::/64").unwrap(),
     ];
     c.management_ports = vec![22, 9100];
     c.forward = vec![Forward {
         name: "pacs".into(),
-        network: "10.1.2.3".parse().unwrap(),
+        network: network("10.1.2.3").unwrap(),
         protocol: Proto::Tcp,
         port: 104,
     }];

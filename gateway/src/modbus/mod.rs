@@ -24,7 +24,6 @@
 //! Tested by the unit tests of [`value`] and the system tests in `tests/system/modbus.rs`
 //! (an in-process tokio-modbus server, pymodbus, and RTU over a socat pty pair).
 
-mod config;
 mod poll;
 pub mod value;
 
@@ -36,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{
+pub use crate::config::modbus::{
     Bus, BusKind, ModbusConfig, ModbusDevice, Parity, Register, DEFAULT_BAUD, DEFAULT_HEARTBEAT,
     DEFAULT_INTERVAL, DEFAULT_TIMEOUT,
 };

@@ -114,6 +114,7 @@ use crate::clock::now_ms;
 
 use tokio::sync::{oneshot, Notify};
 
+pub use crate::config::SpoolLimits;
 use crate::device::DeviceId;
 use crate::events::Events;
 use log::{Frame, Loc, Log};
@@ -131,34 +132,6 @@ const RECENT_BYTES: usize = 4 << 20;
 const DELETE_LINGER: Duration = Duration::from_millis(500);
 const LOG_DIR: &str = "spool-log";
 const SLED_DIR: &str = "spool";
-
-/// Limits, from the `[spool]` section.
-#[derive(Debug, Clone)]
-pub struct SpoolLimits {
-    pub max_bytes: u64,
-    pub device_quota: u64,
-    /// Indexed by `Priority as usize`.
-    pub max_age: [Duration; 3],
-    /// Bytes of rejected records kept for inspection (the newest).
-    pub max_rejected: u64,
-    /// Records kept at most: bounds the in-memory index (about 150 bytes a record).
-    pub max_records: usize,
-    /// The shortest time between two fdatasyncs: a record arriving sooner waits for the
-    /// rest of it, with whatever else arrives meanwhile (one flush for all).
-    pub commit_interval: Duration,
-}
-
-impl SpoolLimits {
-    /// Bytes of one segment file: small enough that compaction works in small steps.
-    pub fn segment_bytes(&self) -> u64 {
-        (self.max_bytes / 32).clamp(256 << 10, 8 << 20)
-    }
-
-    /// Bytes on disk beyond the live records' before the oldest segment is compacted.
-    pub fn slack(&self) -> u64 {
-        (self.max_bytes / 4).max(4 * self.segment_bytes())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {

@@ -39,6 +39,15 @@ impl TopicMap {
         }
     }
 
+    /// The map of the gateway `config` describes, under its upstream topic prefix.
+    pub fn of(config: &crate::config::Config) -> TopicMap {
+        TopicMap::new(
+            config.topic_prefix(),
+            &config.gateway.site,
+            &config.gateway.id,
+        )
+    }
+
     /// The part of a device topic that follows the device level upstream.
     fn rest<'a>(device: &DeviceId, topic: &'a str) -> &'a str {
         topic
