@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{AdminError, AdminSocket, AdminState};
 use crate::audit::{AuditError, AuditLog};
 use crate::broker::{self, BrokerError, EmbeddedBroker};
+use crate::commands::Commands;
 use crate::config::Config;
 use crate::edge::{Edge, EdgeError, EdgeHandle};
 use crate::events::Events;
@@ -19,6 +20,7 @@ use crate::ingest::Ingest;
 use crate::quarantine::{Quarantine, QuarantineError, StateError};
 use crate::registry::{Registry, RegistryError, SharedRegistry};
 use crate::spool::{Spool, SpoolError};
+use crate::topics::TopicMap;
 use crate::uplink::Uplink;
 
 #[derive(Debug, thiserror::Error)]
@@ -109,11 +111,7 @@ impl Gateway {
             None => None,
         };
         // The one door into the spool, for every producer.
-        let ingest = Ingest::new(
-            spool.clone(),
-            crate::uplink::TopicMap::of(&config),
-            events.clone(),
-        );
+        let ingest = Ingest::new(spool.clone(), TopicMap::of(&config), events.clone());
         let edge = Edge::bind(
             config.edge.clone(),
             ingest.clone(),
@@ -203,14 +201,22 @@ impl Gateway {
                         shutdown.clone(),
                     ));
                 }
+                let topics = TopicMap::of(&self.config);
+                // Commands from upstream: to devices, Modbus registers and the agent.
+                let commands = Commands::start(
+                    &self.broker,
+                    topics.clone(),
+                    self.registry.clone(),
+                    modbus,
+                    self.events.clone(),
+                    shutdown.clone(),
+                );
                 let uplink = Uplink {
                     connected: uplink_connected.unwrap_or_default(),
-                    modbus,
+                    commands,
                     config: u.clone(),
-                    topics: crate::uplink::TopicMap::of(&self.config),
+                    topics,
                     spool: self.spool.clone(),
-                    registry: self.registry.clone(),
-                    broker: self.broker.clone(),
                     events: self.events.clone(),
                 };
                 tracker.spawn(uplink.run(shutdown.clone()));

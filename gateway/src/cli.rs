@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::proto::{DeviceView, Request, Status};
+use crate::admin::proto::{device_table, DeviceView, Request, Status};
 use crate::app::Gateway;
 use crate::config::{Config, ConfigError};
 use crate::device::DeviceId;
@@ -560,7 +560,10 @@ fn admin_command(args: &AdminArgs, request: &Request, json: bool) -> anyhow::Res
     }
     match request {
         Request::Status => print_status(&serde_json::from_value(data)?),
-        Request::DeviceList => print_device_list(&serde_json::from_value::<Vec<DeviceView>>(data)?),
+        Request::DeviceList => print!(
+            "{}",
+            device_table(&serde_json::from_value::<Vec<DeviceView>>(data)?)
+        ),
         Request::DeviceShow { .. } => print_device(&serde_json::from_value(data)?),
         Request::DeviceAdd { id, .. } => println!("registered {id}"),
         Request::DeviceRemove { id } => println!("removed {id}; its connections are closed"),
@@ -572,51 +575,6 @@ fn admin_command(args: &AdminArgs, request: &Request, json: bool) -> anyhow::Res
         Request::AuditTail { .. } | Request::AuditVerify => println!("{data}"),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The table `wardgate device list` prints.
-pub fn print_device_list(views: &[DeviceView]) {
-    println!(
-        "{:<20} {:<18} {:<16} {:<7} {:<12} {:>9} {:>9} {:>8} {:>10}",
-        "DEVICE",
-        "CLASS",
-        "ADDRESS",
-        "SOURCE",
-        "STATE",
-        "ACCEPTED",
-        "THROTTLED",
-        "REFUSED",
-        "VIOLATIONS"
-    );
-    for v in views {
-        println!(
-            "{:<20} {:<18} {:<16} {:<7} {:<12} {:>9} {:>9} {:>8} {:>10}",
-            v.id,
-            v.class.as_deref().unwrap_or("-"),
-            v.address.map_or("-".into(), |a| a.to_string()),
-            v.source
-                .map_or("-".into(), |s| format!("{s:?}").to_lowercase()),
-            state(v),
-            v.counters.edge.accepted,
-            v.counters.edge.throttled,
-            v.counters.edge.refused,
-            v.counters.edge.acl_violations
-                + v.counters.edge.protocol_violations
-                + v.counters.edge.subscription_limit,
-        );
-    }
-}
-
-fn state(v: &DeviceView) -> &'static str {
-    if v.quarantine.is_some() {
-        "quarantined"
-    } else if v.class.is_none() {
-        "unregistered"
-    } else if v.connections.is_empty() {
-        "offline"
-    } else {
-        "connected"
-    }
 }
 
 fn print_status(s: &Status) {
@@ -650,7 +608,7 @@ fn print_device(v: &DeviceView) {
     };
     let mut rows = vec![
         ("device", v.id.clone()),
-        ("state", state(v).to_owned()),
+        ("state", v.state().to_owned()),
         ("class", v.class.clone().unwrap_or_else(|| "-".into())),
         ("address", address),
         ("source", source),

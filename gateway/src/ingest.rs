@@ -32,7 +32,7 @@ use crate::events::{Events, Violation};
 use crate::policy::acl;
 use crate::registry::Grant;
 use crate::spool::{Durable, Key, Priority, Properties, Record, Spool, SpoolError};
-use crate::uplink::{TopicMap, UnmappableTopic};
+use crate::topics::{TopicMap, UnmappableTopic};
 
 /// The door; cheap to clone (one per producer).
 #[derive(Debug, Clone)]

@@ -139,3 +139,56 @@ pub struct Counters {
     #[serde(default)]
     pub rejected: u64,
 }
+
+/// The table `wardgate device list` prints, a line per device.
+pub fn device_table(views: &[DeviceView]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<18} {:<16} {:<7} {:<12} {:>9} {:>9} {:>8} {:>10}",
+        "DEVICE",
+        "CLASS",
+        "ADDRESS",
+        "SOURCE",
+        "STATE",
+        "ACCEPTED",
+        "THROTTLED",
+        "REFUSED",
+        "VIOLATIONS"
+    );
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<18} {:<16} {:<7} {:<12} {:>9} {:>9} {:>8} {:>10}",
+            v.id,
+            v.class.as_deref().unwrap_or("-"),
+            v.address.map_or("-".into(), |a| a.to_string()),
+            v.source
+                .map_or("-".into(), |s| format!("{s:?}").to_lowercase()),
+            v.state(),
+            v.counters.edge.accepted,
+            v.counters.edge.throttled,
+            v.counters.edge.refused,
+            v.counters.edge.acl_violations
+                + v.counters.edge.protocol_violations
+                + v.counters.edge.subscription_limit,
+        );
+    }
+    out
+}
+
+impl DeviceView {
+    /// One word for where the device stands.
+    pub fn state(&self) -> &'static str {
+        if self.quarantine.is_some() {
+            "quarantined"
+        } else if self.class.is_none() {
+            "unregistered"
+        } else if self.connections.is_empty() {
+            "offline"
+        } else {
+            "connected"
+        }
+    }
+}

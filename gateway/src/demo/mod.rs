@@ -186,7 +186,7 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
     match answer {
         Ok(r) if r.ok => {
             let views: Vec<DeviceView> = serde_json::from_value(r.data.unwrap_or_default())?;
-            crate::cli::print_device_list(&views);
+            print!("{}", crate::admin::proto::device_table(&views));
         }
         Ok(r) => println!("admin socket: {}", r.error.unwrap_or_default()),
         Err(e) => println!("admin socket: {e}"),

@@ -23,16 +23,12 @@
 //!   window at once: one refused record never holds back the ones behind it.
 //! - Commands: the uplink subscribes to `{prefix}/{site}/{gateway}/+/cmd/#` with No Local
 //!   (its own publishes never come back as commands; the edge also refuses device topics
-//!   that would map there), and delivers
-//!   `…/{device}/cmd/{rest}` to the local topic `ward/{device}/cmd/{rest}` only if that
-//!   device is registered and its class may subscribe to that topic; otherwise the command
-//!   is refused and logged (`uplink.command_refused`).
+//!   that would map there), and hands each command to the router ([`crate::commands`]),
+//!   which delivers it to a device, a Modbus register or the update agent, or refuses it.
 //!
 //! Tested by the system tests against a real mosquitto with TLS (`tests/system/uplink.rs`).
 
-mod command;
 mod pace;
-mod topic;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -45,10 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
 use crate::pki::cert;
-use crate::registry::SharedRegistry;
 use crate::spool::{Key, Reads, Record, Spool};
+pub use crate::topics::{TopicMap, UnmappableTopic, MAX_TOPIC_LEN};
 use pace::{Backoff, Pace};
-pub use topic::{TopicMap, UnmappableTopic, MAX_TOPIC_LEN};
 
 /// How long a connection attempt (TCP, TLS, CONNACK) may take.
 const CONNECT_TIMEOUT_SECS: u64 = 10;
@@ -64,13 +59,10 @@ pub struct Uplink {
     /// Device topics to upstream topics and back (the edge checks with the same map).
     pub topics: TopicMap,
     pub spool: Spool,
-    pub registry: SharedRegistry,
-    /// The embedded broker, for delivering commands to devices.
-    pub broker: crate::broker::EmbeddedBroker,
     /// True while a session with the upstream broker is up (for `wardgate status`).
     pub connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Modbus devices, whose commands are register writes.
-    pub modbus: crate::modbus::ModbusHandle,
+    /// Where commands from upstream go.
+    pub commands: crate::commands::Commands,
     pub events: crate::events::Events,
 }
 
@@ -90,7 +82,7 @@ impl Uplink {
 
     /// Connects, forwards, reconnects with backoff, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let commands = command::LocalDelivery::start(&self.broker, shutdown.clone());
+        let commands = &self.commands;
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         let mut pace = Pace::new(self.config.replay_rate);
         loop {
@@ -160,7 +152,7 @@ impl Uplink {
                     &client,
                     &mut events,
                     &mut pace,
-                    &commands,
+                    commands,
                     max_packet,
                     &shutdown,
                 )
@@ -196,7 +188,7 @@ impl Uplink {
         client: &AsyncClient,
         events: &mut tokio::sync::mpsc::Receiver<Result<Event, rumqttc::v5::ConnectionError>>,
         pace: &mut Pace,
-        commands: &command::LocalDelivery,
+        commands: &crate::commands::Commands,
         max_packet: usize,
         shutdown: &CancellationToken,
     ) -> Option<String> {
@@ -294,7 +286,7 @@ impl Uplink {
         queued: &mut VecDeque<Key>,
         by_pkid: &mut HashMap<u16, Key>,
         inflight: &mut HashSet<Key>,
-        commands: &command::LocalDelivery,
+        commands: &crate::commands::Commands,
     ) -> Result<(), String> {
         match event {
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -324,7 +316,7 @@ impl Uplink {
                 );
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                commands.deliver(self, &p.topic, p.payload.clone());
+                commands.deliver(&p.topic, p.payload.clone());
             }
             Ok(_) => {}
             Err(e) => return Err(e.to_string()),
