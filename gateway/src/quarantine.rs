@@ -19,6 +19,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceId;
+use crate::policy::{sanction, Offence, Sanction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuarantineError {
@@ -191,30 +192,34 @@ impl Quarantine {
         Ok(true)
     }
 
-    /// Counts an ACL violation; quarantines the device when the threshold is reached within
-    /// the window. Returns true if this violation quarantined it.
-    pub fn note_violation(&self, device: &DeviceId, now: Instant) -> Result<bool, QuarantineError> {
-        let reached = {
+    /// Carries out what `offence` costs `device` ([`crate::policy::sanction`]): a counted
+    /// offence joins its history; a quarantine is persisted before this returns.
+    pub fn punish(
+        &self,
+        device: &DeviceId,
+        offence: Offence<'_>,
+        now: Instant,
+    ) -> Result<Sanction, QuarantineError> {
+        let sanction = {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            let times = recent.entry(device.clone()).or_default();
-            times.push_back(now);
-            while times
+            let history = recent.entry(device.clone()).or_default();
+            let s = sanction(offence, &self.threshold, history.make_contiguous(), now);
+            if s.counted {
+                history.push_back(now);
+            }
+            // Only the window's offences are kept: the history stays bounded.
+            while history
                 .front()
                 .is_some_and(|t| now.saturating_duration_since(*t) > self.threshold.window)
             {
-                times.pop_front();
+                history.pop_front();
             }
-            times.len() >= self.threshold.violations
+            s
         };
-        if reached {
-            let reason = format!(
-                "{} ACL violations within {}",
-                self.threshold.violations,
-                humantime::format_duration(self.threshold.window)
-            );
-            return self.quarantine(device, &reason);
+        if let Some(reason) = &sanction.quarantine {
+            self.quarantine(device, reason)?;
         }
-        Ok(false)
+        Ok(sanction)
     }
 }
 
@@ -238,11 +243,18 @@ mod tests {
         {
             let q = Quarantine::open(&db, T, crate::events::Events::unaudited()).unwrap();
             let t0 = Instant::now();
-            assert!(!q.note_violation(&d, t0).unwrap());
+            let v = crate::policy::Violation::PublishDenied { topic: "x".into() };
+            let punish = |at| {
+                q.punish(&d, Offence::Violation(&v), at)
+                    .unwrap()
+                    .quarantine
+                    .is_some()
+            };
+            assert!(!punish(t0));
             // The first one falls out of the window.
-            assert!(!q.note_violation(&d, t0 + Duration::from_secs(61)).unwrap());
-            assert!(!q.note_violation(&d, t0 + Duration::from_secs(62)).unwrap());
-            assert!(q.note_violation(&d, t0 + Duration::from_secs(63)).unwrap());
+            assert!(!punish(t0 + Duration::from_secs(61)));
+            assert!(!punish(t0 + Duration::from_secs(62)));
+            assert!(punish(t0 + Duration::from_secs(63)));
             assert!(q.reason(&d).unwrap().contains("3 ACL violations"));
         }
         let q = Quarantine::open(&db, T, crate::events::Events::unaudited()).unwrap();

@@ -56,12 +56,7 @@ pub struct DeviceEntry {
     pub address: IpAddr,
 }
 
-/// When repeated violations quarantine a device (`[policy]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Threshold {
-    pub violations: usize,
-    pub window: Duration,
-}
+pub use crate::policy::Threshold;
 
 impl Validator<'_> {
     pub(super) fn classes(

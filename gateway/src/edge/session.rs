@@ -28,6 +28,7 @@ use crate::events::{Refusal, Violation};
 use crate::ingest::{Message, Refused};
 use crate::mqtt::{self, ReadError, PUBLISH_OVERHEAD};
 use crate::pki::cert;
+use crate::policy::Offence;
 use crate::policy::{Admission, TopicFilter};
 use crate::registry::Grant;
 use crate::spool::{Durable, Properties, Spool};
@@ -892,7 +893,8 @@ async fn relay(
                 };
                 for f in &refused.filters {
                     shared.events.subscribe_refused(peer, device, f, answer);
-                    count_towards_quarantine(shared, device);
+                    let v = Violation::SubscribeDenied { filter: f.clone() };
+                    punish(shared, device, Offence::Violation(&v));
                 }
                 shared
                     .subscriptions
@@ -1397,7 +1399,7 @@ fn refuse_publish(
             shared
                 .events
                 .publish_refused(peer, device, &v, "puback_0x87");
-            count_towards_quarantine(shared, device);
+            punish(shared, device, Offence::Violation(&v));
             Ok(PubCode::NotAuthorized)
         }
         _ => Err(Stop::Violation(v)),
@@ -1500,47 +1502,28 @@ fn stopped(
         Ok(reason) => reason,
         Err(Stop::HardLimit(limit)) => {
             shared.events.rate_hard_limit(peer, device, limit);
-            let reason = format!(
-                "over its rate without pause for {}",
-                humantime::format_duration(limit)
-            );
-            quarantine_device(shared, device, &reason);
+            punish(shared, device, Offence::RateHardLimit(limit));
             "rate hard limit".to_owned()
         }
         Err(Stop::Violation(v) | Stop::Bad(v, _)) => {
             shared.events.violation(peer, device, &v);
-            if matches!(
-                v,
-                Violation::PublishDenied { .. } | Violation::TooManySubscriptions { .. }
-            ) {
-                count_towards_quarantine(shared, device);
-            }
+            punish(shared, device, Offence::Violation(&v));
             format!("violation: {}", v.code())
         }
     }
 }
 
-/// Notes a violation towards the device's quarantine; at the threshold every session of the
-/// device is closed.
-fn count_towards_quarantine(shared: &EdgeShared, device: &DeviceId) {
+/// Carries out what `offence` costs `device` ([`crate::policy::sanction`]); a quarantined
+/// device's every session is closed.
+fn punish(shared: &EdgeShared, device: &DeviceId, offence: Offence<'_>) {
     match shared
         .quarantine
-        .note_violation(device, std::time::Instant::now())
+        .punish(device, offence, std::time::Instant::now())
     {
-        Ok(true) => {
+        Ok(s) if s.quarantine.is_some() => {
             shared.close_device(device);
         }
-        Ok(false) => {}
-        Err(e) => quarantine_failed(device, &e),
-    }
-}
-
-/// Quarantines `device` and closes every session it has.
-fn quarantine_device(shared: &EdgeShared, device: &DeviceId, reason: &str) {
-    match shared.quarantine.quarantine(device, reason) {
-        Ok(_) => {
-            shared.close_device(device);
-        }
+        Ok(_) => {}
         Err(e) => quarantine_failed(device, &e),
     }
 }

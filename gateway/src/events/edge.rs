@@ -4,8 +4,11 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use super::{dev, Events, Shown};
+use super::{dev, Events};
 use crate::device::DeviceId;
+use crate::policy::violation::Shown;
+pub use crate::policy::Violation;
+use crate::policy::ViolationKind;
 
 /// Why a connection was refused before it reached the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,96 +103,6 @@ impl fmt::Display for Refusal {
             Refusal::AuthenticationMethod(m) => {
                 write!(f, "authentication method {:?} is not offered", Shown(m))
             }
-        }
-    }
-}
-
-/// Why a connected device was disconnected by the edge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Violation {
-    PublishDenied {
-        topic: String,
-    },
-    SubscribeDenied {
-        filter: String,
-    },
-    WildcardPublish {
-        topic: String,
-    },
-    InvalidTopic {
-        topic: String,
-        reason: String,
-    },
-    OversizedPacket {
-        size: usize,
-        max: usize,
-    },
-    /// A SUBSCRIBE that would take the device past its class's `max_subscriptions`.
-    TooManySubscriptions {
-        max: usize,
-    },
-    /// An MQTT 5 device with more QoS 1 and 2 PUBLISHes unacknowledged than the edge's
-    /// Receive Maximum.
-    ReceiveMaximum {
-        max: u16,
-    },
-    /// A packet the protocol does not allow here, or one that cannot be parsed.
-    Protocol(String),
-}
-
-impl Violation {
-    /// The stable event name this violation is logged under.
-    pub fn event(&self) -> &'static str {
-        match self {
-            Violation::PublishDenied { .. } | Violation::SubscribeDenied { .. } => {
-                "edge.acl_violation"
-            }
-            Violation::OversizedPacket { .. } => "edge.oversized_packet",
-            Violation::TooManySubscriptions { .. } => "edge.subscription_limit",
-            _ => "edge.protocol_violation",
-        }
-    }
-
-    pub fn code(&self) -> &'static str {
-        match self {
-            Violation::PublishDenied { .. } => "publish_denied",
-            Violation::SubscribeDenied { .. } => "subscribe_denied",
-            Violation::WildcardPublish { .. } => "wildcard_publish",
-            Violation::InvalidTopic { .. } => "invalid_topic",
-            Violation::OversizedPacket { .. } => "oversized_packet",
-            Violation::TooManySubscriptions { .. } => "too_many_subscriptions",
-            Violation::ReceiveMaximum { .. } => "receive_maximum_exceeded",
-            Violation::Protocol(_) => "protocol",
-        }
-    }
-}
-
-impl fmt::Display for Violation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Violation::PublishDenied { topic } => {
-                write!(f, "publish to {:?} denied by ACL", Shown(topic))
-            }
-            Violation::SubscribeDenied { filter } => {
-                write!(f, "subscribe to {:?} denied by ACL", Shown(filter))
-            }
-            Violation::WildcardPublish { topic } => {
-                write!(f, "publish topic {:?} contains a wildcard", Shown(topic))
-            }
-            Violation::InvalidTopic { topic, reason } => {
-                write!(f, "topic {:?}: {reason}", Shown(topic))
-            }
-            Violation::OversizedPacket { size, max } => {
-                write!(f, "packet of {size} bytes exceeds the limit of {max} bytes")
-            }
-            Violation::TooManySubscriptions { max } => {
-                write!(f, "subscription beyond the limit of {max} filters")
-            }
-            Violation::ReceiveMaximum { max } => write!(
-                f,
-                "more than the Receive Maximum of {max} QoS 1 and 2 PUBLISHes unacknowledged"
-            ),
-            Violation::Protocol(e) => write!(f, "protocol error: {e}"),
         }
     }
 }
@@ -325,14 +238,10 @@ impl Events {
 
     /// Counts a violation in the device's counters, by kind.
     pub fn count_violation(&self, device: &DeviceId, v: &Violation) {
-        self.count(device, |c| {
-            if v.event() == "edge.acl_violation" {
-                c.acl_violations += 1;
-            } else if let Violation::TooManySubscriptions { .. } = v {
-                c.subscription_limit += 1;
-            } else {
-                c.protocol_violations += 1;
-            }
+        self.count(device, |c| match v.kind() {
+            ViolationKind::Acl => c.acl_violations += 1,
+            ViolationKind::SubscriptionLimit => c.subscription_limit += 1,
+            ViolationKind::Oversized | ViolationKind::Protocol => c.protocol_violations += 1,
         });
     }
 

@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
+pub use crate::policy::violation::shown;
 pub use control::ModbusFailure;
 pub use edge::{Refusal, Violation};
 pub use spool::SPOOL_EVENTS;
@@ -126,33 +127,6 @@ impl Events {
     }
 }
 
-/// A string a peer controls as logs and audit records show it: a device may send topics of
-/// up to 64 KiB, which would swamp both; past [`SHOWN_TOPIC`] bytes only the start and the
-/// length show.
-struct Shown<'a>(&'a str);
-
-/// A string a peer controls as logs and audit records show it: quoted, escaped, and cut
-/// after [`SHOWN_TOPIC`] bytes.
-pub fn shown(s: &str) -> String {
-    format!("{:?}", Shown(s))
-}
-
-/// Bytes of a topic that logs and audit records show.
-const SHOWN_TOPIC: usize = 200;
-
-impl fmt::Debug for Shown<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.len() <= SHOWN_TOPIC {
-            return write!(f, "{:?}", self.0);
-        }
-        let mut end = SHOWN_TOPIC;
-        while !self.0.is_char_boundary(end) {
-            end -= 1;
-        }
-        write!(f, "{:?}… ({} bytes)", &self.0[..end], self.0.len())
-    }
-}
-
 fn dev(device: Option<&DeviceId>) -> &str {
     device.map_or("-", DeviceId::as_str)
 }
@@ -170,14 +144,5 @@ mod tests {
         a.clone().count(&d, |c| c.accepted += 1);
         assert_eq!(a.counters(&d).accepted, 3);
         assert_eq!(b.counters(&d), EdgeCounters::default());
-    }
-
-    #[test]
-    fn a_long_peer_string_is_cut_and_escaped() {
-        let long = "a\"".repeat(300);
-        let s = shown(&long);
-        assert!(s.starts_with("\"a\\\"a"), "{s}");
-        assert!(s.ends_with("(600 bytes)"), "{s}");
-        assert!(s.len() < SHOWN_TOPIC + 120, "{}", s.len());
     }
 }
