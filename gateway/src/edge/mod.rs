@@ -20,9 +20,12 @@
 //!
 //! Tested by the system tests in `tests/system/edge.rs` against real clients.
 
+mod broker_side;
 mod exactly_once;
+mod relay;
 mod session;
 mod sessions;
+mod suback;
 mod subscriptions;
 pub mod tls;
 mod unidentified;

@@ -29,8 +29,8 @@
 //! Tested by the system tests against a real mosquitto with TLS (`tests/system/uplink.rs`).
 
 mod pace;
+mod window;
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, PublishProperties};
@@ -192,12 +192,7 @@ impl Uplink {
         max_packet: usize,
         shutdown: &CancellationToken,
     ) -> Option<String> {
-        let window = self.config.inflight;
-        // Sent and not acknowledged (or refused by the upstream until the next session).
-        let mut inflight: HashSet<Key> = HashSet::new();
-        // Queued to rumqttc, packet id not yet known.
-        let mut queued: VecDeque<Key> = VecDeque::new();
-        let mut by_pkid: HashMap<u16, Key> = HashMap::new();
+        let mut window = window::Window::new(self.config.inflight);
         // What the spool held when this session began is the backlog: it drains at
         // `replay_rate`; what arrives from now on is sent as it comes.
         let backlog_below = self.spool.next_seq();
@@ -208,12 +203,17 @@ impl Uplink {
             appended.as_mut().enable();
             let mut idle = false;
             let mut paced = None;
-            let room = window.saturating_sub(inflight.len());
+            let room = window.room();
             if room > 0 {
                 let budget = pace.available(room);
                 let next = |reads| {
-                    self.spool
-                        .next_batch_paced(room, &inflight, backlog_below, budget, reads)
+                    self.spool.next_batch_paced(
+                        room,
+                        window.in_flight(),
+                        backlog_below,
+                        budget,
+                        reads,
+                    )
                 };
                 // Recent records come from memory; older ones (a backlog) from the disk,
                 // which may block: off this async worker.
@@ -252,8 +252,7 @@ impl Uplink {
                     if key.seq < backlog_below {
                         pace.take();
                     }
-                    inflight.insert(key);
-                    queued.push_back(key);
+                    window.sent(key);
                 }
             }
             tokio::select! {
@@ -264,7 +263,7 @@ impl Uplink {
                     // Every event already waiting is taken before the spool is read again:
                     // one batch per burst of acknowledgements, not one per acknowledgement.
                     loop {
-                        if let Err(reason) = self.on_event(event, &mut queued, &mut by_pkid, &mut inflight, commands) {
+                        if let Err(reason) = self.on_event(event, &mut window, commands) {
                             return Some(reason);
                         }
                         match events.try_recv() {
@@ -283,22 +282,15 @@ impl Uplink {
     fn on_event(
         &self,
         event: Result<Event, rumqttc::v5::ConnectionError>,
-        queued: &mut VecDeque<Key>,
-        by_pkid: &mut HashMap<u16, Key>,
-        inflight: &mut HashSet<Key>,
+        window: &mut window::Window,
         commands: &crate::commands::Commands,
     ) -> Result<(), String> {
         match event {
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let Some(key) = queued.pop_front() {
-                    by_pkid.insert(pkid, key);
-                }
-            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.numbered(pkid),
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let Some(key) = by_pkid.remove(&ack.pkid) else {
+                let Some(key) = window.acknowledged(ack.pkid) else {
                     return Ok(());
                 };
-                inflight.remove(&key);
                 if matches!(
                     ack.reason,
                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers
