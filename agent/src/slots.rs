@@ -474,6 +474,41 @@ mod tests {
         };
         assert_eq!(fresh.get().unwrap(), v("1.5.0"));
     }
+
+    #[test]
+    fn a_record_of_the_previous_format_is_read_and_a_newer_one_refused() {
+        // As the agent wrote it before records carried a version.
+        let old = br#"{"state":"committed","version":"1.2.0","slot":"B"}"#;
+        assert_eq!(
+            decode_record(old).unwrap(),
+            Record::Committed {
+                version: "1.2.0".into(),
+                slot: Slot::B
+            }
+        );
+        let newer = br#"{"v":3,"state":"committed","version":"1.2.0","slot":"B"}"#;
+        assert!(decode_record(newer)
+            .unwrap_err()
+            .contains("newer than this agent's 2"));
+        // What this version writes, it reads; the previous version's reader (no `v`
+        // field known) reads it too.
+        let r = Record::RolledBack {
+            version: "1.3.0".into(),
+            slot: Slot::A,
+            reason: "health check failed".into(),
+        };
+        let text = serde_json::to_string(&StoredRecord {
+            v: RECORD_VERSION,
+            record: &r,
+        })
+        .unwrap();
+        assert!(
+            text.starts_with(r#"{"v":2,"state":"rolled_back""#),
+            "{text}"
+        );
+        assert_eq!(decode_record(text.as_bytes()).unwrap(), r);
+        assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), r);
+    }
 }
 
 /// What the agent last did with an update, kept beside the floor (and reported).
@@ -490,6 +525,42 @@ pub enum Record {
         slot: Slot,
         reason: String,
     },
+}
+
+/// Version of the record file (`update.json`): 2 is the record with `"v":2` beside its
+/// `state`; 1, written before, had no `v`, and is still read. Agents of version 1 ignore the
+/// field, so a rolled-back agent reads what a newer one wrote.
+pub const RECORD_VERSION: u8 = 2;
+
+#[derive(serde::Serialize)]
+struct StoredRecord<'a> {
+    v: u8,
+    #[serde(flatten)]
+    record: &'a Record,
+}
+
+#[derive(serde::Deserialize)]
+struct ReadRecord {
+    #[serde(default = "version_1")]
+    v: u8,
+    #[serde(flatten)]
+    record: Record,
+}
+
+fn version_1() -> u8 {
+    1
+}
+
+/// A record file of this version or the one before.
+pub fn decode_record(bytes: &[u8]) -> Result<Record, String> {
+    let read: ReadRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if read.v > RECORD_VERSION {
+        return Err(format!(
+            "format version {}, newer than this agent's {RECORD_VERSION}",
+            read.v
+        ));
+    }
+    Ok(read.record)
 }
 
 /// One appliance's update state: its two slots, boot control, floor and record.
@@ -509,14 +580,28 @@ impl<B: BootControl> Appliance<B> {
         }
     }
 
+    /// The last record, if there is one this agent can read (an unreadable one is
+    /// logged and taken as none).
     pub fn last(&self) -> Option<Record> {
-        std::fs::read(&self.record)
+        let bytes = std::fs::read(&self.record).ok()?;
+        decode_record(&bytes)
+            .map_err(|e| {
+                tracing::error!(
+                    event = "agent.record_unreadable",
+                    path = %self.record.display(),
+                    error = e,
+                    "update record unreadable; taken as none"
+                );
+            })
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
     pub fn save(&self, r: &Record) -> Result<(), String> {
-        let text = serde_json::to_string(r).map_err(|e| e.to_string())?;
+        let stored = StoredRecord {
+            v: RECORD_VERSION,
+            record: r,
+        };
+        let text = serde_json::to_string(&stored).map_err(|e| e.to_string())?;
         write_atomic(&self.record, &text).map_err(|e| format!("{}: {e}", self.record.display()))
     }
 

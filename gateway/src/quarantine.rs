@@ -54,6 +54,42 @@ pub struct Entry {
     pub reason: String,
 }
 
+/// Version of a stored entry (tree `quarantine`, key = device id): 2 is
+/// `{"v":2,"since_ms":…,"reason":…}`; 1, written before, had no `v`, and is still read.
+pub const ENTRY_VERSION: u8 = 2;
+
+#[derive(Serialize)]
+struct StoredEntry<'a> {
+    v: u8,
+    #[serde(flatten)]
+    entry: &'a Entry,
+}
+
+#[derive(Deserialize)]
+struct ReadEntry {
+    /// Absent in version 1.
+    #[serde(default = "version_1")]
+    v: u8,
+    #[serde(flatten)]
+    entry: Entry,
+}
+
+fn version_1() -> u8 {
+    1
+}
+
+/// A stored entry of this version or the one before.
+fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
+    let read: ReadEntry = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if read.v > ENTRY_VERSION {
+        return Err(format!(
+            "format version {}, newer than this wardgate's {ENTRY_VERSION}",
+            read.v
+        ));
+    }
+    Ok(read.entry)
+}
+
 pub use crate::config::Threshold;
 
 pub struct Quarantine {
@@ -90,16 +126,32 @@ impl Quarantine {
             let device = std::str::from_utf8(&k)
                 .ok()
                 .and_then(|d| DeviceId::parse(d).ok());
-            let entry = serde_json::from_slice::<Entry>(&v).ok();
-            match (device, entry) {
-                (Some(d), Some(e)) => {
+            match (device, decode_entry(&v)) {
+                (Some(d), Ok(e)) => {
                     current.insert(d, e);
                 }
-                // An unreadable entry cannot be honoured or released by name: say so.
-                _ => tracing::error!(
+                // The device stays quarantined (fail closed) until someone releases it.
+                (Some(d), Err(error)) => {
+                    tracing::error!(
+                        event = "quarantine.unreadable_entry",
+                        device = %d,
+                        error,
+                        "unreadable quarantine entry: the device stays quarantined until released"
+                    );
+                    let reason = format!("quarantine entry unreadable ({error}); release to clear");
+                    current.insert(
+                        d,
+                        Entry {
+                            since_ms: 0,
+                            reason,
+                        },
+                    );
+                }
+                // Not a device's entry: it cannot be honoured or released by name.
+                (None, _) => tracing::error!(
                     event = "quarantine.unreadable_entry",
                     key = ?String::from_utf8_lossy(&k),
-                    "unreadable quarantine entry ignored"
+                    "quarantine entry under a key that is not a device id ignored"
                 ),
             }
         }
@@ -164,7 +216,11 @@ impl Quarantine {
             since_ms: crate::clock::now_ms(),
             reason: reason.to_owned(),
         };
-        let value = serde_json::to_vec(&entry).unwrap_or_default();
+        let stored = StoredEntry {
+            v: ENTRY_VERSION,
+            entry: &entry,
+        };
+        let value = serde_json::to_vec(&stored).unwrap_or_default();
         self.tree.insert(device.as_str(), value)?;
         self.db.flush()?;
         current.insert(device.clone(), entry);
@@ -266,5 +322,40 @@ mod tests {
             .unwrap()
             .reason(&d)
             .is_none());
+    }
+
+    #[test]
+    fn entries_of_the_previous_format_are_read_and_an_unreadable_one_stays_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_state(dir.path()).unwrap();
+        let tree = db.open_tree("quarantine").unwrap();
+        // As wardgate wrote them before entries carried a version.
+        tree.insert(
+            "pump-1",
+            &br#"{"since_ms":5,"reason":"3 ACL violations within 10m"}"#[..],
+        )
+        .unwrap();
+        tree.insert("pump-2", &br#"{"v":9,"since_ms":5,"reason":"x"}"#[..])
+            .unwrap();
+        tree.insert("pump-3", &b"\xff garbled"[..]).unwrap();
+        let q = Quarantine::open(&db, T, crate::events::Events::unaudited()).unwrap();
+        let one = q.entry(&DeviceId::parse("pump-1").unwrap()).unwrap();
+        assert_eq!(
+            (one.since_ms, one.reason.as_str()),
+            (5, "3 ACL violations within 10m")
+        );
+        for (d, why) in [
+            ("pump-2", "newer than this wardgate's 2"),
+            ("pump-3", "unreadable"),
+        ] {
+            let reason = q.reason(&DeviceId::parse(d).unwrap()).unwrap();
+            assert!(reason.contains(why), "{d}: {reason}");
+        }
+        // What this version writes, it reads.
+        let four = DeviceId::parse("pump-4").unwrap();
+        assert!(q.quarantine(&four, "by hand").unwrap());
+        let stored = tree.get("pump-4").unwrap().unwrap();
+        assert!(stored.starts_with(br#"{"v":2,"#), "{stored:?}");
+        assert_eq!(decode_entry(&stored).unwrap().reason, "by hand");
     }
 }

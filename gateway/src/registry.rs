@@ -67,6 +67,35 @@ enum Overlay {
     Removed,
 }
 
+/// Version of a stored overlay entry (tree `devices`, key = device id): 2 is
+/// `{"v":2,"overlay":…}`; 1, written before, was the bare overlay, and is still read.
+pub const OVERLAY_VERSION: u8 = 2;
+
+#[derive(Serialize)]
+struct StoredOverlay<'a> {
+    v: u8,
+    overlay: &'a Overlay,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReadOverlay {
+    Versioned { v: u8, overlay: Overlay },
+    V1(Overlay),
+}
+
+/// A stored overlay entry of this version or the one before.
+fn decode_overlay(bytes: &[u8]) -> Result<Overlay, String> {
+    match serde_json::from_slice::<ReadOverlay>(bytes) {
+        Ok(ReadOverlay::Versioned { v, overlay }) if v == OVERLAY_VERSION => Ok(overlay),
+        Ok(ReadOverlay::V1(overlay)) => Ok(overlay),
+        Ok(ReadOverlay::Versioned { v, .. }) => Err(format!(
+            "format version {v}, newer than this wardgate's {OVERLAY_VERSION}"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("device {0} is already registered")]
@@ -111,8 +140,9 @@ impl Registry {
             let id = std::str::from_utf8(&k)
                 .ok()
                 .and_then(|d| DeviceId::parse(d).ok());
-            let overlay = serde_json::from_slice::<Overlay>(&v).ok();
-            match (id, overlay) {
+            let overlay = decode_overlay(&v);
+            let why = overlay.as_ref().err().cloned().unwrap_or_default();
+            match (id, overlay.ok()) {
                 (Some(id), Some(Overlay::Removed)) => {
                     r.devices.remove(&id);
                 }
@@ -136,6 +166,7 @@ impl Registry {
                 _ => tracing::error!(
                     event = "registry.unreadable_entry",
                     key = ?String::from_utf8_lossy(&k),
+                    error = why,
                     "unreadable registry entry ignored"
                 ),
             }
@@ -192,7 +223,11 @@ impl Registry {
 
     fn persist(&self, device: &DeviceId, overlay: &Overlay) -> Result<(), RegistryError> {
         if let Some((db, tree)) = &self.store {
-            let value = serde_json::to_vec(overlay).unwrap_or_default();
+            let stored = StoredOverlay {
+                v: OVERLAY_VERSION,
+                overlay,
+            };
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
             tree.insert(device.as_str(), value)?;
             db.flush()?;
         }
@@ -280,5 +315,49 @@ mod tests {
         let got = r.get(&p2).unwrap();
         assert_eq!((got.address, got.source), (local, Source::Admin));
         assert!(r.grant(&p2).unwrap().acl.may_publish("ward/pump-2/x"));
+    }
+
+    #[test]
+    fn entries_of_the_previous_format_are_read_and_a_newer_one_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::quarantine::open_state(dir.path()).unwrap();
+        let tree = db.open_tree("devices").unwrap();
+        // As wardgate wrote them before entries carried a version.
+        tree.insert("pump-1", &br#""removed""#[..]).unwrap();
+        tree.insert(
+            "pump-7",
+            &br#"{"added":{"class":"pump","address":"127.0.0.7"}}"#[..],
+        )
+        .unwrap();
+        tree.insert(
+            "pump-8",
+            &br#"{"v":3,"overlay":{"added":{"class":"pump","address":"127.0.0.8"}}}"#[..],
+        )
+        .unwrap();
+        let r = Registry::open(&config(), &db).unwrap();
+        assert!(r.get(&DeviceId::parse("pump-1").unwrap()).is_none());
+        let seven = r.get(&DeviceId::parse("pump-7").unwrap()).unwrap();
+        assert_eq!(seven.address, "127.0.0.7".parse::<IpAddr>().unwrap());
+        assert!(r.get(&DeviceId::parse("pump-8").unwrap()).is_none());
+        assert!(decode_overlay(br#"{"v":3,"overlay":"removed"}"#)
+            .unwrap_err()
+            .contains("newer than this wardgate's 2"));
+        // What this version writes, it reads.
+        let mut r = r;
+        r.add(
+            &DeviceId::parse("pump-9").unwrap(),
+            "pump",
+            "127.0.0.9".parse().unwrap(),
+        )
+        .unwrap();
+        let stored = tree.get("pump-9").unwrap().unwrap();
+        assert!(stored.starts_with(br#"{"v":2,"overlay":"#), "{stored:?}");
+        assert_eq!(
+            decode_overlay(&stored).unwrap(),
+            Overlay::Added {
+                class: "pump".into(),
+                address: "127.0.0.9".parse().unwrap()
+            }
+        );
     }
 }
