@@ -341,7 +341,7 @@ impl Agent {
         let repo = update::load(&self.source(base)?)
             .await
             .map_err(|e| e.to_string())?;
-        crate::slots::write_atomic(&clock_floor, &format!("{now}\n"))
+        crate::files::write_atomic(&clock_floor, &format!("{now}\n"))
             .map_err(|e| format!("{}: {e}", clock_floor.display()))?;
         let hw = &self.cfg.appliance.hardware;
         let candidate: Candidate = match version {
@@ -394,7 +394,7 @@ impl Agent {
         // leave a pending update that looks as if the board had rebooted since.
         if let Some(id) = self.boot_id() {
             let path = self.path("installed-boot-id");
-            crate::slots::write_atomic(&path, &format!("{id}\n"))
+            crate::files::write_atomic(&path, &format!("{id}\n"))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
         let slot = self

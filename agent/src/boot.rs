@@ -217,7 +217,7 @@ impl RpiTryboot {
                 self.partition(slot)
             ));
         }
-        crate::slots::write_atomic(&self.autoboot, &text).map_err(|source| BootError::Io {
+        crate::files::write_atomic(&self.autoboot, &text).map_err(|source| BootError::Io {
             path: self.autoboot.clone(),
             source,
         })

@@ -9,12 +9,15 @@
 pub mod agent;
 pub mod boot;
 pub mod config;
+pub mod files;
 pub mod health;
 pub mod http;
+pub mod install;
 pub mod release;
 pub mod report;
 pub mod slots;
 pub mod update;
+pub mod version;
 pub mod window;
 
 /// Test-only crash points: with `WARDGATE_AGENT_CRASH_AT` naming this point, the process

@@ -147,7 +147,7 @@ impl Outbox {
             .and_then(|mut q| q.pop_front())
             .flatten();
         if let Some(end) = end {
-            if let Err(e) = crate::slots::write_atomic(&self.reported, &format!("{end}\n")) {
+            if let Err(e) = crate::files::write_atomic(&self.reported, &format!("{end}\n")) {
                 tracing::warn!(event = "update.journal_offset", path = %self.reported.display(), error = %e);
             }
         }

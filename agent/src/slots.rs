@@ -14,7 +14,8 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::update::Version;
+pub(crate) use crate::files::write_atomic;
+use crate::version::Version;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Slot {
@@ -124,31 +125,6 @@ pub fn power_on(state: BootState) -> (Slot, BootState) {
     }
 }
 
-/// Writes `text` to `path` atomically and durably: a power cut at any moment leaves the old
-/// content or the new, and once this returns, the new.
-pub(crate) fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    // On FAT (the boot partition) a rename over a file moves the new file's inode into the
-    // old one's directory entry and leaves that entry to the inode's writeback, some 30 s
-    // later: a directory fsync does not write it. Without this fsync of the file under its
-    // new name, a trial armed just before a power cut was lost (seen by the power-cut
-    // test on the QEMU image), and a commit would have been.
-    std::fs::File::open(path)?.sync_all()?;
-    if let Some(dir) = path.parent() {
-        // The rename itself must reach the disk.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
 /// The boot-partition state file backend.
 #[derive(Debug, Clone)]
 pub struct StateFile {
@@ -234,7 +210,7 @@ impl BootControl for StateFile {
 
 /// Zeroes the head of a slot (its first MiB, or all of a smaller file), where file systems
 /// and kernels keep their headers, so a half-written image cannot be mistaken for one.
-fn invalidate(path: &Path) -> std::io::Result<()> {
+pub(crate) fn invalidate(path: &Path) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom};
     let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
     let len = f.seek(SeekFrom::End(0))?.min(1 << 20);
@@ -573,7 +549,7 @@ pub struct Appliance<B: BootControl> {
 }
 
 impl<B: BootControl> Appliance<B> {
-    fn slot_path(&self, s: Slot) -> &Path {
+    pub(crate) fn slot_path(&self, s: Slot) -> &Path {
         match s {
             Slot::A => &self.slots[0],
             Slot::B => &self.slots[1],
@@ -608,16 +584,6 @@ impl<B: BootControl> Appliance<B> {
     /// Where an interrupted download's progress is kept (beside the record).
     pub fn download_path(&self) -> PathBuf {
         self.record.with_file_name("download.json")
-    }
-
-    /// Streams `candidate` into the slot that is not the default and asks for one trial boot
-    /// of it. Refused below the floor. A failed download invalidates the slot.
-    pub async fn install(
-        &mut self,
-        repo: &tough::Repository,
-        candidate: &crate::update::Candidate,
-    ) -> Result<Slot, String> {
-        self.install_with(repo, candidate, None).await
     }
 
     /// Rewrites a boot state that cannot be read (both copies of the state file garbled, an
@@ -695,68 +661,6 @@ impl<B: BootControl> Appliance<B> {
             ));
         }
         Ok(())
-    }
-
-    /// Like [`Appliance::install`], but a download interrupted by the network (not one
-    /// that failed verification) keeps what it wrote, and the next attempt at the same
-    /// bundle resumes from the last durable point through `fetcher` (the repository's
-    /// transport).
-    pub async fn install_resumable(
-        &mut self,
-        repo: &tough::Repository,
-        candidate: &crate::update::Candidate,
-        fetcher: &crate::http::Fetcher,
-    ) -> Result<Slot, String> {
-        self.install_with(repo, candidate, Some(fetcher)).await
-    }
-
-    async fn install_with(
-        &mut self,
-        repo: &tough::Repository,
-        candidate: &crate::update::Candidate,
-        fetcher: Option<&crate::http::Fetcher>,
-    ) -> Result<Slot, String> {
-        let floor = self.floor.get()?;
-        if candidate.version <= floor {
-            return Err(format!(
-                "version {} is not above the floor {floor} (rollback refused)",
-                candidate.version
-            ));
-        }
-        self.may_install()?;
-        let state = self.boot.state().map_err(|e| e.to_string())?;
-        let target = state.default.other();
-        let path = self.slot_path(target);
-        let progress = self.download_path();
-        let resume = fetcher.map(|fetcher| crate::update::Resume {
-            fetcher,
-            progress: &progress,
-        });
-        match crate::update::write_to_slot(repo, candidate, path, resume).await {
-            Ok(_) => {}
-            Err(e @ crate::update::UpdateError::Download(_)) if resume.is_some() => {
-                let kept = crate::update::Progress::load(&progress).map_or(0, |p| p.offset);
-                return Err(format!(
-                    "{e}; slot {target} keeps {kept} bytes, the next attempt resumes there"
-                ));
-            }
-            Err(e) => {
-                // Whatever landed is not the signed image: make sure nothing ever boots it
-                // (a later `rollback --force` included). The boot state was never touched.
-                let _ = std::fs::remove_file(&progress);
-                return Err(match invalidate(path) {
-                    Ok(()) => format!("{e}; slot {target} invalidated"),
-                    Err(ie) => format!("{e}; slot {target} could not be invalidated: {ie}"),
-                });
-            }
-        }
-        self.boot.try_once(target).map_err(|e| e.to_string())?;
-        crate::crash_point("trial-armed");
-        self.save(&Record::Pending {
-            version: candidate.version.to_string(),
-            slot: target,
-        })?;
-        Ok(target)
     }
 
     /// After a boot into `booted`: with a pending update, commit it if `health` is good,

@@ -17,57 +17,10 @@
 //!
 //! Tested by `agent/tests/update.rs` against repositories built by `wardgate-release`.
 
-use std::cmp::Ordering;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-/// A bundle version: dot-separated numbers, compared numerically ("1.10.0" > "1.9.2").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version(Vec<u64>);
-
-impl FromStr for Version {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Version, String> {
-        let parts: Result<Vec<u64>, _> = s.split('.').map(str::parse).collect();
-        match parts {
-            Ok(p) if !p.is_empty() => Ok(Version(p)),
-            _ => Err(format!(
-                "{s:?} is not a version (numbers separated by dots)"
-            )),
-        }
-    }
-}
-
-impl Ord for Version {
-    fn cmp(&self, other: &Self) -> Ordering {
-        let n = self.0.len().max(other.0.len());
-        for i in 0..n {
-            let (a, b) = (
-                self.0.get(i).copied().unwrap_or(0),
-                other.0.get(i).copied().unwrap_or(0),
-            );
-            match a.cmp(&b) {
-                Ordering::Equal => {}
-                o => return o,
-            }
-        }
-        Ordering::Equal
-    }
-}
-
-impl PartialOrd for Version {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&parts.join("."))
-    }
-}
+pub use crate::version::Version;
 
 /// Where updates come from, and what this appliance already trusts.
 #[derive(Debug, Clone)]
@@ -226,7 +179,7 @@ fn keep(datastore: &Path, kept: &Path) -> Result<(), UpdateError> {
         }
         let text = std::fs::read_to_string(&path).map_err(|e| err(&path, &e))?;
         let name = path.file_name().unwrap_or_default().to_owned();
-        crate::slots::write_atomic(&kept.join(&name), &text).map_err(|e| err(&path, &e))?;
+        crate::files::write_atomic(&kept.join(&name), &text).map_err(|e| err(&path, &e))?;
         names.insert(name);
     }
     for entry in std::fs::read_dir(kept).map_err(|e| err(kept, &e))? {
@@ -388,7 +341,7 @@ impl Progress {
 
     pub fn save(&self, path: &Path) -> Result<(), UpdateError> {
         let text = serde_json::to_string(self).map_err(|e| UpdateError::Slot(e.to_string()))?;
-        crate::slots::write_atomic(path, &text)
+        crate::files::write_atomic(path, &text)
             .map_err(|e| UpdateError::Slot(format!("{}: {e}", path.display())))
     }
 }
@@ -559,20 +512,4 @@ pub fn dir_url(dir: &Path) -> Result<url::Url, UpdateError> {
         .map_err(|e| UpdateError::Metadata(format!("{}: {e}", dir.display())))?;
     url::Url::from_directory_path(&abs)
         .map_err(|()| UpdateError::Metadata(format!("{} is not a directory", abs.display())))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions_compare_by_number() {
-        let v = |s: &str| s.parse::<Version>().unwrap();
-        assert!(v("1.10.0") > v("1.9.2"));
-        assert!(v("2") > v("1.99"));
-        assert_eq!(v("1.2"), v("1.2"));
-        assert_eq!(v("1.2").cmp(&v("1.2.0")), Ordering::Equal);
-        assert!("1.x".parse::<Version>().is_err());
-        assert!("".parse::<Version>().is_err());
-    }
 }
