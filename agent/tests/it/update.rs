@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::{Fleet, SIGNERS};
 use wardgate_agent::update::{self, Source, UpdateError, Version};

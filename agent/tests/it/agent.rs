@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
