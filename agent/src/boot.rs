@@ -11,7 +11,7 @@
 //!   `[tryboot]` partition only on a reboot asked for with `reboot "0 tryboot"` (the
 //!   agent's `reboot_command` on such boards), once — any later reset boots `[all]`.
 //!
-//! Tested by `agent/tests/boot.rs`: the U-Boot backend against the real `fw_printenv` /
+//! Tested by `agent/tests/it/boot.rs`: the U-Boot backend against the real `fw_printenv` /
 //! `fw_setenv` on a file-backed environment made by `mkenvimage`, the tryboot backend on a
 //! file.
 

@@ -22,7 +22,7 @@
 //! HTTPS trusts only the CA certificates of the configured file (by default the system
 //! bundle); TLS is the outer layer, TUF signatures are what make an update trustworthy.
 //!
-//! Tested by `agent/tests/http.rs` against a local server started by the test.
+//! Tested by `agent/tests/it/http.rs` against a local server started by the test.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;

@@ -15,8 +15,8 @@
 //! client finds a target at the same `targets/SHA256.NAME`; metadata times are whole
 //! seconds, as the specification writes them. Keys are Ed25519 PKCS#8 files, mode 0600.
 //!
-//! Tested by `agent/tests/release.rs`, which builds repositories with this tool and loads
-//! them with tough's client, as the agent will, and by `agent/tests/python_tuf.rs`, where
+//! Tested by `agent/tests/it/release.rs`, which builds repositories with this tool and loads
+//! them with tough's client, as the agent will, and by `agent/tests/it/python_tuf.rs`, where
 //! python-tuf's client (an independent implementation) reads and downloads them.
 
 use std::collections::HashMap;

@@ -15,7 +15,7 @@
 //! that the agent refuses a bundle for other hardware and any version at or below its
 //! persistent version floor (rollback of software).
 //!
-//! Tested by `agent/tests/update.rs` against repositories built by `wardgate-release`.
+//! Tested by `agent/tests/it/update.rs` against repositories built by `wardgate-release`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
