@@ -22,7 +22,7 @@ use crate::http::Fetcher;
 use crate::slots::{Appliance, BootControl, Floor, Record, Slot};
 use crate::update::{self, Candidate, Source, Version};
 
-pub use crate::report::{CheckNow, Event, COMMAND_TOPIC, STATUS_TOPIC};
+pub use crate::report::{CheckNow, Report, COMMAND_TOPIC, STATUS_TOPIC};
 use crate::report::{Reporter, JOURNAL};
 pub use crate::window::{minute_of_day, minutes_to_window};
 
@@ -92,7 +92,7 @@ impl Agent {
         slot: Option<Slot>,
         detail: &str,
     ) {
-        let e = Event {
+        let e = Report {
             time: now(),
             event: event.to_owned(),
             version: version.map(str::to_owned),
@@ -115,9 +115,9 @@ impl Agent {
     }
 
     /// The journal's last `n` events.
-    pub fn journal(&self, n: usize) -> Vec<Event> {
+    pub fn journal(&self, n: usize) -> Vec<Report> {
         let text = std::fs::read_to_string(self.path(JOURNAL)).unwrap_or_default();
-        let all: Vec<Event> = text
+        let all: Vec<Report> = text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();

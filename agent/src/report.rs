@@ -7,38 +7,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::slots::Slot;
-
-/// The local topic the agent reports on (the gateway forwards and audits it).
-pub const STATUS_TOPIC: &str = "_gateway/update/status";
-/// The local topic of "check now" commands (from upstream, through the gateway).
-pub const COMMAND_TOPIC: &str = "_gateway/cmd/update";
+pub use wardgate_proto::{CheckNow, Report, COMMAND_TOPIC, STATUS_TOPIC};
 /// Every step, one JSON object a line, in `state_dir`.
 pub(crate) const JOURNAL: &str = "journal.jsonl";
 /// How far into the journal the broker has acknowledged (a byte offset), in `state_dir`.
 const REPORTED: &str = "journal.reported";
-
-/// One step of the update cycle, as journalled and reported.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Event {
-    pub time: String,
-    pub event: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub slot: Option<Slot>,
-    pub detail: String,
-}
-
-/// A "check now" command: `{"now": true}` also reboots at once, outside the window.
-#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
-pub struct CheckNow {
-    #[serde(default)]
-    pub now: bool,
-}
 
 /// Appends `line` to the journal at `path` and makes it durable; returns the journal's
 /// length after it (the line's end offset), or `None` if it could not be written.
@@ -130,7 +105,7 @@ impl Outbox {
             // A line cut short by a power cut is not a report.
             if piece.ends_with(b"\n") {
                 let text = String::from_utf8_lossy(&piece[..piece.len() - 1]).into_owned();
-                if serde_json::from_str::<Event>(&text).is_ok() {
+                if serde_json::from_str::<Report>(&text).is_ok() {
                     out.push((text, at as u64));
                 }
             }
@@ -303,7 +278,7 @@ mod tests {
     fn the_outbox_is_what_follows_the_acknowledged_offset_without_a_line_cut_short() {
         let dir = tempfile::tempdir().unwrap();
         let line = |event: &str| {
-            serde_json::to_string(&Event {
+            serde_json::to_string(&Report {
                 time: crate::agent::now(),
                 event: event.into(),
                 version: None,

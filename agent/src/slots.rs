@@ -17,37 +17,8 @@ use std::path::{Path, PathBuf};
 pub(crate) use crate::files::write_atomic;
 use crate::version::Version;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-
-    fn parse(s: &str) -> Option<Slot> {
-        match s {
-            "A" => Some(Slot::A),
-            "B" => Some(Slot::B),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        })
-    }
-}
+/// The appliance's two root slots (named alike in the reports the gateway relays).
+pub use wardgate_proto::Slot;
 
 /// What the boot loader will do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,26 +22,12 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Events;
 use crate::ingest::Ingest;
 
-/// Where the agent reports, on the embedded broker.
-pub const STATUS_TOPIC: &str = "_gateway/update/status";
-/// Where the agent takes "check now" commands, on the embedded broker.
-pub const COMMAND_TOPIC: &str = "_gateway/cmd/update";
+use wardgate_proto::{Report, MAX_REPORT};
+pub use wardgate_proto::{COMMAND_TOPIC, STATUS_TOPIC};
+
 /// The stream topic; the uplink maps it to `…/_gateway/update`.
 pub const UPDATE_TOPIC: &str = "update";
-const MAX_REPORT: usize = 64 * 1024;
 const CLIENT_ID: &str = "_wardgate-updates";
-/// Steps that are security decisions (and so audited).
-const AUDITED: [&str; 7] = [
-    "installed",
-    "committed",
-    "rolled_back",
-    "refused",
-    "rebooting",
-    // An unreadable boot state rewritten from the agent's update record.
-    "boot_state_repaired",
-    // Trusted metadata forgotten and re-verified after the clock ran ahead.
-    "clock_recovered",
-];
 
 /// Relays the agent's reports until `shutdown`.
 pub fn run(
@@ -68,31 +54,34 @@ pub fn run(
 
 /// One report: audited if it is a decision, and queued for upstream.
 fn relay(ingest: &Ingest, events: &Events, payload: &[u8]) {
-    let parsed: Option<serde_json::Value> = (payload.len() <= MAX_REPORT)
-        .then(|| serde_json::from_slice(payload).ok())
-        .flatten();
-    let Some(event) = parsed
-        .as_ref()
-        .and_then(|v| v.get("event"))
-        .and_then(|e| e.as_str())
-        .map(str::to_owned)
-    else {
-        let why = if payload.len() > MAX_REPORT {
-            format!("{} bytes, above {MAX_REPORT}", payload.len())
-        } else {
-            "not a JSON object with an \"event\"".to_owned()
-        };
-        events.update_report_refused(&why);
-        return;
+    let report = if payload.len() > MAX_REPORT {
+        Err(format!("{} bytes, above {MAX_REPORT}", payload.len()))
+    } else {
+        serde_json::from_slice::<Report>(payload)
+            .map_err(|e| format!("not an update report (a JSON object with an \"event\"): {e}"))
     };
-    let v = parsed.unwrap_or_default();
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
+    let report = match report {
+        Ok(r) => r,
+        Err(why) => {
+            events.update_report_refused(&why);
+            return;
+        }
+    };
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
     events.update_reported(
-        &event,
-        &field("version"),
-        &field("slot"),
-        &field("detail"),
-        AUDITED.contains(&event.as_str()),
+        &report.event,
+        &or_dash(report.version.as_deref().unwrap_or_default()),
+        &report
+            .slot
+            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        &or_dash(&report.detail),
+        report.is_audited(),
     );
     let payload = bytes::Bytes::copy_from_slice(payload);
     if let Err(e) = ingest.own(UPDATE_TOPIC, payload, crate::clock::now_ms()) {
