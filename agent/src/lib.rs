@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod boot;
 pub mod config;
+pub mod exit;
 pub mod files;
 pub mod health;
 pub mod http;

@@ -2,7 +2,7 @@
 //!
 //! rumqttd's `Broker::start` blocks and owns its runtimes, so it runs on a named thread.
 //! If that thread ever returns (rumqttd could not bind, or crashed), the process exits with
-//! [`BROKER_DIED_EXIT`] and systemd restarts it: a gateway without its broker must not keep
+//! [`crate::exit::BROKER_DIED`] and systemd restarts it: a gateway without its broker must not keep
 //! accepting devices.
 //!
 //! Port 0 in the configuration means "pick a free loopback port": the port is reserved by
@@ -35,8 +35,6 @@ use tokio::net::TcpStream;
 use crate::config::BrokerConfig;
 use crate::mqtt;
 
-/// Exit status when the embedded broker stops (EX_SOFTWARE).
-pub const BROKER_DIED_EXIT: i32 = 70;
 /// How long the broker may take to answer its first CONNECT.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 /// The probe's client id cannot collide with a device: device ids start alphanumeric.
@@ -223,7 +221,7 @@ pub async fn start(
                 result = ?result,
                 "embedded broker stopped; exiting so that the service manager restarts wardgate"
             );
-            std::process::exit(BROKER_DIED_EXIT);
+            std::process::exit(i32::from(crate::exit::BROKER_DIED));
         })
         .map_err(BrokerError::Thread)?;
     wait_ready(addr, &login).await?;

@@ -1,14 +1,6 @@
 //! The command line.
 //!
-//! Exit codes:
-//!
-//! | code | meaning                                                        |
-//! |------|----------------------------------------------------------------|
-//! | 0    | success                                                        |
-//! | 1    | runtime failure (a file, a port, a certificate)                |
-//! | 2    | bad command-line usage                                         |
-//! | 70   | the embedded broker stopped ([`crate::broker::BROKER_DIED_EXIT`]) |
-//! | 78   | the configuration is invalid (EX_CONFIG); every error is printed |
+//! Exit codes: the table in [`crate::exit`].
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -26,7 +18,7 @@ use crate::config::{Config, ConfigError};
 use crate::device::DeviceId;
 use crate::pki::{self, PkiDir};
 
-pub const EXIT_CONFIG: u8 = 78;
+pub use crate::exit::CONFIG as EXIT_CONFIG;
 pub const DEFAULT_CONFIG: &str = "/etc/wardgate/wardgate.toml";
 
 #[derive(Debug, Parser)]

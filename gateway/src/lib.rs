@@ -17,6 +17,7 @@ pub mod demo;
 pub mod device;
 pub mod edge;
 pub mod events;
+pub mod exit;
 pub mod firewall;
 pub mod fsutil;
 pub mod ingest;

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("wardgate-agent: {e}");
-            return ExitCode::from(78);
+            return ExitCode::from(wardgate_agent::exit::CONFIG);
         }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
