@@ -3,7 +3,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0 | success (for `check` and `install`: installed, or nothing newer to install) |
-//! | 1 | a failure, said on stderr: a refused or failed update, a trial not decided, I/O |
+//! | 1 | a failure, said on stderr: a refused or failed update, a command that cannot be carried out |
 //! | 2 | a usage error (clap) |
 //! | 78 | an invalid configuration (`EX_CONFIG`) |
 
