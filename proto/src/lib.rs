@@ -117,6 +117,9 @@ mod tests {
         let bare: Report = serde_json::from_str(r#"{"event":"started"}"#).expect("lenient");
         assert!(!bare.is_audited() && bare.slot.is_none());
         assert!(serde_json::from_str::<Report>(r#"{"version":"1"}"#).is_err());
+        // A field of the wrong shape is refused, not shown as something else.
+        assert!(serde_json::from_str::<Report>(r#"{"event":"installed","slot":"C"}"#).is_err());
+        assert!(serde_json::from_str::<Report>(r#"{"event":"installed","version":1}"#).is_err());
     }
 
     #[test]
