@@ -12,18 +12,21 @@
 //! names the gateway's broker, published on `_gateway/update/status`, which the gateway
 //! audits and forwards upstream. Commands arrive on `_gateway/cmd/update`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+pub use crate::error::AgentError;
+use crate::files::FileError;
 use crate::http::Fetcher;
-use crate::slots::{Appliance, BootControl, Floor, Record, Slot};
+use crate::report::Reporter;
+use crate::slots::{Appliance, BootControl, Floor, Record, Slot, SlotError};
+use crate::state::StateDir;
+use crate::trial::{self, Facts, Health, Pending, Plan};
 use crate::update::{self, Candidate, Source, Version};
 
 pub use crate::report::{CheckNow, Report, COMMAND_TOPIC, STATUS_TOPIC};
-use crate::report::{Reporter, JOURNAL};
 pub use crate::window::{minute_of_day, minutes_to_window};
 
 /// What a check did.
@@ -39,6 +42,7 @@ pub type Boot = Box<dyn BootControl + Send>;
 pub struct Agent {
     pub cfg: Config,
     pub appliance: Appliance<Boot>,
+    state: StateDir,
     fetcher: Fetcher,
     reporter: Option<Reporter>,
 }
@@ -50,17 +54,17 @@ pub(crate) fn now() -> String {
 impl Agent {
     /// An agent for `cfg`; with `commands`, "check now" commands from the broker are sent
     /// there.
-    pub fn new(cfg: Config, commands: Option<mpsc::Sender<CheckNow>>) -> Result<Agent, String> {
-        let dir = &cfg.appliance.state_dir;
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    pub fn new(cfg: Config, commands: Option<mpsc::Sender<CheckNow>>) -> Result<Agent, AgentError> {
+        let state = StateDir::new(&cfg.appliance.state_dir);
+        state.create()?;
         let appliance = Appliance {
             slots: cfg.appliance.slots.clone(),
             boot: crate::boot::open(&cfg.boot),
             floor: Floor {
-                path: dir.join("floor"),
+                path: state.floor(),
                 factory: Some(cfg.appliance.version_file.clone()),
             },
-            record: dir.join("update.json"),
+            state: state.clone(),
         };
         let fetcher = Fetcher::new(
             cfg.repository.limits.clone(),
@@ -69,17 +73,14 @@ impl Agent {
         let reporter = cfg
             .report
             .broker
-            .map(|b| Reporter::start(b, &cfg.report, commands, dir));
+            .map(|b| Reporter::start(b, &cfg.report, commands, &state));
         Ok(Agent {
             cfg,
             appliance,
+            state,
             fetcher,
             reporter,
         })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.cfg.appliance.state_dir.join(name)
     }
 
     /// Journals and reports one step. The journal is the reports' outbox: a step the broker
@@ -101,7 +102,7 @@ impl Agent {
         };
         tracing::info!(event = format!("update.{event}").as_str(), version, slot = ?slot, detail, "update");
         let line = serde_json::to_string(&e).unwrap_or_default();
-        let end = crate::report::append(&self.path(JOURNAL), &line);
+        let end = crate::report::append(&self.state.journal(), &line);
         if let Some(r) = &self.reporter {
             r.publish(line, end).await;
         }
@@ -116,7 +117,7 @@ impl Agent {
 
     /// The journal's last `n` events.
     pub fn journal(&self, n: usize) -> Vec<Report> {
-        let text = std::fs::read_to_string(self.path(JOURNAL)).unwrap_or_default();
+        let text = std::fs::read_to_string(self.state.journal()).unwrap_or_default();
         let all: Vec<Report> = text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -125,48 +126,65 @@ impl Agent {
     }
 
     /// The slot the boot loader says it booted: `wardgate.slot=A|B` on the kernel command line.
-    pub fn booted_slot(&self) -> Result<Slot, String> {
+    pub fn booted_slot(&self) -> Result<Slot, AgentError> {
         let path = &self.cfg.appliance.cmdline;
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(FileError::at(path))?;
+        let why = |why: String| AgentError::Cmdline {
+            path: path.clone(),
+            why,
+        };
         for word in text.split_whitespace() {
             match word.strip_prefix("wardgate.slot=") {
                 Some("A") => return Ok(Slot::A),
                 Some("B") => return Ok(Slot::B),
-                Some(other) => {
-                    return Err(format!(
-                        "{}: wardgate.slot={other} is not A or B",
-                        path.display()
-                    ))
-                }
+                Some(other) => return Err(why(format!("wardgate.slot={other} is not A or B"))),
                 None => {}
             }
         }
-        Err(format!(
-            "{}: the boot loader did not name the booted slot (wardgate.slot=A|B)",
-            path.display()
+        Err(why(
+            "the boot loader did not name the booted slot (wardgate.slot=A|B)".into(),
         ))
     }
 
-    fn source(&self, base: &url::Url) -> Result<Source, String> {
-        let join = |p: &str| base.join(p).map_err(|e| format!("{base}: {e}"));
+    fn source(&self, base: &url::Url) -> Result<Source, AgentError> {
+        let join = |p: &str| {
+            base.join(p).map_err(|source| AgentError::Url {
+                base: base.clone(),
+                source,
+            })
+        };
         Ok(Source {
             metadata_url: join("metadata/")?,
             targets_url: join("targets/")?,
             trusted_root: self.cfg.repository.trusted_root.clone(),
-            datastore: self.path("datastore"),
+            datastore: self.state.datastore(),
             fetcher: self.fetcher.clone(),
         })
     }
 
-    /// The first step after a boot (see the module docs). Returns the record written, if a
-    /// pending update was decided; a rollback of a running trial reboots.
-    pub async fn after_boot(&mut self) -> Result<Option<Record>, String> {
+    /// The first step after a boot (see the module docs and [`trial`]). Returns the record
+    /// written, if a pending update was decided; a rollback of a running trial reboots.
+    pub async fn after_boot(&mut self) -> Result<Option<Record>, AgentError> {
         let repaired = self.repair_boot_state().await?;
-        let Some(Record::Pending { version, slot }) = self.appliance.last() else {
-            // A trial armed with no record of its install (a crash between the two): the
-            // install never finished, so the trial is disarmed rather than left to boot
-            // an unjudged slot.
-            if let Some(slot) = self.appliance.disarm_unrecorded_trial()? {
+        let pending = match self.appliance.last() {
+            Some(Record::Pending { version, slot }) => Some(Pending {
+                version,
+                slot,
+                booted: self.booted_slot()?,
+                rebooted_since_install: self.rebooted_since_install(),
+            }),
+            _ => None,
+        };
+        let booted = pending.as_ref().map(|p| p.booted);
+        let facts = Facts {
+            boot: self.appliance.boot.state().map_err(SlotError::from)?,
+            pending,
+            repaired,
+        };
+        let verdict = match trial::decide(facts) {
+            Plan::Idle | Plan::AwaitReboot => return Ok(None),
+            Plan::Disarm { slot } => {
+                self.appliance.boot.abandon().map_err(SlotError::from)?;
                 self.report(
                     "error",
                     None,
@@ -174,40 +192,28 @@ impl Agent {
                     &format!("a trial of slot {slot} was armed but its install not recorded (a crash); disarmed"),
                 )
                 .await;
+                return Ok(None);
             }
-            return Ok(None);
-        };
-        let booted = self.booted_slot()?;
-        if booted != slot && !self.rebooted_since_install() {
-            // Installed, the reboot into it not yet done (waiting for a window): still pending.
-            return Ok(None);
-        }
-        let health = if booted == slot {
-            self.report(
-                "health_check",
-                Some(&version),
-                Some(slot),
-                "trial boot; checking health",
-            )
-            .await;
-            crate::health::until_deadline(&self.cfg.health, &self.fetcher).await
-        } else {
-            Ok(())
-        };
-        let mut record = self.appliance.after_boot(booted, health)?;
-        if let (Some(Record::RolledBack { reason, slot, .. }), Some(why)) = (&mut record, &repaired)
-        {
-            // The trial never had its boot: what the slot holds does not matter.
-            *reason = format!(
-                "slot {slot} was never tried: the boot loader could not read its state, so \
-                 slot {booted} booted ({why})"
-            );
-            if let Some(r) = &record {
-                self.appliance.save(r)?;
+            Plan::Settle(v) => v,
+            Plan::CheckHealth { version, slot } => {
+                self.report(
+                    "health_check",
+                    Some(&version),
+                    Some(slot),
+                    "trial boot; checking health",
+                )
+                .await;
+                let health =
+                    match crate::health::until_deadline(&self.cfg.health, &self.fetcher).await {
+                        Ok(()) => Health::Good,
+                        Err(e) => Health::Failed(e.to_string()),
+                    };
+                trial::verdict(version, slot, health)
             }
-        }
+        };
+        let record = self.appliance.settle(verdict)?;
         match &record {
-            Some(Record::Committed { version, slot }) => {
+            Record::Committed { version, slot } => {
                 self.report(
                     "committed",
                     Some(version),
@@ -216,26 +222,26 @@ impl Agent {
                 )
                 .await;
             }
-            Some(Record::RolledBack {
+            Record::RolledBack {
                 version,
                 slot,
                 reason,
-            }) => {
+            } => {
                 self.report("rolled_back", Some(version), Some(*slot), reason)
                     .await;
-                if booted == *slot {
+                if booted == Some(*slot) {
                     // Running untested software: back to the old slot at once.
                     self.reboot().await?;
                 }
             }
-            _ => {}
+            Record::Pending { .. } => {}
         }
-        Ok(record)
+        Ok(Some(record))
     }
 
     /// Rewrites an unreadable boot state from the update record
     /// ([`Appliance::repair_boot_state`]) and reports it; returns why it was rewritten.
-    async fn repair_boot_state(&mut self) -> Result<Option<String>, String> {
+    async fn repair_boot_state(&mut self) -> Result<Option<String>, AgentError> {
         if self.appliance.boot.state().is_ok() {
             return Ok(None);
         }
@@ -270,7 +276,7 @@ impl Agent {
         &mut self,
         base: Option<url::Url>,
         version: Option<&str>,
-    ) -> Result<Outcome, String> {
+    ) -> Result<Outcome, AgentError> {
         let base = base.unwrap_or_else(|| self.cfg.repository.url.clone());
         let result = self.check_inner(&base, version).await;
         let detail = match &result {
@@ -278,10 +284,10 @@ impl Agent {
             Ok(Outcome::Installed { version, slot }) => {
                 format!("bundle {version} written to slot {slot}; one trial boot armed")
             }
-            Err(e) => e.clone(),
+            Err(e) => e.to_string(),
         };
         let _ = std::fs::write(
-            self.path("last-check.json"),
+            self.state.last_check(),
             serde_json::json!({"time": now(), "repository": base.as_str(), "result": detail})
                 .to_string(),
         );
@@ -291,7 +297,7 @@ impl Agent {
                 self.report("installed", Some(version), Some(*slot), &detail)
                     .await
             }
-            Err(e) => self.report("refused", None, None, e).await,
+            Err(_) => self.report("refused", None, None, &detail).await,
         }
         result
     }
@@ -300,13 +306,13 @@ impl Agent {
         &mut self,
         base: &url::Url,
         version: Option<&str>,
-    ) -> Result<Outcome, String> {
+    ) -> Result<Outcome, AgentError> {
         let floor = self.appliance.floor.get()?;
         self.appliance.may_install()?;
         // TUF's expiry checks trust the clock. A board without a battery-backed clock can
         // boot with a stale time and would take expired (frozen) metadata for fresh: the
         // clock must not be behind the last repository this agent trusted.
-        let clock_floor = self.path("clock-floor");
+        let clock_floor = self.state.clock_floor();
         let now = jiff::Timestamp::now();
         if let Some(last) = std::fs::read_to_string(&clock_floor)
             .ok()
@@ -314,17 +320,12 @@ impl Agent {
         {
             if now < last {
                 if !self.cfg.appliance.clock_synchronized.exists() {
-                    return Err(format!(
-                        "the system clock ({now}) is behind the last trusted check ({last}); \
-                         refusing to judge metadata expiry until the time is set (NTP)"
-                    ));
+                    return Err(AgentError::ClockBehind { now, last });
                 }
                 // NTP has set the clock: the earlier check ran with a clock ahead. Forget
                 // what that clock stamped and re-verify from the trusted root.
-                update::forget_time(&self.path("datastore")).and_then(|()| {
-                    std::fs::remove_file(&clock_floor)
-                        .map_err(|e| format!("{}: {e}", clock_floor.display()))
-                })?;
+                update::forget_time(&self.state.datastore())?;
+                std::fs::remove_file(&clock_floor).map_err(FileError::at(&clock_floor))?;
                 self.report(
                     "clock_recovered",
                     None,
@@ -338,49 +339,47 @@ impl Agent {
                 .await;
             }
         }
-        let repo = update::load(&self.source(base)?)
-            .await
-            .map_err(|e| e.to_string())?;
+        let repo = update::load(&self.source(base)?).await?;
         crate::files::write_atomic(&clock_floor, &format!("{now}\n"))
-            .map_err(|e| format!("{}: {e}", clock_floor.display()))?;
+            .map_err(FileError::at(&clock_floor))?;
         let hw = &self.cfg.appliance.hardware;
         let candidate: Candidate = match version {
-            Some(v) => update::select(&repo, v, hw, &floor).map_err(|e| e.to_string())?,
+            Some(v) => update::select(&repo, v, hw, &floor)?,
             // A version that failed its trial is not retried by itself (nor anything older):
             // only a newer bundle, or an install by hand.
-            None => match update::newest(&repo, hw, &self.automatic_floor(&floor))
-                .map_err(|e| e.to_string())?
-            {
+            None => match update::newest(&repo, hw, &self.automatic_floor(&floor))? {
                 Some(c) => c,
                 None => return Ok(Outcome::UpToDate),
             },
         };
         if candidate.length > self.cfg.repository.max_bundle_bytes {
-            return Err(format!(
-                "bundle {} is {} bytes, above max_bundle_bytes {}",
-                candidate.version, candidate.length, self.cfg.repository.max_bundle_bytes
-            ));
+            return Err(AgentError::TooLarge {
+                version: candidate.version,
+                length: candidate.length,
+                max: self.cfg.repository.max_bundle_bytes,
+            });
         }
-        let state = self.appliance.boot.state().map_err(|e| e.to_string())?;
+        let state = self.appliance.boot.state().map_err(SlotError::from)?;
         let target = state.default.other();
         // The slot written is never the one running: if the board runs the slot that is
         // not its default (a fallback, a forced boot), nothing is installed until that is
         // resolved.
         let booted = self.booted_slot()?;
         if booted == target {
-            return Err(format!(
-                "slot {booted} is running but slot {} is the default: refusing to write the \
-                 running slot",
-                state.default
-            ));
+            return Err(AgentError::RunningSlot {
+                booted,
+                default: state.default,
+            });
         }
         let capacity = slot_capacity(&self.appliance.slots[target as usize])?;
-        if let Some(cap) = capacity {
-            if candidate.length > cap {
-                return Err(format!(
-                    "bundle {} is {} bytes; slot {target} holds {cap}",
-                    candidate.version, candidate.length
-                ));
+        if let Some(capacity) = capacity {
+            if candidate.length > capacity {
+                return Err(AgentError::SlotTooSmall {
+                    version: candidate.version,
+                    length: candidate.length,
+                    slot: target,
+                    capacity,
+                });
             }
         }
         self.report(
@@ -393,9 +392,8 @@ impl Agent {
         // This boot's id before the trial is armed: a crash right after arming must not
         // leave a pending update that looks as if the board had rebooted since.
         if let Some(id) = self.boot_id() {
-            let path = self.path("installed-boot-id");
-            crate::files::write_atomic(&path, &format!("{id}\n"))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let path = self.state.installed_boot_id();
+            crate::files::write_atomic(&path, &format!("{id}\n")).map_err(FileError::at(&path))?;
         }
         let slot = self
             .appliance
@@ -425,19 +423,23 @@ impl Agent {
     }
 
     /// Runs the reboot command.
-    pub async fn reboot(&self) -> Result<(), String> {
+    pub async fn reboot(&self) -> Result<(), AgentError> {
         let argv = &self.cfg.appliance.reboot_command;
         self.report("rebooting", None, None, &format!("{argv:?}"))
             .await;
         self.flush_reports(Duration::from_secs(2)).await;
-        let (prog, args) = argv.split_first().ok_or("empty reboot command")?;
+        let (prog, args) = argv.split_first().ok_or(AgentError::EmptyReboot)?;
+        let failed = |why: String| AgentError::Reboot {
+            argv: argv.clone(),
+            why,
+        };
         let status = tokio::process::Command::new(prog)
             .args(args)
             .status()
             .await
-            .map_err(|e| format!("reboot command {argv:?}: {e}"))?;
+            .map_err(|e| failed(e.to_string()))?;
         if !status.success() {
-            return Err(format!("reboot command {argv:?}: {status}"));
+            return Err(failed(status.to_string()));
         }
         Ok(())
     }
@@ -465,7 +467,7 @@ impl Agent {
     /// had its chance, whatever the boot loader's state says (the Raspberry Pi's
     /// `autoboot.txt`, for one, keeps its `[tryboot]` section after a failed tryboot).
     fn rebooted_since_install(&self) -> bool {
-        let at_install = std::fs::read_to_string(self.path("installed-boot-id")).ok();
+        let at_install = std::fs::read_to_string(self.state.installed_boot_id()).ok();
         match (at_install, self.boot_id()) {
             (Some(then), Some(now)) => then.trim() != now,
             // Without a record of the boot, assume it happened: a trial is never retried blind.
@@ -474,20 +476,16 @@ impl Agent {
     }
 
     /// Commits the running trial by hand (after checking it some other way).
-    pub async fn mark_good(&mut self) -> Result<Record, String> {
+    pub async fn mark_good(&mut self) -> Result<Record, AgentError> {
         let booted = self.booted_slot()?;
         match self.appliance.last() {
             Some(Record::Pending { slot, .. }) if slot == booted => {}
-            _ => {
-                return Err(format!(
-                    "slot {booted} is not on trial: nothing to mark good"
-                ))
-            }
+            _ => return Err(AgentError::NotOnTrial(booted)),
         }
         let r = self
             .appliance
-            .after_boot(booted, Ok(()))?
-            .ok_or("no pending update")?;
+            .after_boot(booted, Health::Good)?
+            .ok_or(AgentError::NotOnTrial(booted))?;
         if let Record::Committed { version, slot } = &r {
             self.report(
                 "committed",
@@ -502,11 +500,11 @@ impl Agent {
 
     /// Rolls back by hand: cancels an update waiting for its reboot, ends a running trial
     /// (and reboots), or — with `force` — makes the other slot the default (and reboots).
-    pub async fn rollback(&mut self, force: bool) -> Result<String, String> {
+    pub async fn rollback(&mut self, force: bool) -> Result<String, AgentError> {
         let booted = self.booted_slot()?;
         match self.appliance.last() {
             Some(Record::Pending { version, slot }) if slot != booted => {
-                self.appliance.boot.abandon().map_err(|e| e.to_string())?;
+                self.appliance.boot.abandon().map_err(SlotError::from)?;
                 let r = Record::RolledBack {
                     version: version.clone(),
                     slot,
@@ -524,7 +522,7 @@ impl Agent {
             }
             Some(Record::Pending { version, slot }) => {
                 let reason = "ended by hand during its trial";
-                self.appliance.boot.abandon().map_err(|e| e.to_string())?;
+                self.appliance.boot.abandon().map_err(SlotError::from)?;
                 self.appliance.save(&Record::RolledBack {
                     version: version.clone(),
                     slot,
@@ -543,27 +541,25 @@ impl Agent {
                 let other_path = &self.appliance.slots[other as usize];
                 match crate::slots::is_invalidated(other_path) {
                     Ok(false) => {}
-                    Ok(true) => {
-                        return Err(format!(
-                            "slot {other} was invalidated (a download that failed \
-                             verification) or is empty; it cannot be booted"
-                        ))
+                    Ok(true) => return Err(AgentError::Invalidated(other)),
+                    Err(source) => {
+                        return Err(AgentError::SlotUnreadable {
+                            path: other_path.clone(),
+                            source,
+                        })
                     }
-                    Err(e) => return Err(format!("slot {other} ({}): {e}", other_path.display())),
                 }
-                if let Some(p) = update::Progress::load(&self.appliance.download_path()) {
+                if let Some(p) = update::Progress::load(&self.state.download()) {
                     if p.slot == self.appliance.slots[other as usize] {
-                        return Err(format!(
-                            "slot {other} holds an unfinished download of {} ({} of {} bytes); \
-                             it cannot be booted",
-                            p.target, p.offset, p.length
-                        ));
+                        return Err(AgentError::UnfinishedDownload {
+                            slot: other,
+                            target: p.target,
+                            offset: p.offset,
+                            length: p.length,
+                        });
                     }
                 }
-                self.appliance
-                    .boot
-                    .commit(other)
-                    .map_err(|e| e.to_string())?;
+                self.appliance.boot.commit(other).map_err(SlotError::from)?;
                 let version = match self.appliance.last() {
                     Some(Record::Committed { version, .. }) => version,
                     _ => "unknown".into(),
@@ -584,24 +580,20 @@ impl Agent {
                 self.reboot().await?;
                 Ok(format!("slot {other} is the default; rebooting"))
             }
-            _ => Err(format!(
-                "slot {booted} is committed and no update is pending; `rollback --force` makes \
-                 slot {} the default, whatever it holds",
-                booted.other()
-            )),
+            _ => Err(AgentError::NothingToRollBack(booted)),
         }
     }
 
     /// Everything `wardgate-agent status` shows.
     pub fn status(&self) -> serde_json::Value {
         let boot = self.appliance.boot.state();
-        let last_check: Option<serde_json::Value> = std::fs::read(self.path("last-check.json"))
+        let last_check: Option<serde_json::Value> = std::fs::read(self.state.last_check())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         serde_json::json!({
             "hardware": self.cfg.appliance.hardware,
             "repository": self.cfg.repository.url.as_str(),
-            "booted_slot": self.booted_slot().map(|s| s.to_string()).unwrap_or_else(|e| e),
+            "booted_slot": self.booted_slot().map_or_else(|e| e.to_string(), |s| s.to_string()),
             "boot": match boot {
                 Ok(s) => serde_json::json!({
                     "default": s.default,
@@ -609,7 +601,7 @@ impl Agent {
                 }),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },
-            "version_floor": self.appliance.floor.get().map(|v| v.to_string()).unwrap_or_else(|e| e),
+            "version_floor": self.appliance.floor.get().map_or_else(|e| e.to_string(), |v| v.to_string()),
             "last_update": self.appliance.last(),
             "awaiting_reboot": self.awaiting_reboot().map(|(v, s)| serde_json::json!({"version": v, "slot": s})),
             "maintenance_windows": self.cfg.maintenance.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -632,14 +624,16 @@ impl Agent {
 }
 
 /// The size of a slot (a block device's or a file's); `None` for a file that may grow.
-fn slot_capacity(path: &std::path::Path) -> Result<Option<u64>, String> {
+fn slot_capacity(path: &std::path::Path) -> Result<Option<u64>, AgentError> {
     use std::io::{Seek, SeekFrom};
-    let meta = std::fs::metadata(path).map_err(|e| format!("slot {}: {e}", path.display()))?;
+    let unreadable = |source| AgentError::SlotUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
     if meta.is_file() {
         return Ok(None);
     }
-    let mut f = std::fs::File::open(path).map_err(|e| format!("slot {}: {e}", path.display()))?;
-    f.seek(SeekFrom::End(0))
-        .map(Some)
-        .map_err(|e| format!("slot {}: {e}", path.display()))
+    let mut f = std::fs::File::open(path).map_err(unreadable)?;
+    f.seek(SeekFrom::End(0)).map(Some).map_err(unreadable)
 }

@@ -217,19 +217,22 @@ pub struct Window {
     pub end: u32,
 }
 
+/// Text that is not a maintenance window.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not HH:MM-HH:MM (UTC) with start ≠ end")]
+pub struct NotAWindow(pub String);
+
 impl Window {
-    pub fn parse(s: &str) -> Result<Window, String> {
+    pub fn parse(s: &str) -> Result<Window, NotAWindow> {
         let hm = |t: &str| -> Option<u32> {
             let (h, m) = t.trim().split_once(':')?;
             let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
             (h < 24 && m < 60).then_some(h * 60 + m)
         };
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?} is not HH:MM-HH:MM"))?;
+        let (a, b) = s.split_once('-').ok_or_else(|| NotAWindow(s.to_owned()))?;
         match (hm(a), hm(b)) {
             (Some(start), Some(end)) if start != end => Ok(Window { start, end }),
-            _ => Err(format!("{s:?} is not HH:MM-HH:MM (UTC) with start ≠ end")),
+            _ => Err(NotAWindow(s.to_owned())),
         }
     }
 

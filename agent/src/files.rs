@@ -2,7 +2,26 @@
 //! or the new.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A file the agent could not read or write, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct FileError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl FileError {
+    /// For `map_err`: the error of an operation on `path`.
+    pub fn at(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+        move |source| FileError {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
 
 /// Writes `text` to `path` atomically and durably: a power cut at any moment leaves the old
 /// content or the new, and once this returns, the new.

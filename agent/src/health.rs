@@ -13,11 +13,71 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::config::Health;
-use crate::http::Fetcher;
+use crate::http::{Fetcher, HttpError};
+
+/// How a check's command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("empty command")]
+    Empty,
+    #[error("{prog}: {source}")]
+    Spawn {
+        prog: String,
+        source: std::io::Error,
+    },
+    #[error("did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Wait(std::io::Error),
+    /// Its exit status, and the last 200 characters of what it wrote to stderr.
+    #[error("{status}{}", if tail.is_empty() { String::new() } else { format!(": {tail}") })]
+    Failed {
+        status: std::process::ExitStatus,
+        tail: String,
+    },
+}
+
+/// Which check failed, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("{url} answered {status}, not 200")]
+    Status {
+        url: url::Url,
+        status: hyper::StatusCode,
+    },
+    #[error("{url}: {source}")]
+    Http { url: url::Url, source: HttpError },
+    #[error("{url}: no answer within {timeout:?}")]
+    NoAnswer { url: url::Url, timeout: Duration },
+    /// `state`: what systemd says of it (empty if it cannot say).
+    #[error("unit {unit} is not active ({source}{state})")]
+    Unit {
+        unit: String,
+        source: CommandError,
+        state: String,
+    },
+    #[error("nft table {family} {table} is not loaded ({source})")]
+    Nft {
+        family: String,
+        table: String,
+        source: CommandError,
+    },
+    #[error("command {argv:?} failed: {source}")]
+    Command {
+        argv: Vec<String>,
+        source: CommandError,
+    },
+    /// The last round's failure, at the deadline.
+    #[error("{last} (still failing after {deadline:?})")]
+    Deadline {
+        last: Box<HealthError>,
+        deadline: Duration,
+    },
+}
 
 /// Runs `argv` with a timeout; `Err` says how it failed.
-async fn run(argv: &[String], timeout: Duration) -> Result<(), String> {
-    let (prog, args) = argv.split_first().ok_or("empty command")?;
+async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError> {
+    let (prog, args) = argv.split_first().ok_or(CommandError::Empty)?;
     let child = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
@@ -25,11 +85,14 @@ async fn run(argv: &[String], timeout: Duration) -> Result<(), String> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("{prog}: {e}"))?;
+        .map_err(|source| CommandError::Spawn {
+            prog: prog.clone(),
+            source,
+        })?;
     let out = tokio::time::timeout(timeout, child.wait_with_output())
         .await
-        .map_err(|_| format!("did not finish within {timeout:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| CommandError::Timeout(timeout))?
+        .map_err(CommandError::Wait)?;
     if out.status.success() {
         Ok(())
     } else {
@@ -37,11 +100,9 @@ async fn run(argv: &[String], timeout: Duration) -> Result<(), String> {
         let err = err.trim();
         // Its last 200 characters: where a failing command says why.
         let start = err.char_indices().rev().nth(199).map_or(0, |(i, _)| i);
-        let tail = &err[start..];
-        Err(if tail.is_empty() {
-            out.status.to_string()
-        } else {
-            format!("{}: {tail}", out.status)
+        Err(CommandError::Failed {
+            status: out.status,
+            tail: err[start..].to_owned(),
         })
     }
 }
@@ -82,40 +143,49 @@ async fn unit_state(unit: &str, timeout: Duration) -> String {
 }
 
 /// One round of every check.
-pub async fn round(h: &Health, fetcher: &Fetcher, timeout: Duration) -> Result<(), String> {
+pub async fn round(h: &Health, fetcher: &Fetcher, timeout: Duration) -> Result<(), HealthError> {
     for u in &h.http {
+        let url = u.clone();
         match tokio::time::timeout(timeout, fetcher.status(u)).await {
             Ok(Ok(s)) if s == hyper::StatusCode::OK => {}
-            Ok(Ok(s)) => return Err(format!("{u} answered {s}, not 200")),
-            Ok(Err(e)) => return Err(format!("{u}: {e}")),
-            Err(_) => return Err(format!("{u}: no answer within {timeout:?}")),
+            Ok(Ok(status)) => return Err(HealthError::Status { url, status }),
+            Ok(Err(source)) => return Err(HealthError::Http { url, source }),
+            Err(_) => return Err(HealthError::NoAnswer { url, timeout }),
         }
     }
     for unit in &h.units {
         let argv = ["systemctl", "is-active", "--quiet", unit.as_str()].map(String::from);
-        if let Err(e) = run(&argv, timeout).await {
-            return Err(format!(
-                "unit {unit} is not active ({e}{})",
-                unit_state(unit, timeout).await
-            ));
+        if let Err(source) = run(&argv, timeout).await {
+            return Err(HealthError::Unit {
+                unit: unit.clone(),
+                source,
+                state: unit_state(unit, timeout).await,
+            });
         }
     }
     for (family, table) in &h.nft_tables {
         let argv = ["nft", "list", "table", family.as_str(), table.as_str()].map(String::from);
         run(&argv, timeout)
             .await
-            .map_err(|e| format!("nft table {family} {table} is not loaded ({e})"))?;
+            .map_err(|source| HealthError::Nft {
+                family: family.clone(),
+                table: table.clone(),
+                source,
+            })?;
     }
     for argv in &h.commands {
         run(argv, timeout)
             .await
-            .map_err(|e| format!("command {argv:?} failed: {e}"))?;
+            .map_err(|source| HealthError::Command {
+                argv: argv.clone(),
+                source,
+            })?;
     }
     Ok(())
 }
 
 /// Rounds until one passes or the deadline passes; `Err` is the last round's failure.
-pub async fn until_deadline(h: &Health, fetcher: &Fetcher) -> Result<(), String> {
+pub async fn until_deadline(h: &Health, fetcher: &Fetcher) -> Result<(), HealthError> {
     let deadline = Instant::now() + h.deadline;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -123,7 +193,10 @@ pub async fn until_deadline(h: &Health, fetcher: &Fetcher) -> Result<(), String>
         match result {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() + h.retry >= deadline => {
-                return Err(format!("{e} (still failing after {:?})", h.deadline))
+                return Err(HealthError::Deadline {
+                    last: Box::new(e),
+                    deadline: h.deadline,
+                })
             }
             Err(e) => {
                 tracing::info!(event = "health.retry", reason = %e, "health check not passed yet");

@@ -111,6 +111,35 @@ pub enum HttpError {
     TooLarge { announced: u64, cap: u64 },
     #[error("bad URL: {0}")]
     Url(String),
+    #[error(
+        "slow retrieval: {bytes} bytes in {window:?}, below the floor of {floor} bytes/s \
+         ({delivered} bytes delivered in all); abandoned"
+    )]
+    Slow {
+        bytes: u64,
+        window: Duration,
+        floor: u64,
+        delivered: u64,
+    },
+    #[error("more than the cap of {0} bytes; cut off")]
+    CutOff(u64),
+    #[error(
+        "connection broken ({broken}) after {delivered} bytes; gave up after {resumes} resumes"
+    )]
+    GaveUp {
+        broken: String,
+        delivered: u64,
+        resumes: u32,
+    },
+    #[error("resume asked for byte {asked} and the server sent range {sent:?}")]
+    WrongRange { asked: u64, sent: Option<u64> },
+    #[error("resuming from {}: {source}", path.display())]
+    Prefix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("resuming from {}: it ended {left} bytes short", path.display())]
+    PrefixShort { path: PathBuf, left: u64 },
 }
 
 impl Fetcher {
@@ -352,7 +381,7 @@ impl Fetcher {
         tx: &mpsc::Sender<Result<Bytes, TransportError>>,
         start: u64,
         mut skip: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), HttpError> {
         let l = &self.limits;
         // Bytes of the target delivered so far, a prefix from the slot included.
         let mut delivered = start;
@@ -369,11 +398,12 @@ impl Fetcher {
             let frame = tokio::time::timeout_at(deadline, resp.body_mut().frame()).await;
             if Instant::now() >= deadline {
                 if window_bytes < floor {
-                    return Err(format!(
-                        "slow retrieval: {window_bytes} bytes in {:?}, below the floor of {} bytes/s \
-                         ({delivered} bytes delivered in all); abandoned",
-                        l.low_speed_window, l.low_speed_bytes_per_sec
-                    ));
+                    return Err(HttpError::Slow {
+                        bytes: window_bytes,
+                        window: l.low_speed_window,
+                        floor: l.low_speed_bytes_per_sec,
+                        delivered,
+                    });
                 }
                 window_start = Instant::now();
                 window_bytes = 0;
@@ -393,10 +423,7 @@ impl Fetcher {
                     window_bytes += data.len() as u64;
                     delivered += data.len() as u64;
                     if delivered > l.max_bytes {
-                        return Err(format!(
-                            "more than the cap of {} bytes; cut off",
-                            l.max_bytes
-                        ));
+                        return Err(HttpError::CutOff(l.max_bytes));
                     }
                     if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
                         return Ok(()); // tough stopped reading
@@ -408,10 +435,11 @@ impl Fetcher {
             // The connection broke mid-body: ask for the rest.
             loop {
                 if resumes >= l.max_resumes {
-                    return Err(format!(
-                        "connection broken ({broken}) after {delivered} bytes; gave up after \
-                         {resumes} resumes"
-                    ));
+                    return Err(HttpError::GaveUp {
+                        broken,
+                        delivered,
+                        resumes,
+                    });
                 }
                 let backoff = l.resume_backoff * 2u32.saturating_pow(resumes);
                 resumes += 1;
@@ -426,15 +454,15 @@ impl Fetcher {
                 tokio::time::sleep(backoff).await;
                 match self.request(url, delivered).await {
                     Ok(r) => {
-                        self.check_head(&r).map_err(|e| e.to_string())?;
+                        self.check_head(&r)?;
                         skip = match r.status() {
                             StatusCode::PARTIAL_CONTENT => {
                                 let start = content_range_start(&r);
                                 if start != Some(delivered) {
-                                    return Err(format!(
-                                        "resume asked for byte {delivered} and the server sent \
-                                         range {start:?}"
-                                    ));
+                                    return Err(HttpError::WrongRange {
+                                        asked: delivered,
+                                        sent: start,
+                                    });
                                 }
                                 0
                             }
@@ -489,24 +517,23 @@ fn transport_error(
 async fn send_prefix(
     p: &Prefix,
     tx: &mpsc::Sender<Result<Bytes, TransportError>>,
-) -> Result<(), String> {
+) -> Result<(), HttpError> {
     use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(&p.file)
-        .await
-        .map_err(|e| format!("resuming from {}: {e}", p.file.display()))?;
+    let at = |source| HttpError::Prefix {
+        path: p.file.clone(),
+        source,
+    };
+    let mut f = tokio::fs::File::open(&p.file).await.map_err(at)?;
     let mut left = p.len;
     let mut buf = vec![0u8; 256 * 1024];
     while left > 0 {
         let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = f
-            .read(&mut buf[..want])
-            .await
-            .map_err(|e| format!("resuming from {}: {e}", p.file.display()))?;
+        let n = f.read(&mut buf[..want]).await.map_err(at)?;
         if n == 0 {
-            return Err(format!(
-                "resuming from {}: it ended {left} bytes short",
-                p.file.display()
-            ));
+            return Err(HttpError::PrefixShort {
+                path: p.file.clone(),
+                left,
+            });
         }
         left -= n as u64;
         if tx

@@ -3,8 +3,34 @@
 //! the floor and while a trial awaits its verdict; a download that fails verification
 //! invalidates the slot, one cut by the network resumes where it stopped.
 
-use crate::slots::{invalidate, Appliance, BootControl, Record, Slot};
+use crate::slots::{invalidate, Appliance, BootControl, Record, Slot, SlotError};
 use crate::update::{write_to_slot, Candidate, Progress, Resume, UpdateError};
+use crate::version::Version;
+
+/// Why an install did not happen, or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Slots(#[from] SlotError),
+    #[error("version {version} is not above the floor {floor} (rollback refused)")]
+    BelowFloor { version: Version, floor: Version },
+    /// Cut by the network: what was written stays, for the next attempt.
+    #[error("{source}; slot {slot} keeps {kept} bytes, the next attempt resumes there")]
+    Interrupted {
+        source: UpdateError,
+        slot: Slot,
+        kept: u64,
+    },
+    /// Not the signed image: the slot's head was zeroed so nothing ever boots it.
+    #[error("{source}; slot {slot} invalidated")]
+    Invalidated { source: UpdateError, slot: Slot },
+    #[error("{source}; slot {slot} could not be invalidated: {error}")]
+    NotInvalidated {
+        source: UpdateError,
+        slot: Slot,
+        error: std::io::Error,
+    },
+}
 
 impl<B: BootControl> Appliance<B> {
     /// Streams `candidate` into the slot that is not the default and asks for one trial boot
@@ -13,7 +39,7 @@ impl<B: BootControl> Appliance<B> {
         &mut self,
         repo: &tough::Repository,
         candidate: &Candidate,
-    ) -> Result<Slot, String> {
+    ) -> Result<Slot, InstallError> {
         self.install_with(repo, candidate, None).await
     }
 
@@ -26,7 +52,7 @@ impl<B: BootControl> Appliance<B> {
         repo: &tough::Repository,
         candidate: &Candidate,
         fetcher: &crate::http::Fetcher,
-    ) -> Result<Slot, String> {
+    ) -> Result<Slot, InstallError> {
         self.install_with(repo, candidate, Some(fetcher)).await
     }
 
@@ -35,16 +61,16 @@ impl<B: BootControl> Appliance<B> {
         repo: &tough::Repository,
         candidate: &Candidate,
         fetcher: Option<&crate::http::Fetcher>,
-    ) -> Result<Slot, String> {
+    ) -> Result<Slot, InstallError> {
         let floor = self.floor.get()?;
         if candidate.version <= floor {
-            return Err(format!(
-                "version {} is not above the floor {floor} (rollback refused)",
-                candidate.version
-            ));
+            return Err(InstallError::BelowFloor {
+                version: candidate.version.clone(),
+                floor,
+            });
         }
         self.may_install()?;
-        let state = self.boot.state().map_err(|e| e.to_string())?;
+        let state = self.boot.state().map_err(SlotError::from)?;
         let target = state.default.other();
         let path = self.slot_path(target);
         let progress = self.download_path();
@@ -54,23 +80,32 @@ impl<B: BootControl> Appliance<B> {
         });
         match write_to_slot(repo, candidate, path, resume).await {
             Ok(_) => {}
-            Err(e @ UpdateError::Download(_)) if resume.is_some() => {
+            Err(source @ UpdateError::Download(_)) if resume.is_some() => {
                 let kept = Progress::load(&progress).map_or(0, |p| p.offset);
-                return Err(format!(
-                    "{e}; slot {target} keeps {kept} bytes, the next attempt resumes there"
-                ));
+                return Err(InstallError::Interrupted {
+                    source,
+                    slot: target,
+                    kept,
+                });
             }
-            Err(e) => {
+            Err(source) => {
                 // Whatever landed is not the signed image: make sure nothing ever boots it
                 // (a later `rollback --force` included). The boot state was never touched.
                 let _ = std::fs::remove_file(&progress);
                 return Err(match invalidate(path) {
-                    Ok(()) => format!("{e}; slot {target} invalidated"),
-                    Err(ie) => format!("{e}; slot {target} could not be invalidated: {ie}"),
+                    Ok(()) => InstallError::Invalidated {
+                        source,
+                        slot: target,
+                    },
+                    Err(error) => InstallError::NotInvalidated {
+                        source,
+                        slot: target,
+                        error,
+                    },
                 });
             }
         }
-        self.boot.try_once(target).map_err(|e| e.to_string())?;
+        self.boot.try_once(target).map_err(SlotError::from)?;
         crate::crash_point("trial-armed");
         self.save(&Record::Pending {
             version: candidate.version.to_string(),

@@ -1,22 +1,25 @@
-//! wardgate-agent: the over-the-air update agent and the fleet manager's release tool.
+//! wardgate-agent: the over-the-air update agent on the appliance.
 //!
-//! [`release`] is the repository side (`wardgate-release`); the rest is the agent on the
-//! appliance (`wardgate-agent`): [`update`] chooses a bundle through TUF over [`http`],
-//! [`slots`] and [`boot`] install it into the inactive slot and drive the boot loader,
-//! [`health`] decides whether a new slot stays, [`agent`] ties them to a configuration
-//! ([`config`]), [`report`] journals and reports each step, [`window`] times the reboot.
+//! The fleet manager's release tool, `wardgate-release`, is a binary of this package
+//! (`src/bin/release/`) and not part of the library. The agent (`wardgate-agent`): [`update`] chooses a bundle through TUF over [`http`],
+//! [`slots`], [`install`] and [`boot`] install it into the inactive slot and drive the boot
+//! loader, [`health`] checks a new slot and [`trial`] decides whether it stays, [`agent`]
+//! ties them to a configuration ([`config`]) and its state directory ([`state`]),
+//! [`report`] journals and reports each step, [`window`] times the reboot.
 
 pub mod agent;
 pub mod boot;
 pub mod config;
+pub mod error;
 pub mod exit;
 pub mod files;
 pub mod health;
 pub mod http;
 pub mod install;
-pub mod release;
 pub mod report;
 pub mod slots;
+pub mod state;
+pub mod trial;
 pub mod update;
 pub mod version;
 pub mod window;

@@ -9,11 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::state::StateDir;
 pub use wardgate_proto::{CheckNow, Report, COMMAND_TOPIC, STATUS_TOPIC};
-/// Every step, one JSON object a line, in `state_dir`.
-pub(crate) const JOURNAL: &str = "journal.jsonl";
-/// How far into the journal the broker has acknowledged (a byte offset), in `state_dir`.
-const REPORTED: &str = "journal.reported";
 
 /// Appends `line` to the journal at `path` and makes it durable; returns the journal's
 /// length after it (the line's end offset), or `None` if it could not be written.
@@ -86,11 +83,11 @@ impl Outbox {
     /// The journal's lines after the acknowledged offset, each with its end offset. A board
     /// without a readable offset file (a fresh one, one from before it existed, or one whose
     /// file is garbled) starts at the journal's end: old history is not sent again.
-    fn backlog(dir: &Path) -> Vec<(String, u64)> {
-        let journal = std::fs::read(dir.join(JOURNAL)).unwrap_or_default();
+    fn backlog(dir: &StateDir) -> Vec<(String, u64)> {
+        let journal = std::fs::read(dir.journal()).unwrap_or_default();
         // An offset file that cannot be read or parsed is treated as missing: the whole
         // history is never sent again because of a garbled file.
-        let from = std::fs::read_to_string(dir.join(REPORTED))
+        let from = std::fs::read_to_string(dir.reported())
             .ok()
             .and_then(|t| t.trim().parse::<usize>().ok())
             .unwrap_or(journal.len());
@@ -134,7 +131,7 @@ impl Reporter {
         broker: std::net::SocketAddr,
         report: &crate::config::Report,
         commands: Option<mpsc::Sender<CheckNow>>,
-        state_dir: &Path,
+        state_dir: &StateDir,
     ) -> Reporter {
         // `run` has the configured id; a command by hand beside it (`check`, `status`, …)
         // adds its pid, so the broker never hands it `run`'s session (a takeover would drop
@@ -154,7 +151,7 @@ impl Reporter {
         let outbox = commands.is_some().then(|| Outbox {
             ends: Default::default(),
             order: Default::default(),
-            reported: state_dir.join(REPORTED),
+            reported: state_dir.reported(),
         });
         let on_ack = outbox.clone();
         tokio::spawn(async move {
@@ -276,7 +273,8 @@ mod tests {
 
     #[test]
     fn the_outbox_is_what_follows_the_acknowledged_offset_without_a_line_cut_short() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
         let line = |event: &str| {
             serde_json::to_string(&Report {
                 time: crate::agent::now(),
@@ -290,29 +288,25 @@ mod tests {
         };
         let (a, b, c) = (line("started"), line("health_check"), line("rolled_back"));
         let journal = format!("{a}{b}{c}{{\"time\":\"20");
-        std::fs::write(dir.path().join(JOURNAL), &journal).unwrap();
+        std::fs::write(dir.journal(), &journal).unwrap();
         // No offset yet (a fresh board, or one from before the outbox): history stays.
-        assert!(Outbox::backlog(dir.path()).is_empty());
-        std::fs::write(dir.path().join(REPORTED), "garbled\n").unwrap();
+        assert!(Outbox::backlog(&dir).is_empty());
+        std::fs::write(dir.reported(), "garbled\n").unwrap();
         assert!(
-            Outbox::backlog(dir.path()).is_empty(),
+            Outbox::backlog(&dir).is_empty(),
             "a garbled offset resends nothing"
         );
-        std::fs::write(dir.path().join(REPORTED), format!("{}\n", a.len())).unwrap();
-        let got = Outbox::backlog(dir.path());
+        std::fs::write(dir.reported(), format!("{}\n", a.len())).unwrap();
+        let got = Outbox::backlog(&dir);
         let ends: Vec<u64> = got.iter().map(|(_, e)| *e).collect();
         assert_eq!(
             ends,
             [a.len() + b.len(), a.len() + b.len() + c.len()].map(|n| n as u64)
         );
         assert_eq!(got[1].0, c.trim_end());
-        std::fs::write(
-            dir.path().join(REPORTED),
-            format!("{}\n", journal.len() + 1),
-        )
-        .unwrap();
+        std::fs::write(dir.reported(), format!("{}\n", journal.len() + 1)).unwrap();
         assert!(
-            Outbox::backlog(dir.path()).is_empty(),
+            Outbox::backlog(&dir).is_empty(),
             "a replaced journal is not guessed at"
         );
     }

@@ -15,7 +15,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub(crate) use crate::files::write_atomic;
-use crate::version::Version;
+use crate::files::FileError;
+use crate::state::StateDir;
+use crate::version::{NotAVersion, Version};
 
 /// The appliance's two root slots (named alike in the reports the gateway relays).
 pub use wardgate_proto::Slot;
@@ -38,6 +40,36 @@ pub enum BootError {
     },
     #[error("boot state {path}: line {line:?} is not understood")]
     Corrupt { path: PathBuf, line: String },
+}
+
+/// Why the slots, the floor or the record could not be read, written or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{}: {source}", path.display())]
+    Floor { path: PathBuf, source: NotAVersion },
+    #[error("the update record's version: {0}")]
+    Version(#[from] NotAVersion),
+    #[error("update record: {0}")]
+    Encode(serde_json::Error),
+    #[error("{unreadable}; rewriting it as default={default} failed: {source}")]
+    Repair {
+        unreadable: BootError,
+        default: Slot,
+        source: BootError,
+    },
+    #[error(
+        "slot {slot} is armed for a trial boot: no install until it is committed or rolled back"
+    )]
+    TrialArmed { slot: Slot },
+    #[error(
+        "update {version} in slot {slot} awaits its trial's verdict: no install until it is \
+         committed or rolled back"
+    )]
+    AwaitsVerdict { version: String, slot: Slot },
 }
 
 pub trait BootControl: fmt::Debug {
@@ -234,16 +266,19 @@ pub struct Floor {
 impl Floor {
     /// The floor: the highest committed version, and at least the factory image's; "0"
     /// with neither.
-    pub fn get(&self) -> Result<Version, String> {
-        let read = |path: &Path| -> Result<Option<Version>, String> {
+    pub fn get(&self) -> Result<Version, SlotError> {
+        let read = |path: &Path| -> Result<Option<Version>, SlotError> {
             match std::fs::read_to_string(path) {
                 Ok(t) => t
                     .trim()
                     .parse()
                     .map(Some)
-                    .map_err(|e| format!("{}: {e}", path.display())),
+                    .map_err(|source| SlotError::Floor {
+                        path: path.to_owned(),
+                        source,
+                    }),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(format!("{}: {e}", path.display())),
+                Err(e) => Err(FileError::at(path)(e).into()),
             }
         };
         let committed = read(&self.path)?;
@@ -253,17 +288,17 @@ impl Floor {
         };
         match committed.max(factory) {
             Some(v) => Ok(v),
-            None => "0".parse(),
+            None => Ok("0".parse()?),
         }
     }
 
     /// Raises the floor to `v` (never lowers it).
-    pub fn raise(&self, v: &Version) -> Result<(), String> {
+    pub fn raise(&self, v: &Version) -> Result<(), SlotError> {
         if &self.get()? >= v {
             return Ok(());
         }
-        write_atomic(&self.path, &format!("{v}\n"))
-            .map_err(|e| format!("{}: {e}", self.path.display()))
+        write_atomic(&self.path, &format!("{v}\n")).map_err(FileError::at(&self.path))?;
+        Ok(())
     }
 }
 
@@ -342,7 +377,7 @@ mod tests {
                 path: dir.path().join("floor"),
                 factory: None,
             },
-            record: dir.path().join("update.json"),
+            state: StateDir::new(dir.path()),
         };
         let garble = || {
             std::fs::write(dir.path().join("boot.txt"), "default=?\n").unwrap();
@@ -436,6 +471,7 @@ mod tests {
         let newer = br#"{"v":3,"state":"committed","version":"1.2.0","slot":"B"}"#;
         assert!(decode_record(newer)
             .unwrap_err()
+            .to_string()
             .contains("newer than this agent's 2"));
         // What this version writes, it reads; the previous version's reader (no `v`
         // field known) reads it too.
@@ -498,25 +534,32 @@ fn version_1() -> u8 {
     1
 }
 
+/// Why a record file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("format version {0}, newer than this agent's {RECORD_VERSION}")]
+    Newer(u8),
+}
+
 /// A record file of this version or the one before.
-pub fn decode_record(bytes: &[u8]) -> Result<Record, String> {
-    let read: ReadRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+pub fn decode_record(bytes: &[u8]) -> Result<Record, RecordError> {
+    let read: ReadRecord = serde_json::from_slice(bytes)?;
     if read.v > RECORD_VERSION {
-        return Err(format!(
-            "format version {}, newer than this agent's {RECORD_VERSION}",
-            read.v
-        ));
+        return Err(RecordError::Newer(read.v));
     }
     Ok(read.record)
 }
 
-/// One appliance's update state: its two slots, boot control, floor and record.
+/// One appliance's update state: its two slots, boot control, floor, and the state
+/// directory that holds its record.
 #[derive(Debug)]
 pub struct Appliance<B: BootControl> {
     pub slots: [PathBuf; 2],
     pub boot: B,
     pub floor: Floor,
-    pub record: PathBuf,
+    pub state: StateDir,
 }
 
 impl<B: BootControl> Appliance<B> {
@@ -530,31 +573,34 @@ impl<B: BootControl> Appliance<B> {
     /// The last record, if there is one this agent can read (an unreadable one is
     /// logged and taken as none).
     pub fn last(&self) -> Option<Record> {
-        let bytes = std::fs::read(&self.record).ok()?;
+        let path = self.state.record();
+        let bytes = std::fs::read(&path).ok()?;
         decode_record(&bytes)
             .map_err(|e| {
                 tracing::error!(
                     event = "agent.record_unreadable",
-                    path = %self.record.display(),
-                    error = e,
+                    path = %path.display(),
+                    error = %e,
                     "update record unreadable; taken as none"
                 );
             })
             .ok()
     }
 
-    pub fn save(&self, r: &Record) -> Result<(), String> {
+    pub fn save(&self, r: &Record) -> Result<(), SlotError> {
         let stored = StoredRecord {
             v: RECORD_VERSION,
             record: r,
         };
-        let text = serde_json::to_string(&stored).map_err(|e| e.to_string())?;
-        write_atomic(&self.record, &text).map_err(|e| format!("{}: {e}", self.record.display()))
+        let text = serde_json::to_string(&stored).map_err(SlotError::Encode)?;
+        let path = self.state.record();
+        write_atomic(&path, &text).map_err(FileError::at(&path))?;
+        Ok(())
     }
 
-    /// Where an interrupted download's progress is kept (beside the record).
+    /// Where an interrupted download's progress is kept.
     pub fn download_path(&self) -> PathBuf {
-        self.record.with_file_name("download.json")
+        self.state.download()
     }
 
     /// Rewrites a boot state that cannot be read (both copies of the state file garbled, an
@@ -566,7 +612,7 @@ impl<B: BootControl> Appliance<B> {
     pub fn repair_boot_state(
         &mut self,
         booted: Slot,
-    ) -> Result<Option<(BootState, String)>, String> {
+    ) -> Result<Option<(BootState, String)>, SlotError> {
         let unreadable = match self.boot.state() {
             Ok(_) => return Ok(None),
             Err(e) => e,
@@ -593,9 +639,13 @@ impl<B: BootControl> Appliance<B> {
             default,
             trial: None,
         };
-        self.boot
-            .set(s)
-            .map_err(|e| format!("{unreadable}; rewriting it as default={default} failed: {e}"))?;
+        if let Err(source) = self.boot.set(s) {
+            return Err(SlotError::Repair {
+                unreadable,
+                default,
+                source,
+            });
+        }
         Ok(Some((
             s,
             format!("{unreadable}; rewritten as default={default} ({from})"),
@@ -604,83 +654,16 @@ impl<B: BootControl> Appliance<B> {
 
     /// Disarms a trial the boot loader holds when no pending install is recorded (a crash
     /// between arming it and saving the record); returns its slot.
-    pub fn disarm_unrecorded_trial(&mut self) -> Result<Option<Slot>, String> {
-        if matches!(self.last(), Some(Record::Pending { .. })) {
-            return Ok(None);
-        }
-        let Some((slot, _)) = self.boot.state().map_err(|e| e.to_string())?.trial else {
-            return Ok(None);
-        };
-        self.boot.abandon().map_err(|e| e.to_string())?;
-        Ok(Some(slot))
-    }
-
     /// Whether an install may start: never while a trial is undecided, since the slot that
     /// is not the default may then be the one running on trial or armed to boot next, and
     /// the default is the fallback.
-    pub fn may_install(&self) -> Result<(), String> {
-        if let Some((slot, _)) = self.boot.state().map_err(|e| e.to_string())?.trial {
-            return Err(format!(
-                "slot {slot} is armed for a trial boot: no install until it is committed or \
-                 rolled back"
-            ));
+    pub fn may_install(&self) -> Result<(), SlotError> {
+        if let Some((slot, _)) = self.boot.state()?.trial {
+            return Err(SlotError::TrialArmed { slot });
         }
         if let Some(Record::Pending { version, slot }) = self.last() {
-            return Err(format!(
-                "update {version} in slot {slot} awaits its trial's verdict: no install until \
-                 it is committed or rolled back"
-            ));
+            return Err(SlotError::AwaitsVerdict { version, slot });
         }
         Ok(())
-    }
-
-    /// After a boot into `booted`: with a pending update, commit it if `health` is good,
-    /// otherwise abandon it and record why. Returns the record written, if any.
-    pub fn after_boot(
-        &mut self,
-        booted: Slot,
-        health: Result<(), String>,
-    ) -> Result<Option<Record>, String> {
-        let Some(Record::Pending { version, slot }) = self.last() else {
-            return Ok(None);
-        };
-        let state = self.boot.state().map_err(|e| e.to_string())?;
-        let record = if booted == slot && state.default == slot && state.trial.is_none() {
-            // Committed to the boot loader before a crash kept the record from saying so
-            // (only a commit makes the trial's slot the default): finish that commit, never
-            // judge the slot again and "roll back" while it stays the default.
-            self.floor.raise(&version.parse()?)?;
-            Record::Committed { version, slot }
-        } else if booted != slot {
-            self.boot.abandon().map_err(|e| e.to_string())?;
-            Record::RolledBack {
-                version,
-                slot,
-                reason: format!(
-                    "slot {slot} did not come up; slot {booted} booted instead ({})",
-                    what_a_slot_holds(self.slot_path(slot))
-                ),
-            }
-        } else {
-            match health {
-                Ok(()) => {
-                    self.boot.commit(slot).map_err(|e| e.to_string())?;
-                    crate::crash_point("boot-committed");
-                    self.floor.raise(&version.parse()?)?;
-                    crate::crash_point("floor-raised");
-                    Record::Committed { version, slot }
-                }
-                Err(reason) => {
-                    self.boot.abandon().map_err(|e| e.to_string())?;
-                    Record::RolledBack {
-                        version,
-                        slot,
-                        reason: format!("health check failed: {reason}"),
-                    }
-                }
-            }
-        };
-        self.save(&record)?;
-        Ok(Some(record))
     }
 }

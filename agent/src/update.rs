@@ -101,7 +101,7 @@ pub async fn load(source: &Source) -> Result<tough::Repository, UpdateError> {
 /// Forgets what a clock that ran ahead stamped: tough's latest known time, and the trusted
 /// timestamp, snapshot and targets (the next load re-verifies them from the trusted root,
 /// which is kept), in the datastore and its kept copy.
-pub fn forget_time(datastore: &Path) -> Result<(), String> {
+pub fn forget_time(datastore: &Path) -> Result<(), crate::files::FileError> {
     for dir in [datastore.to_owned(), kept_copy(datastore)] {
         for f in [
             "latest_known_time.json",
@@ -111,7 +111,7 @@ pub fn forget_time(datastore: &Path) -> Result<(), String> {
         ] {
             match std::fs::remove_file(dir.join(f)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(format!("{}: {e}", dir.join(f).display()))
+                    return Err(crate::files::FileError::at(&dir.join(f))(e))
                 }
                 _ => {}
             }

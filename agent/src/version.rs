@@ -8,15 +8,18 @@ use std::str::FromStr;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Version(Vec<u64>);
 
+/// Text that is not a [`Version`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a version (numbers separated by dots)")]
+pub struct NotAVersion(pub String);
+
 impl FromStr for Version {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Version, String> {
+    type Err = NotAVersion;
+    fn from_str(s: &str) -> Result<Version, NotAVersion> {
         let parts: Result<Vec<u64>, _> = s.split('.').map(str::parse).collect();
         match parts {
             Ok(p) if !p.is_empty() => Ok(Version(p)),
-            _ => Err(format!(
-                "{s:?} is not a version (numbers separated by dots)"
-            )),
+            _ => Err(NotAVersion(s.to_owned())),
         }
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
-use wardgate_agent::agent::{minute_of_day, minutes_to_window, Agent, CheckNow, Outcome};
+use wardgate_agent::agent::{
+    minute_of_day, minutes_to_window, Agent, AgentError, CheckNow, Outcome,
+};
 use wardgate_agent::config::Config;
 
 #[derive(Debug, Parser)]
@@ -96,13 +98,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn main_async(command: Command, cfg: Config) -> Result<(), String> {
+async fn main_async(command: Command, cfg: Config) -> anyhow::Result<()> {
     match command {
         Command::Run => run(cfg).await,
         Command::Check { now } => {
             let mut agent = Agent::new(cfg, None)?;
             let outcome = agent.check(None, None).await;
-            finish_install(&agent, outcome, now).await
+            Ok(finish_install(&agent, outcome, now).await?)
         }
         Command::Install {
             source,
@@ -112,7 +114,7 @@ async fn main_async(command: Command, cfg: Config) -> Result<(), String> {
             let url = source_url(&source)?;
             let mut agent = Agent::new(cfg, None)?;
             let outcome = agent.check(Some(url), version.as_deref()).await;
-            finish_install(&agent, outcome, now).await
+            Ok(finish_install(&agent, outcome, now).await?)
         }
         Command::Status { json } => {
             let agent = Agent::new(cfg, None)?;
@@ -142,22 +144,22 @@ async fn main_async(command: Command, cfg: Config) -> Result<(), String> {
 }
 
 /// A directory (USB stick) or a URL, as the repository's base URL.
-fn source_url(s: &str) -> Result<url::Url, String> {
+fn source_url(s: &str) -> anyhow::Result<url::Url> {
     if s.contains("://") {
         let mut s = s.to_owned();
         if !s.ends_with('/') {
             s.push('/');
         }
-        return url::Url::parse(&s).map_err(|e| format!("{s}: {e}"));
+        return url::Url::parse(&s).map_err(|e| anyhow::anyhow!("{s}: {e}"));
     }
-    wardgate_agent::update::dir_url(std::path::Path::new(s)).map_err(|e| e.to_string())
+    Ok(wardgate_agent::update::dir_url(std::path::Path::new(s))?)
 }
 
 async fn finish_install(
     agent: &Agent,
-    outcome: Result<Outcome, String>,
+    outcome: Result<Outcome, AgentError>,
     now: bool,
-) -> Result<(), String> {
+) -> Result<(), AgentError> {
     let r = match outcome {
         Ok(Outcome::UpToDate) => {
             println!("up to date");
@@ -197,14 +199,13 @@ async fn command(rx: &mut mpsc::Receiver<CheckNow>) -> CheckNow {
     }
 }
 
-async fn run(cfg: Config) -> Result<(), String> {
+async fn run(cfg: Config) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<CheckNow>(4);
     let mut agent = Agent::new(cfg, Some(tx))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     agent.report("started", None, None, "agent running").await;
     if let Err(e) = agent.after_boot().await {
-        agent.report("error", None, None, &e).await;
+        agent.report("error", None, None, &e.to_string()).await;
     }
     let mut next = tokio::time::Instant::now() + agent.jitter();
     let mut force = false;
@@ -227,7 +228,7 @@ async fn run(cfg: Config) -> Result<(), String> {
             }
             if wait == 0 || force {
                 if let Err(e) = agent.reboot().await {
-                    agent.report("error", None, None, &e).await;
+                    agent.report("error", None, None, &e.to_string()).await;
                 }
                 // Systemd stops the agent for the reboot; until then, nothing more to do.
                 tokio::select! {

@@ -13,6 +13,7 @@ use common::server::{Fault, Server};
 use common::{Fleet, SIGNERS};
 use wardgate_agent::http::{Fetcher, Limits};
 use wardgate_agent::slots::{Appliance, BootControl, BootState, Record, Slot, StateFile};
+use wardgate_agent::trial::Health;
 use wardgate_agent::update::{self, Source, Version};
 
 fn v(s: &str) -> Version {
@@ -98,7 +99,7 @@ async fn a_bundle_downloads_over_http_into_slot_b_and_a_healthy_trial_commits() 
 
     let booted = common::reboot(&a);
     assert_eq!(booted, Slot::B);
-    let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
+    let r = a.after_boot(booted, Health::Good).unwrap().unwrap();
     assert_eq!(
         r,
         Record::Committed {
@@ -141,7 +142,7 @@ async fn install_against(fault: Fault) -> (Fleet, Server, update::Candidate, Str
         .unwrap();
     let c = update::newest(&repo, "rpi4", &v("0")).unwrap().unwrap();
     let mut a = common::appliance(&f);
-    let e = a.install(&repo, &c).await.unwrap_err();
+    let e = a.install(&repo, &c).await.unwrap_err().to_string();
     eprintln!("refused: {e}");
     nothing_installed(&a);
     (f, server, c, e)
@@ -217,14 +218,18 @@ async fn a_resume_reads_the_rest_from_a_usb_directory_and_verifies_the_prefix_to
     assert!(!a.download_path().exists());
     // That install's trial is settled (abandoned here), so another install may start.
     a.boot.abandon().unwrap();
-    std::fs::remove_file(&a.record).unwrap();
+    std::fs::remove_file(a.state.record()).unwrap();
 
     // The same, but a byte of the kept prefix changed on the card: the hash covers it.
     let mut bad = image[..4 << 20].to_vec();
     bad[1000] ^= 0x40;
     std::fs::write(f.p("slot-b.img"), &bad).unwrap();
     progress.save(&a.download_path()).unwrap();
-    let e = a.install_resumable(&repo, &c, &fetcher).await.unwrap_err();
+    let e = a
+        .install_resumable(&repo, &c, &fetcher)
+        .await
+        .unwrap_err()
+        .to_string();
     eprintln!("refused: {e}");
     assert!(
         e.contains("Hash mismatch") && e.contains("invalidated"),
@@ -280,7 +285,11 @@ async fn a_resumed_target_with_an_encoded_name_arms_only_hashed_bytes() {
     let mut a = common::appliance(&f);
     std::fs::write(f.p("slot-b.img"), vec![0xAB; 4 << 20]).unwrap();
     progress.save(&a.download_path()).unwrap();
-    let e = a.install_resumable(&repo, &c, &fetcher).await.unwrap_err();
+    let e = a
+        .install_resumable(&repo, &c, &fetcher)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("Hash mismatch") && e.contains("invalidated"),
         "{e}"

@@ -153,6 +153,7 @@ async fn endless_data_beyond_the_signed_length_is_cut_off() {
 }
 
 use wardgate_agent::slots::{BootControl, Record, Slot};
+use wardgate_agent::trial::Health;
 
 #[tokio::test]
 async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
@@ -172,7 +173,7 @@ async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
 
     let booted = common::reboot(&a);
     assert_eq!(booted, Slot::B);
-    let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
+    let r = a.after_boot(booted, Health::Good).unwrap().unwrap();
     assert_eq!(
         r,
         Record::Committed {
@@ -187,6 +188,7 @@ async fn install_tries_the_other_slot_once_and_a_healthy_boot_commits_it() {
         .install(&repo, &c)
         .await
         .unwrap_err()
+        .to_string()
         .contains("rollback refused"));
 }
 
@@ -197,7 +199,10 @@ async fn a_failed_health_check_rolls_back_and_says_why() {
     a.install(&repo, &c).await.unwrap();
     let booted = common::reboot(&a);
     let r = a
-        .after_boot(booted, Err("nft table inet wardgate missing".into()))
+        .after_boot(
+            booted,
+            Health::Failed("nft table inet wardgate missing".into()),
+        )
         .unwrap()
         .unwrap();
     match &r {
@@ -221,7 +226,7 @@ async fn a_new_slot_that_never_comes_up_falls_back_and_is_recorded() {
     assert_eq!(common::reboot(&a), Slot::B);
     let booted = common::reboot(&a);
     assert_eq!(booted, Slot::A);
-    let r = a.after_boot(booted, Ok(())).unwrap().unwrap();
+    let r = a.after_boot(booted, Health::Good).unwrap().unwrap();
     assert!(
         matches!(&r, Record::RolledBack { reason, .. } if reason.contains("did not come up")),
         "{r:?}"

@@ -190,7 +190,7 @@ pub fn appliance(f: &Fleet) -> wardgate_agent::slots::Appliance<wardgate_agent::
             path: f.p("floor"),
             factory: None,
         },
-        record: f.p("update.json"),
+        state: wardgate_agent::state::StateDir::new(f.p("")),
     }
 }
 

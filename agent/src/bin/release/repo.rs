@@ -1,4 +1,5 @@
-//! `wardgate-release`: the fleet manager's side. Keys, a TUF repository (root, targets,
+//! The repository behind `wardgate-release`, the fleet manager's side (a binary of its own:
+//! nothing on the appliance builds repositories). Keys, a TUF repository (root, targets,
 //! snapshot, timestamp) and bundles in it, built with the `tough` crate.
 //!
 //! Layout of a repository directory:

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tough::schema::RoleType;
-use wardgate_agent::release::{self, Bundle, RoleSpec};
+mod repo;
+
+use repo::{Bundle, RoleSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,9 +42,9 @@ enum Command {
         snapshot_keys: Vec<PathBuf>,
         #[arg(long = "timestamp-key", required = true)]
         timestamp_keys: Vec<PathBuf>,
-        #[arg(long, default_value_t = release::DEFAULT_ROOT_DAYS)]
+        #[arg(long, default_value_t = repo::DEFAULT_ROOT_DAYS)]
         root_days: u64,
-        #[arg(long, default_value_t = release::DEFAULT_DAYS)]
+        #[arg(long, default_value_t = repo::DEFAULT_DAYS)]
         days: u64,
     },
     /// Add a bundle (image, version, compatible hardware, SBOM) and re-sign.
@@ -60,7 +62,7 @@ enum Command {
         /// Keys for targets, snapshot and timestamp.
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
-        #[arg(long, default_value_t = release::DEFAULT_DAYS)]
+        #[arg(long, default_value_t = repo::DEFAULT_DAYS)]
         days: u64,
     },
     /// Re-sign snapshot and timestamp before they expire (their keys alone).
@@ -69,7 +71,7 @@ enum Command {
         repo: PathBuf,
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
-        #[arg(long, default_value_t = release::DEFAULT_DAYS)]
+        #[arg(long, default_value_t = repo::DEFAULT_DAYS)]
         days: u64,
     },
     /// Replace the root keys: a new root version signed by the current root keys (up to the
@@ -83,7 +85,7 @@ enum Command {
         new_keys: Vec<PathBuf>,
         #[arg(long, default_value_t = 1)]
         threshold: u64,
-        #[arg(long, default_value_t = release::DEFAULT_ROOT_DAYS)]
+        #[arg(long, default_value_t = repo::DEFAULT_ROOT_DAYS)]
         days: u64,
     },
     /// Load the repository as a client would, check every target, list the images.
@@ -122,7 +124,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Keygen { out } => {
-            let id = release::keygen(&out).await?;
+            let id = repo::keygen(&out).await?;
             println!("{id}");
         }
         Command::Init {
@@ -143,7 +145,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 (RoleType::Snapshot, spec(snapshot_keys, 1)),
                 (RoleType::Timestamp, spec(timestamp_keys, 1)),
             ]);
-            release::init(&repo, &roles, root_days, days).await?;
+            repo::init(&repo, &roles, root_days, days).await?;
             println!("repository created in {}", repo.display());
         }
         Command::Add {
@@ -161,11 +163,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 hardware,
                 sbom,
             };
-            release::add(&repo, &bundle, &keys, days).await?;
+            repo::add(&repo, &bundle, &keys, days).await?;
             println!("added {}", bundle.version);
         }
         Command::Refresh { repo, keys, days } => {
-            release::refresh(&repo, &keys, days).await?;
+            repo::refresh(&repo, &keys, days).await?;
             println!("snapshot and timestamp re-signed");
         }
         Command::Rotate {
@@ -175,11 +177,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             threshold,
             days,
         } => {
-            let v = release::rotate(&repo, &old_keys, &new_keys, threshold, days).await?;
+            let v = repo::rotate(&repo, &old_keys, &new_keys, threshold, days).await?;
             println!("root version {v} written");
         }
         Command::Verify { repo, root, json } => {
-            let listing = release::verify(&repo, root.as_deref()).await?;
+            let listing = repo::verify(&repo, root.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
