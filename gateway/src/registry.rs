@@ -84,15 +84,21 @@ enum ReadOverlay {
     V1(Overlay),
 }
 
+/// Why a stored overlay entry cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum OverlayError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("format version {0}, newer than this wardgate's {OVERLAY_VERSION}")]
+    Newer(u8),
+}
+
 /// A stored overlay entry of this version or the one before.
-fn decode_overlay(bytes: &[u8]) -> Result<Overlay, String> {
-    match serde_json::from_slice::<ReadOverlay>(bytes) {
-        Ok(ReadOverlay::Versioned { v, overlay }) if v == OVERLAY_VERSION => Ok(overlay),
-        Ok(ReadOverlay::V1(overlay)) => Ok(overlay),
-        Ok(ReadOverlay::Versioned { v, .. }) => Err(format!(
-            "format version {v}, newer than this wardgate's {OVERLAY_VERSION}"
-        )),
-        Err(e) => Err(e.to_string()),
+fn decode_overlay(bytes: &[u8]) -> Result<Overlay, OverlayError> {
+    match serde_json::from_slice::<ReadOverlay>(bytes)? {
+        ReadOverlay::Versioned { v, overlay } if v == OVERLAY_VERSION => Ok(overlay),
+        ReadOverlay::V1(overlay) => Ok(overlay),
+        ReadOverlay::Versioned { v, .. } => Err(OverlayError::Newer(v)),
     }
 }
 
@@ -140,13 +146,25 @@ impl Registry {
             let id = std::str::from_utf8(&k)
                 .ok()
                 .and_then(|d| DeviceId::parse(d).ok());
-            let overlay = decode_overlay(&v);
-            let why = overlay.as_ref().err().cloned().unwrap_or_default();
-            match (id, overlay.ok()) {
-                (Some(id), Some(Overlay::Removed)) => {
+            match (id, decode_overlay(&v)) {
+                (Some(id), Ok(Overlay::Removed)) => {
                     r.devices.remove(&id);
                 }
-                (Some(id), Some(Overlay::Added { class, address })) => {
+                (Some(id), Err(error)) => {
+                    // Fail closed: what the entry says is unknown (a newer wardgate wrote it
+                    // before a downgrade, or it is damaged) and may be a removal, so the
+                    // device is refused until an admin adds it again (which rewrites it).
+                    let was_registered = r.devices.remove(&id).is_some();
+                    tracing::error!(
+                        event = "registry.unreadable_entry",
+                        device = %id,
+                        error = %error,
+                        was_registered,
+                        "registry entry unreadable: the device is refused until `device add` \
+                         writes it again"
+                    );
+                }
+                (Some(id), Ok(Overlay::Added { class, address })) => {
                     if !r.classes.contains_key(&class) {
                         tracing::error!(
                             event = "registry.unknown_class",
@@ -163,11 +181,10 @@ impl Registry {
                     };
                     r.devices.insert(id, (entry, Source::Admin));
                 }
-                _ => tracing::error!(
+                (None, _) => tracing::error!(
                     event = "registry.unreadable_entry",
                     key = ?String::from_utf8_lossy(&k),
-                    error = why,
-                    "unreadable registry entry ignored"
+                    "registry entry under a key that is no device id: ignored"
                 ),
             }
         }
@@ -341,6 +358,7 @@ mod tests {
         assert!(r.get(&DeviceId::parse("pump-8").unwrap()).is_none());
         assert!(decode_overlay(br#"{"v":3,"overlay":"removed"}"#)
             .unwrap_err()
+            .to_string()
             .contains("newer than this wardgate's 2"));
         // What this version writes, it reads.
         let mut r = r;
@@ -359,5 +377,27 @@ mod tests {
                 address: "127.0.0.9".parse().unwrap()
             }
         );
+    }
+
+    #[test]
+    fn an_entry_this_wardgate_cannot_read_refuses_its_device_until_it_is_added_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::quarantine::open_state(dir.path()).unwrap();
+        let tree = db.open_tree("devices").unwrap();
+        let p1 = DeviceId::parse("pump-1").unwrap();
+        assert!(Registry::open(&config(), &db).unwrap().get(&p1).is_some());
+        // Written by a newer wardgate (a removal, for all this one knows), or damaged.
+        for bytes in [&br#"{"v":3,"overlay":"removed"}"#[..], b"{\"v\":2,\"ov"] {
+            tree.insert("pump-1", bytes).unwrap();
+            let mut r = Registry::open(&config(), &db).unwrap();
+            assert!(
+                r.get(&p1).is_none(),
+                "{bytes:?}: the config device is refused"
+            );
+            assert!(r.grant(&p1).is_none());
+            // An admin's `device add` writes the entry anew.
+            r.add(&p1, "pump", "127.0.0.1".parse().unwrap()).unwrap();
+            assert!(Registry::open(&config(), &db).unwrap().get(&p1).is_some());
+        }
     }
 }

@@ -132,6 +132,41 @@ fn unhex(s: &str) -> Option<[u8; HASH_LEN]> {
 /// The event of a pruning record.
 const PRUNED: &str = "audit.pruned";
 
+/// What an `audit.pruned` record vouches for: records before `first_kept` were deleted, and
+/// the first kept links to `anchor`. Its detail is the one place this is written and read
+/// (the detail is part of the hashed record, so the text form is the format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pruned {
+    first_kept: u64,
+    anchor: String,
+    pruned: u64,
+    unforwarded: u64,
+}
+
+impl Pruned {
+    fn detail(&self) -> String {
+        format!(
+            "first_kept={} anchor={} pruned={} unforwarded={} reason=more than max_records",
+            self.first_kept, self.anchor, self.pruned, self.unforwarded
+        )
+    }
+
+    /// The record's claim, from its detail; `None` if it is not one this wardgate wrote.
+    fn parse(detail: &str) -> Option<Pruned> {
+        let field = |key: &str| {
+            detail
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        };
+        Some(Pruned {
+            first_kept: field("first_kept")?.parse().ok()?,
+            anchor: field("anchor")?.to_owned(),
+            pruned: field("pruned")?.parse().ok()?,
+            unforwarded: field("unforwarded")?.parse().ok()?,
+        })
+    }
+}
+
 fn open_store(data_dir: &Path) -> Result<(sled::Db, sled::Tree), AuditError> {
     let path = data_dir.join("audit");
     let store = |source| AuditError::Store {
@@ -231,11 +266,13 @@ impl AuditLog {
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
         let unforwarded = first_kept.saturating_sub(forwarded.max(head.first));
-        let detail = format!(
-            "first_kept={first_kept} anchor={anchor} pruned={} unforwarded={unforwarded} reason=more than max_records",
-            first_kept - head.first
-        );
-        self.append(head, PRUNED, None, &detail)?;
+        let claim = Pruned {
+            first_kept,
+            anchor,
+            pruned: first_kept - head.first,
+            unforwarded,
+        };
+        self.append(head, PRUNED, None, &claim.detail())?;
         for index in head.first..first_kept {
             self.chain.remove(index.to_be_bytes())?;
         }
@@ -389,13 +426,8 @@ fn verify_chain(chain: &sled::Tree, end: Option<u64>) -> Result<u64, AuditError>
             return Err(broken("contents do not match its hash (edited)"));
         }
         if e.event == PRUNED {
-            if let Some((index, anchor)) = &unvouched {
-                let names = |key: &str, want: &str| {
-                    e.detail
-                        .split_whitespace()
-                        .any(|w| w.strip_prefix(key) == Some(want))
-                };
-                if names("first_kept=", &index.to_string()) && names("anchor=", anchor) {
+            if let (Some((index, anchor)), Some(claim)) = (&unvouched, Pruned::parse(&e.detail)) {
+                if claim.first_kept == *index && claim.anchor == *anchor {
                     unvouched = None;
                 }
             }
@@ -525,6 +557,21 @@ mod tests {
             Err(AuditError::Broken { index: 2, reason }) => assert!(reason.contains("link")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_pruned_records_claim_reads_back_as_written() {
+        let claim = Pruned {
+            first_kept: 1200,
+            anchor: "ab".repeat(32),
+            pruned: 100,
+            unforwarded: 3,
+        };
+        assert_eq!(Pruned::parse(&claim.detail()), Some(claim));
+        assert_eq!(
+            Pruned::parse("first_kept=12 reason=more than max_records"),
+            None
+        );
     }
 
     #[test]
