@@ -22,6 +22,9 @@
 
 mod broker_side;
 mod exactly_once;
+mod forward;
+mod inbound;
+mod outbound;
 mod relay;
 mod session;
 mod sessions;
