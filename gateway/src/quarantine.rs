@@ -78,14 +78,20 @@ fn version_1() -> u8 {
     1
 }
 
+/// Why a stored entry cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum EntryError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("format version {0}, newer than this wardgate's {ENTRY_VERSION}")]
+    Newer(u8),
+}
+
 /// A stored entry of this version or the one before.
-fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
-    let read: ReadEntry = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+fn decode_entry(bytes: &[u8]) -> Result<Entry, EntryError> {
+    let read: ReadEntry = serde_json::from_slice(bytes)?;
     if read.v > ENTRY_VERSION {
-        return Err(format!(
-            "format version {}, newer than this wardgate's {ENTRY_VERSION}",
-            read.v
-        ));
+        return Err(EntryError::Newer(read.v));
     }
     Ok(read.entry)
 }
@@ -135,7 +141,7 @@ impl Quarantine {
                     tracing::error!(
                         event = "quarantine.unreadable_entry",
                         device = %d,
-                        error,
+                        error = %error,
                         "unreadable quarantine entry: the device stays quarantined until released"
                     );
                     let reason = format!("quarantine entry unreadable ({error}); release to clear");

@@ -270,8 +270,35 @@ fn success<T: serde::Serialize>(data: &T) -> Response {
     }
 }
 
-fn device(id: &str) -> Result<DeviceId, String> {
-    DeviceId::parse(id).map_err(|e| format!("invalid device id {id:?}: {e}"))
+/// Why a request was not carried out: the answer's `error`.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("invalid device id {id:?}: {source}")]
+    BadId {
+        id: String,
+        source: crate::device::DeviceIdError,
+    },
+    #[error("device {0} is not registered")]
+    NotRegistered(DeviceId),
+    #[error("device {0} is already quarantined")]
+    AlreadyQuarantined(DeviceId),
+    #[error("device {0} is not quarantined")]
+    NotQuarantined(DeviceId),
+    #[error("no audit log in this process")]
+    NoAuditLog,
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Quarantine(#[from] crate::quarantine::QuarantineError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+fn device(id: &str) -> Result<DeviceId, Refusal> {
+    DeviceId::parse(id).map_err(|source| Refusal::BadId {
+        id: id.to_owned(),
+        source,
+    })
 }
 
 /// Answers one request from `who` (its peer credentials, for the audit log).
@@ -282,11 +309,11 @@ pub fn handle(state: &AdminState, request: &Request, who: &str) -> Response {
     }
     match execute(state, request, who) {
         Ok(r) => r,
-        Err(e) => failure(e),
+        Err(e) => failure(e.to_string()),
     }
 }
 
-fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response, String> {
+fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response, Refusal> {
     let registry = || {
         state
             .registry
@@ -306,7 +333,7 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
         Request::DeviceShow { id } => {
             let d = device(id)?;
             if registry().get(&d).is_none() && state.quarantine.entry(&d).is_none() {
-                return Err(format!("device {d} is not registered"));
+                return Err(Refusal::NotRegistered(d));
             }
             Ok(success(&view(state, &d)))
         }
@@ -316,8 +343,7 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
                 .registry
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .add(&d, class, *address)
-                .map_err(|e| e.to_string())?;
+                .add(&d, class, *address)?;
             if let Some(fw) = &state.firewall {
                 fw.refresh();
             }
@@ -330,8 +356,7 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
                 .registry
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .remove(&d)
-                .map_err(|e| e.to_string())?;
+                .remove(&d)?;
             let closed = state.edge.close_device(&d);
             if let Some(fw) = &state.firewall {
                 fw.refresh();
@@ -344,38 +369,30 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
         Request::DeviceQuarantine { id, reason } => {
             let d = device(id)?;
             if registry().get(&d).is_none() {
-                return Err(format!("device {d} is not registered"));
+                return Err(Refusal::NotRegistered(d));
             }
             let reason = format!("{} (by {who})", reason.trim());
-            let newly = state
-                .quarantine
-                .quarantine(&d, &reason)
-                .map_err(|e| e.to_string())?;
+            let newly = state.quarantine.quarantine(&d, &reason)?;
             state.edge.close_device(&d);
             if !newly {
-                return Err(format!("device {d} is already quarantined"));
+                return Err(Refusal::AlreadyQuarantined(d));
             }
             Ok(success(&view(state, &d)))
         }
         Request::DeviceRelease { id } => {
             let d = device(id)?;
-            let released = state
-                .quarantine
-                .release(&d, &format!("by {who}"))
-                .map_err(|e| e.to_string())?;
+            let released = state.quarantine.release(&d, &format!("by {who}"))?;
             if !released {
-                return Err(format!("device {d} is not quarantined"));
+                return Err(Refusal::NotQuarantined(d));
             }
             Ok(success(&view(state, &d)))
         }
         Request::AuditTail { count } => {
-            let entries = audit_log(state)?
-                .tail((*count).min(MAX_TAIL))
-                .map_err(|e| e.to_string())?;
+            let entries = audit_log(state)?.tail((*count).min(MAX_TAIL))?;
             Ok(success(&entries))
         }
         Request::AuditVerify => {
-            let n = audit_log(state)?.verify().map_err(|e| e.to_string())?;
+            let n = audit_log(state)?.verify()?;
             Ok(success(&n))
         }
     }
@@ -384,12 +401,12 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
 /// Longest `audit tail` answered over the socket.
 const MAX_TAIL: usize = 10_000;
 
-fn audit_log(state: &AdminState) -> Result<&crate::audit::AuditLog, String> {
+fn audit_log(state: &AdminState) -> Result<&crate::audit::AuditLog, Refusal> {
     state
         .events
         .audit_log()
         .map(|l| &**l)
-        .ok_or_else(|| "no audit log in this process".to_owned())
+        .ok_or(Refusal::NoAuditLog)
 }
 
 fn status(state: &AdminState) -> proto::Status {

@@ -217,10 +217,10 @@ impl Events {
         register: &str,
         value: &str,
         origin: &str,
-        outcome: Result<(), &str>,
+        outcome: Result<&(), &dyn std::fmt::Display>,
     ) {
         match outcome {
-            Ok(()) => {
+            Ok(&()) => {
                 let detail = format!("register={register} value={value} from={origin}");
                 self.audit("modbus.write", Some(device), detail);
                 tracing::info!(event = "modbus.write", %device, register, value, "Modbus write done");
@@ -229,7 +229,7 @@ impl Events {
                 let detail =
                     format!("register={register:?} value={value:?} from={origin} reason={reason}");
                 self.audit("modbus.write_refused", Some(device), detail);
-                tracing::warn!(event = "modbus.write_refused", %device, register, reason, "Modbus write refused");
+                tracing::warn!(event = "modbus.write_refused", %device, register, %reason, "Modbus write refused");
             }
         }
     }

@@ -54,7 +54,7 @@ struct WriteJob {
     register: Register,
     words: Vec<u16>,
     coil: Option<bool>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), poll::Failure>>,
 }
 
 /// Writes to Modbus devices, from upstream commands.
@@ -136,35 +136,36 @@ impl ModbusHandle {
             name,
             &text,
             origin,
-            result.as_ref().map(|_| ()).map_err(String::as_str),
+            result.as_ref().map_err(|e| e as &dyn std::fmt::Display),
         );
     }
 
-    async fn try_write(&self, device: &DeviceId, name: &str, payload: &[u8]) -> Result<(), String> {
-        let (d, tx) = self
-            .devices
-            .get(device)
-            .ok_or_else(|| "not a Modbus device".to_owned())?;
+    async fn try_write(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        payload: &[u8],
+    ) -> Result<(), WriteRefused> {
+        let (d, tx) = self.devices.get(device).ok_or(WriteRefused::NotModbus)?;
         let register = d
             .registers
             .iter()
             .find(|r| r.name == name)
-            .ok_or_else(|| format!("no register {name:?}"))?;
-        let (lo, hi) = register
-            .write
-            .ok_or_else(|| "register is not writable (no write_min/write_max)".to_owned())?;
+            .ok_or_else(|| WriteRefused::NoRegister(name.to_owned()))?;
+        let (lo, hi) = register.write.ok_or(WriteRefused::NotWritable)?;
         let text = std::str::from_utf8(payload)
-            .map_err(|_| "payload is not text".to_owned())?
+            .map_err(|_| WriteRefused::NotText)?
             .trim();
+        let outside = |value: String| WriteRefused::Outside { value, lo, hi };
         let (words, coil) = if register.value_type == ValueType::Bool {
             let v = match text {
                 "true" | "1" => true,
                 "false" | "0" => false,
-                other => return Err(format!("{other:?} is not true or false")),
+                other => return Err(WriteRefused::NotBool(other.to_owned())),
             };
             let n = if v { 1.0 } else { 0.0 };
             if n < lo || n > hi {
-                return Err(format!("{v} is outside {lo}..={hi}"));
+                return Err(outside(v.to_string()));
             }
             (Vec::new(), Some(v))
         } else {
@@ -172,9 +173,9 @@ impl ModbusHandle {
                 .parse()
                 .ok()
                 .filter(|v: &f64| v.is_finite())
-                .ok_or_else(|| format!("{text:?} is not a number"))?;
+                .ok_or_else(|| WriteRefused::NotANumber(text.to_owned()))?;
             if v < lo || v > hi {
-                return Err(format!("{v} is outside {lo}..={hi}"));
+                return Err(outside(v.to_string()));
             }
             let raw = (v - register.offset) / register.scale;
             (
@@ -191,9 +192,35 @@ impl ModbusHandle {
             done,
         })
         .await
-        .map_err(|_| "the bus is not running".to_owned())?;
-        result
-            .await
-            .map_err(|_| "the bus stopped before the write".to_owned())?
+        .map_err(|_| WriteRefused::BusNotRunning)?;
+        result.await.map_err(|_| WriteRefused::BusStopped)??;
+        Ok(())
     }
+}
+
+/// Why a command to write a register was not carried out (audited as its reason).
+#[derive(Debug, thiserror::Error)]
+enum WriteRefused {
+    #[error("not a Modbus device")]
+    NotModbus,
+    #[error("no register {0:?}")]
+    NoRegister(String),
+    #[error("register is not writable (no write_min/write_max)")]
+    NotWritable,
+    #[error("payload is not text")]
+    NotText,
+    #[error("{0:?} is not true or false")]
+    NotBool(String),
+    #[error("{0:?} is not a number")]
+    NotANumber(String),
+    #[error("{value} is outside {lo}..={hi}")]
+    Outside { value: String, lo: f64, hi: f64 },
+    #[error(transparent)]
+    Encode(#[from] value::EncodeError),
+    #[error("the bus is not running")]
+    BusNotRunning,
+    #[error("the bus stopped before the write")]
+    BusStopped,
+    #[error(transparent)]
+    Bus(#[from] poll::Failure),
 }

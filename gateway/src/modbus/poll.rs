@@ -20,22 +20,15 @@ use crate::events::ModbusFailure;
 use crate::ingest::{Message, Refused};
 
 /// Why a request failed.
-#[derive(Debug)]
-enum Failure {
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Failure {
+    #[error("timeout")]
     Timeout,
+    #[error("exception {0}")]
     Exception(String),
     /// Connection, CRC, framing: the link is rebuilt before the next request.
+    #[error("error {0}")]
     Error(String),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Timeout => f.write_str("timeout"),
-            Failure::Exception(e) => write!(f, "exception {e}"),
-            Failure::Error(e) => write!(f, "error {e}"),
-        }
-    }
 }
 
 struct DeviceState {
@@ -83,7 +76,7 @@ pub(super) async fn run_bus(
             _ = shutdown.cancelled() => return,
             job = writes.recv(), if writes_open => match job {
                 Some(job) => {
-                    let result = write(&bus, &mut link, &job).await.map_err(|f| f.to_string());
+                    let result = write(&bus, &mut link, &job).await;
                     let _ = job.done.send(result);
                 }
                 // No one can ask for writes any more (no uplink): keep polling.

@@ -46,12 +46,21 @@ pub fn decode(t: ValueType, order: WordOrder, words: &[u16]) -> Option<f64> {
     })
 }
 
+/// Why a value cannot be written to a register.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{raw} does not fit a {ty:?} register")]
+    DoesNotFit { raw: f64, ty: ValueType },
+    #[error("a bool is a coil, not a register")]
+    Coil,
+}
+
 /// The words that hold `raw` (after undoing scale and offset), or why they cannot.
-pub fn encode(t: ValueType, order: WordOrder, raw: f64) -> Result<Vec<u16>, String> {
-    let int = |min: f64, max: f64| -> Result<f64, String> {
+pub fn encode(t: ValueType, order: WordOrder, raw: f64) -> Result<Vec<u16>, EncodeError> {
+    let int = |min: f64, max: f64| -> Result<f64, EncodeError> {
         let r = raw.round();
         if (raw - r).abs() > 1e-9 || r < min || r > max {
-            Err(format!("{raw} does not fit a {t:?} register"))
+            Err(EncodeError::DoesNotFit { raw, ty: t })
         } else {
             Ok(r)
         }
@@ -66,7 +75,7 @@ pub fn encode(t: ValueType, order: WordOrder, raw: f64) -> Result<Vec<u16>, Stri
             .to_vec(),
         ValueType::F32 => (raw as f32).to_be_bytes().to_vec(),
         ValueType::F64 => raw.to_be_bytes().to_vec(),
-        ValueType::Bool => return Err("a bool is a coil, not a register".into()),
+        ValueType::Bool => return Err(EncodeError::Coil),
     };
     let mut words: Vec<u16> = be
         .chunks(2)
