@@ -143,16 +143,9 @@ async fn unit_state(unit: &str, timeout: Duration) -> String {
 }
 
 /// One round of every check.
+/// Units first: a service that is not running is the most specific reason, and its HTTP
+/// endpoint would only fail after it.
 pub async fn round(h: &Health, fetcher: &Fetcher, timeout: Duration) -> Result<(), HealthError> {
-    for u in &h.http {
-        let url = u.clone();
-        match tokio::time::timeout(timeout, fetcher.status(u)).await {
-            Ok(Ok(s)) if s == hyper::StatusCode::OK => {}
-            Ok(Ok(status)) => return Err(HealthError::Status { url, status }),
-            Ok(Err(source)) => return Err(HealthError::Http { url, source }),
-            Err(_) => return Err(HealthError::NoAnswer { url, timeout }),
-        }
-    }
     for unit in &h.units {
         let argv = ["systemctl", "is-active", "--quiet", unit.as_str()].map(String::from);
         if let Err(source) = run(&argv, timeout).await {
@@ -172,6 +165,15 @@ pub async fn round(h: &Health, fetcher: &Fetcher, timeout: Duration) -> Result<(
                 table: table.clone(),
                 source,
             })?;
+    }
+    for u in &h.http {
+        let url = u.clone();
+        match tokio::time::timeout(timeout, fetcher.status(u)).await {
+            Ok(Ok(s)) if s == hyper::StatusCode::OK => {}
+            Ok(Ok(status)) => return Err(HealthError::Status { url, status }),
+            Ok(Err(source)) => return Err(HealthError::Http { url, source }),
+            Err(_) => return Err(HealthError::NoAnswer { url, timeout }),
+        }
     }
     for argv in &h.commands {
         run(argv, timeout)

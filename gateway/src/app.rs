@@ -65,6 +65,8 @@ pub struct Gateway {
     started: std::time::Instant,
     firewall: Option<std::sync::Arc<LiveFirewall>>,
     events: Events,
+    /// `[admin] metrics_listen`, bound; `None` if off or if it could not be bound.
+    exporter: Option<tokio::net::TcpListener>,
 }
 
 /// How often records past their `max_age` are swept out of the spool.
@@ -82,10 +84,22 @@ impl Gateway {
             })?;
         let started = std::time::Instant::now();
         // The one handle every part records its decisions through.
-        let events = Events::audited(std::sync::Arc::new(AuditLog::open(
-            &config.gateway.data_dir,
-            config.audit_max_records,
-        )?));
+        let metrics = crate::metrics::Metrics::new(
+            config
+                .admin
+                .metrics_per_device
+                .map(|max_devices| crate::metrics::PerDevice { max_devices }),
+        );
+        let progress =
+            std::sync::Arc::new(crate::progress::Progress::new(config.admin.stall_after));
+        let events = Events::audited(
+            std::sync::Arc::new(AuditLog::open(
+                &config.gateway.data_dir,
+                config.audit_max_records,
+            )?),
+            metrics,
+            progress,
+        );
         let state = crate::quarantine::open_state(&config.gateway.data_dir)?;
         audit_config(&config, &state, &events);
         let registry = Registry::open(&config, &state)?.shared();
@@ -123,6 +137,23 @@ impl Gateway {
         )
         .await?;
         let admin = AdminSocket::bind(&config.admin.socket)?;
+        // Metrics and health are for operators: if the address cannot be had, the gateway
+        // serves devices without them, and says so.
+        let exporter = match config.admin.metrics_listen {
+            None => None,
+            Some(addr) => match crate::exporter::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(
+                        event = "exporter.bind_failed",
+                        %addr,
+                        error = %e,
+                        "metrics and health endpoint unavailable"
+                    );
+                    None
+                }
+            },
+        };
         Ok(Gateway {
             config,
             broker,
@@ -135,7 +166,13 @@ impl Gateway {
             started,
             firewall,
             events,
+            exporter,
         })
+    }
+
+    /// Where `/metrics` and `/health` are served (with the OS's port if the config said 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.exporter.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The address devices connect to (with the OS's port if the config said 0).
@@ -156,6 +193,7 @@ impl Gateway {
             site = %self.config.gateway.site,
             edge = %self.edge_addr(),
             broker = %self.broker.addr,
+            metrics = %self.metrics_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
             devices = self.config.devices.len(),
             "wardgate ready"
         );
@@ -181,6 +219,23 @@ impl Gateway {
             events: self.events.clone(),
         };
         tracker.spawn(self.admin.run(admin_state, shutdown.clone()));
+        let sources = crate::exporter::Sources {
+            events: self.events.clone(),
+            progress: self.events.progress().clone(),
+            edge: self.edge.handle(),
+            spool: self.spool.clone(),
+            registry: self.registry.clone(),
+            quarantine: self.quarantine.clone(),
+            firewall: self.firewall.clone(),
+        };
+        if self.config.uplink.is_some() {
+            // Judged from the first moment: not ready until it connects.
+            self.events.progress().uplink_configured();
+        }
+        tracker.spawn(watchdog(sources.clone(), shutdown.clone()));
+        if let Some(listener) = self.exporter {
+            tracker.spawn(crate::exporter::run(listener, sources, shutdown.clone()));
+        }
         let modbus = if self.config.modbus.devices.is_empty() {
             crate::modbus::ModbusHandle::default()
         } else {
@@ -252,6 +307,76 @@ impl Gateway {
         }
         tracing::info!(event = "gateway.stopped", "wardgate stopped");
     }
+}
+
+/// How often `STATUS=` is told to systemd, and the health judged for it.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Feeds systemd's watchdog (`WatchdogSec=`) only while nothing is stalled
+/// ([`crate::progress`]): a gateway that is up but stuck stops the pings and systemd
+/// restarts it. Tells systemd a one-line `STATUS=` as it goes. Without a `NOTIFY_SOCKET`
+/// (or a watchdog) the pings are not sent.
+async fn watchdog(sources: crate::exporter::Sources, shutdown: CancellationToken) {
+    let period = sd_notify::watchdog_enabled();
+    // Twice per period, as sd_watchdog_enabled(3) advises.
+    let every = period.map_or(STATUS_EVERY, |p| (p / 2).min(STATUS_EVERY));
+    let watched = period.is_some();
+    // The first verdict one period in: the edge starts accepting after this task starts.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut was_stalled = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = sources.clone();
+        let Ok((health, line)) = tokio::task::spawn_blocking(move || {
+            let health = s.health();
+            (health.clone(), status_line(&s, &health))
+        })
+        .await
+        else {
+            continue;
+        };
+        if health.stalled != was_stalled {
+            was_stalled = health.stalled;
+            if health.stalled {
+                tracing::error!(event = "gateway.stalled", reasons = ?health.reasons, "the pipeline is stuck: watchdog pings stop");
+            } else {
+                tracing::info!(
+                    event = "gateway.unstalled",
+                    "the pipeline moves again: watchdog pings resume"
+                );
+            }
+        }
+        let status = sd_notify::NotifyState::Status(&line);
+        if watched && !health.stalled {
+            notify_systemd(&[sd_notify::NotifyState::Watchdog, status]);
+        } else {
+            notify_systemd(&[status]);
+        }
+    }
+}
+
+/// The one line `STATUS=` and the demo show: devices, spool depth, uplink, and why not
+/// ready.
+pub fn status_line(s: &crate::exporter::Sources, health: &crate::progress::Health) -> String {
+    let l = s.levels_light();
+    let uplink = match l.uplink_connected {
+        None => "no uplink",
+        Some(true) => "uplink connected",
+        Some(false) => "uplink down",
+    };
+    let mut line = format!(
+        "{} devices connected, spool {} records, {uplink}",
+        l.devices_connected,
+        l.spool.iter().map(|(_, r, _)| r).sum::<u64>()
+    );
+    if !health.ready {
+        line.push_str("; not ready: ");
+        line.push_str(&health.reasons.join("; "));
+    }
+    line
 }
 
 /// Tells systemd (when it started us with `Type=notify`) about our state. Without a

@@ -585,6 +585,15 @@ fn print_status(s: &Status) {
         "spool     {} records, {} bytes, {} corrupt set aside, {} rejected upstream",
         s.spool.records, s.spool.bytes, s.spool.corrupt, s.spool.rejected
     );
+    match &s.health {
+        Some(h) if h.ready => println!("health    ready: messages are moving"),
+        Some(h) => println!(
+            "health    NOT READY{}: {}",
+            if h.stalled { " (stalled)" } else { "" },
+            h.reasons.join("; ")
+        ),
+        None => {}
+    }
 }
 
 fn print_device(v: &DeviceView) {

@@ -209,6 +209,7 @@ windows = {windows}
 deadline = "{deadline}"
 units = ["wardgate.service"]
 nft_tables = ["inet wardgate"]
+http = ["http://127.0.0.1:9464/health/working"]
 commands = [["/usr/bin/wardgate", "status"]]
 [report]
 broker = "127.0.0.1:1883"

@@ -16,6 +16,7 @@ mod edge;
 mod firewall;
 mod modbus;
 mod mqtt5;
+mod operations;
 mod quarantine;
 mod rate;
 mod sessions;

@@ -441,6 +441,9 @@ fn status(state: &AdminState) -> proto::Status {
             corrupt: spool.corrupt,
             rejected: spool.rejected,
         },
+        health: Some(state.events.progress().health(crate::progress::Backlog {
+            records: spool.records as u64,
+        })),
     }
 }
 

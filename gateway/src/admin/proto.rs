@@ -83,6 +83,9 @@ pub struct Status {
     pub uplink: String,
     pub devices: DeviceTotals,
     pub spool: SpoolStatus,
+    /// Whether messages are moving, and why not (as `GET /health` says).
+    #[serde(default)]
+    pub health: Option<crate::progress::Health>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

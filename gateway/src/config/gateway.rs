@@ -24,6 +24,11 @@ pub const DEFAULT_REFUSAL_SUMMARY: Duration = Duration::from_secs(60);
 /// Audit records kept (about 350 bytes each on disk): years of an ordinary ward's events.
 pub const DEFAULT_AUDIT_MAX_RECORDS: usize = 200_000;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wardgate/admin.sock";
+/// Where `GET /metrics` and `GET /health` are served unless `[admin] metrics_listen` says
+/// otherwise (`"off"`: nowhere).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Devices with series of their own, with `metrics_per_device`; the rest are `_other`.
+pub const DEFAULT_METRICS_MAX_DEVICES: usize = 256;
 /// Where the update agent finds its credentials for the embedded broker, unless
 /// `[broker] agent_credentials` says otherwise: beside the admin socket.
 pub const AGENT_CREDENTIALS_FILE: &str = "broker-agent.secret";
@@ -64,6 +69,12 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub socket: PathBuf,
+    /// `None`: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Series per device, for at most this many devices (`None`: none per device).
+    pub metrics_per_device: Option<usize>,
+    /// How long a stage of the pipeline may go without progress (see `progress`).
+    pub stall_after: Duration,
 }
 
 impl Validator<'_> {
@@ -146,7 +157,31 @@ impl Validator<'_> {
             Some(s) => self.path(s),
             None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
         };
-        AdminConfig { socket }
+        let metrics_listen = match &raw.metrics_listen {
+            Some(l) if l.get_ref() == "off" => None,
+            Some(l) => self.socket_addr(l, "metrics listen address"),
+            None => DEFAULT_METRICS_LISTEN.parse().ok(),
+        };
+        let max = self.count(
+            raw.metrics_max_devices.as_ref(),
+            DEFAULT_METRICS_MAX_DEVICES,
+            "metrics_max_devices",
+        );
+        let metrics_per_device = raw
+            .metrics_per_device
+            .as_ref()
+            .is_some_and(|b| *b.get_ref())
+            .then_some(max);
+        let stall_after = self.duration(
+            raw.stall_after.as_ref(),
+            crate::progress::DEFAULT_STALL_AFTER,
+        );
+        AdminConfig {
+            socket,
+            metrics_listen,
+            metrics_per_device,
+            stall_after,
+        }
     }
 
     /// The broker; its agent credentials default to beside the admin socket.

@@ -83,6 +83,10 @@ pub struct RawAudit {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub socket: Option<S<String>>,
+    pub metrics_listen: Option<S<String>>,
+    pub metrics_per_device: Option<S<bool>>,
+    pub metrics_max_devices: Option<S<i64>>,
+    pub stall_after: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,10 +16,14 @@
 //!   and a hospital-side consumer prints it with the gateway's sequence numbers (skipped,
 //!   with a note, where mosquitto is not installed).
 //!
-//! What the devices send and receive is printed on stdout; the gateway's own security
-//! events appear in its log on stderr. The payloads are synthetic.
+//! What the devices send and receive is printed on stdout, with a status line every few
+//! seconds read from the gateway's metrics endpoint (devices, rates in and out, spool depth,
+//! uplink, ready) and, at the end, the metrics a Prometheus scraper would see
+//! ([`watch`]); the gateway's own security events appear in its log on stderr. The payloads
+//! are synthetic.
 
 pub mod upstream;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,11 +103,15 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
     let config = Config::load(&config_path)?;
     let gateway = Gateway::build(config).await?;
     let port = gateway.edge_addr().port();
+    let metrics = gateway.metrics_addr();
     println!(
         "wardgate demo: site {SITE}, edge on {}",
         gateway.edge_addr()
     );
     println!("  PKI and configuration in {}", dir.display());
+    if let Some(m) = metrics {
+        println!("  metrics on http://{m}/metrics, health on http://{m}/health");
+    }
     println!("  devices: pump-01, monitor-02 (publish vitals and alarms), nurse-station");
     println!("           (receives every alarm), rogue-03 (will misbehave), visitor-laptop");
     println!("           (not registered)");
@@ -115,6 +123,9 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
     let shutdown = CancellationToken::new();
     let gw_task = tokio::spawn(gateway.run(shutdown.clone()));
     let devices = CancellationToken::new();
+    if let Some(m) = metrics {
+        tokio::spawn(watch::status_lines(m, devices.clone()));
+    }
 
     let tasks = vec![
         tokio::spawn(nurse_station(
@@ -191,6 +202,17 @@ pub async fn run(dir: Option<PathBuf>, duration: Duration) -> anyhow::Result<()>
         Ok(r) => println!("admin socket: {}", r.error.unwrap_or_default()),
         Err(e) => println!("admin socket: {e}"),
     }
+    if let Some(m) = metrics {
+        match watch::get(m, "/metrics").await {
+            Ok(text) => {
+                println!("\n$ curl http://{m}/metrics   # what a Prometheus scraper sees");
+                for line in text.lines().filter(|l| !l.starts_with("# HELP")) {
+                    println!("{line}");
+                }
+            }
+            Err(e) => println!("metrics: {e}"),
+        }
+    }
     shutdown.cancel();
     let _ = gw_task.await;
     println!(
@@ -232,6 +254,7 @@ crl = "pki/crl.pem"
 
 [admin]
 socket = "admin.sock"
+metrics_listen = "127.0.0.1:0"
 
 [[device_class]]
 name = "infusion-pump"

@@ -258,6 +258,8 @@ impl Edge {
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         tracker.spawn(summarise_refusals(self.shared.clone(), shutdown.clone()));
+        let progress = self.shared.events.progress().clone();
+        progress.edge_accepting(true);
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -287,6 +289,7 @@ impl Edge {
                 drop(permit);
             });
         }
+        progress.edge_accepting(false);
     }
 }
 

@@ -76,11 +76,19 @@ impl Events {
     }
 
     pub fn device_quarantined(&self, device: &DeviceId, reason: &str) {
+        self.metrics()
+            .policy_events
+            .get_or_create(&[("kind", "quarantined")])
+            .inc();
         self.audit("device.quarantined", Some(device), reason);
         tracing::warn!(event = "device.quarantined", %device, reason, "device quarantined");
     }
 
     pub fn device_released(&self, device: &DeviceId, by: &str) {
+        self.metrics()
+            .policy_events
+            .get_or_create(&[("kind", "released")])
+            .inc();
         self.audit("device.released", Some(device), by);
         tracing::warn!(event = "device.released", %device, by, "device released from quarantine");
     }
@@ -137,6 +145,10 @@ impl Events {
     /// A command from upstream was queued to `topic` on the embedded broker, for `device`
     /// (the gateway's stream: for the update agent).
     pub fn command_delivered(&self, device: &DeviceId, topic: &str) {
+        self.metrics()
+            .commands
+            .get_or_create(&[("outcome", "delivered")])
+            .inc();
         self.audit(
             "uplink.command_delivered",
             Some(device),
@@ -154,6 +166,10 @@ impl Events {
     }
 
     pub fn command_refused(&self, topic: &str, reason: &str) {
+        self.metrics()
+            .commands
+            .get_or_create(&[("outcome", "refused")])
+            .inc();
         self.audit(
             "uplink.command_refused",
             None,
@@ -177,12 +193,25 @@ impl Events {
             ModbusFailure::Exception => c.modbus_exceptions += 1,
             ModbusFailure::Other => c.modbus_errors += 1,
         });
+        let result = match kind {
+            ModbusFailure::Timeout => "timeout",
+            ModbusFailure::Exception => "exception",
+            ModbusFailure::Other => "error",
+        };
+        self.metrics()
+            .modbus_polls
+            .get_or_create(&[("result", result)])
+            .inc();
         tracing::warn!(event = "modbus.read_failed", bus, %device, register, reason = %reason, "Modbus read failed");
     }
 
     /// A Modbus poll of `device` completed; `returned`: after the device had been silent.
     pub fn modbus_polled(&self, bus: &str, device: &DeviceId, returned: bool) {
         self.count(device, |c| c.modbus_polls += 1);
+        self.metrics()
+            .modbus_polls
+            .get_or_create(&[("result", "ok")])
+            .inc();
         if returned {
             self.audit("modbus.device_returned", Some(device), format!("bus={bus}"));
             tracing::info!(event = "modbus.device_returned", bus, %device, "Modbus device answers again");

@@ -133,6 +133,10 @@ impl Events {
         if let Some(d) = device {
             self.count(d, |c| c.refused += 1);
         }
+        self.metrics()
+            .connections_refused
+            .get_or_create(&[("reason", reason.code())])
+            .inc();
         tracing::warn!(
             event = "edge.connect_refused",
             %peer,
@@ -218,6 +222,19 @@ impl Events {
         answer: Option<&str>,
     ) {
         self.count_violation(device, v);
+        if matches!(
+            v,
+            Violation::PublishDenied { .. }
+                | Violation::WildcardPublish { .. }
+                | Violation::InvalidTopic { .. }
+                | Violation::OversizedPacket { .. }
+        ) {
+            // A message refused, whether the session ends (3.1.1) or is kept (MQTT 5).
+            self.metrics()
+                .messages_refused
+                .get_or_create(&[("reason", v.code())])
+                .inc();
+        }
         let answered = answer.map(|a| format!(" answer={a}")).unwrap_or_default();
         self.audit(
             v.event(),
@@ -238,6 +255,7 @@ impl Events {
 
     /// Counts a violation in the device's counters, by kind.
     pub fn count_violation(&self, device: &DeviceId, v: &Violation) {
+        self.metrics().violation(device.as_str(), v.code());
         self.count(device, |c| match v.kind() {
             ViolationKind::Acl => c.acl_violations += 1,
             ViolationKind::SubscriptionLimit => c.subscription_limit += 1,
@@ -265,6 +283,7 @@ impl Events {
 
     /// A device's PUBLISH (or will) was accepted into the spool.
     pub fn message_accepted(&self, device: &DeviceId) {
+        self.metrics().accepted(device.as_str());
         self.count(device, |c| c.accepted += 1);
     }
 
@@ -278,6 +297,7 @@ impl Events {
         first: bool,
     ) {
         self.count(device, |c| c.throttled += 1);
+        self.metrics().throttled(device.as_str());
         if !first {
             return;
         }
@@ -293,6 +313,10 @@ impl Events {
     /// A device held back by its rate without pause for the hard limit.
     pub fn rate_hard_limit(&self, peer: SocketAddr, device: &DeviceId, limit: std::time::Duration) {
         let limit = humantime::format_duration(limit);
+        self.metrics()
+            .policy_events
+            .get_or_create(&[("kind", "rate_hard_limit")])
+            .inc();
         self.audit(
             "edge.rate_hard_limit",
             Some(device),

@@ -9,8 +9,10 @@
 //! [`control`]): it writes one structured `tracing` record whose `event` field is the
 //! decision's stable name (`edge.connect_refused`, `spool.evicted`, …), so operators can
 //! alert on it and tests can wait for it; appends a record under the same name to the
-//! hash-chained audit log ([`crate::audit`]) with the device and a detail text; and bumps
-//! the device's counters. Fields never carry payloads or key material; strings that a peer
+//! hash-chained audit log ([`crate::audit`]) with the device and a detail text; bumps
+//! the device's counters; and bumps the metric series of its kind ([`crate::metrics`]).
+//! The handle also carries the pipeline's progress stamps ([`crate::progress`]), which
+//! the spool, the edge and the uplink set and `/health` and the watchdog read. Fields never carry payloads or key material; strings that a peer
 //! controls (client ids, topics) are written escaped and cut ([`shown`]).
 //!
 //! Tested through the system tests, which wait for these names in the gateway's log and
@@ -32,6 +34,8 @@ pub use spool::SPOOL_EVENTS;
 use crate::audit::AuditLog;
 use crate::counters::EdgeCounters;
 use crate::device::DeviceId;
+use crate::metrics::Metrics;
+use crate::progress::Progress;
 
 /// The gateway's events: its audit log (if it keeps one) and its per-device counters.
 /// Cheap to clone; clones share both.
@@ -40,10 +44,22 @@ pub struct Events {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     audit: Option<Arc<AuditLog>>,
     counters: Mutex<HashMap<DeviceId, EdgeCounters>>,
+    metrics: Metrics,
+    progress: Arc<Progress>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            audit: None,
+            counters: Mutex::default(),
+            metrics: Metrics::default(),
+            progress: Arc::new(Progress::new(crate::progress::DEFAULT_STALL_AFTER)),
+        }
+    }
 }
 
 impl fmt::Debug for Events {
@@ -55,12 +71,15 @@ impl fmt::Debug for Events {
 }
 
 impl Events {
-    /// Events recorded in `audit` as well as logged and counted: the running gateway's.
-    pub fn audited(audit: Arc<AuditLog>) -> Events {
+    /// Events recorded in `audit` as well as logged, counted and measured in `metrics`,
+    /// with the pipeline's `progress`: the running gateway's.
+    pub fn audited(audit: Arc<AuditLog>, metrics: Metrics, progress: Arc<Progress>) -> Events {
         Events {
             inner: Arc::new(Inner {
                 audit: Some(audit),
                 counters: Mutex::default(),
+                metrics,
+                progress,
             }),
         }
     }
@@ -74,6 +93,16 @@ impl Events {
     /// The audit log these events are recorded in.
     pub fn audit_log(&self) -> Option<&Arc<AuditLog>> {
         self.inner.audit.as_ref()
+    }
+
+    /// The metric series these events bump.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The pipeline's progress stamps.
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.inner.progress
     }
 
     /// `device`'s counters since the gateway started.
@@ -111,8 +140,13 @@ impl Events {
     /// (a PKI index entry).
     fn audit_str(&self, event: &str, device: Option<&str>, detail: &str) {
         if let Some(log) = &self.inner.audit {
-            if let Err(e) = log.record(event, device, detail) {
-                tracing::error!(event = "audit.write_failed", error = %e, "audit record could not be written");
+            match log.record(event, device, detail) {
+                Ok(_) => {
+                    self.inner.metrics.audit_records.inc();
+                }
+                Err(e) => {
+                    tracing::error!(event = "audit.write_failed", error = %e, "audit record could not be written");
+                }
             }
         }
     }

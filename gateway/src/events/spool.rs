@@ -32,6 +32,10 @@ impl Events {
         reason: &str,
         refused: u64,
     ) {
+        self.metrics()
+            .messages_refused
+            .get_or_create(&[("reason", "no_room")])
+            .inc();
         self.audit(
             "spool.refused",
             Some(device),
@@ -57,6 +61,10 @@ impl Events {
         for_device: &DeviceId,
         evicted: u64,
     ) {
+        self.metrics()
+            .spool_evicted
+            .get_or_create(&[("priority", priority.name())])
+            .inc();
         self.audit(
             "spool.evicted",
             Some(device),
@@ -75,6 +83,10 @@ impl Events {
 
     /// `count` records of `device` in `priority` expired unsent.
     pub fn spool_expired(&self, device: &DeviceId, priority: Priority, count: u64, expired: u64) {
+        self.metrics()
+            .spool_expired
+            .get_or_create(&[("priority", priority.name())])
+            .inc_by(count);
         self.audit(
             "spool.expired",
             Some(device),
@@ -99,6 +111,7 @@ impl Events {
         reason: &str,
         rejected: u64,
     ) {
+        self.metrics().spool_set_aside.inc();
         self.audit(
             "spool.rejected",
             Some(device),

@@ -87,6 +87,19 @@ impl LiveFirewall {
         })
     }
 
+    /// The packets and bytes each dropping rule of the kernel's table counted, summed by the
+    /// rule's comment (a closed set: the renderer's). Read with `nft --json`, within
+    /// [`NFT_TIMEOUT`]; empty if that fails (logged).
+    pub fn drops(&self) -> Vec<(String, u64, u64)> {
+        match read_drops() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(event = "firewall.counters_unreadable", error = %e, "firewall drop counters could not be read");
+                Vec::new()
+            }
+        }
+    }
+
     /// Brings the kernel's table in step with the registry and quarantine: set elements in
     /// place, or the whole table if more changed.
     pub fn refresh(&self) {
@@ -128,4 +141,82 @@ fn summary(r: &Ruleset) -> String {
         .map(|s| format!("{}={}", s.name, s.elements.len()))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// How long reading the firewall's counters may take.
+pub const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn read_drops() -> Result<Vec<(String, u64, u64)>, String> {
+    let mut child = std::process::Command::new("nft")
+        .args(["--json", "list", "table", "inet", super::TABLE])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    let deadline = std::time::Instant::now() + NFT_TIMEOUT;
+    loop {
+        match child.try_wait().map_err(|e| e.to_string())? {
+            Some(_) => break,
+            None if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("nft did not answer within {NFT_TIMEOUT:?}"));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    drops_of(&out.stdout)
+}
+
+/// The drop counters in `nft --json list table` output.
+fn drops_of(json: &[u8]) -> Result<Vec<(String, u64, u64)>, String> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let mut by_rule: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let exprs = rule["expr"].as_array().cloned().unwrap_or_default();
+        if !exprs.iter().any(|e| e.get("drop").is_some()) {
+            continue;
+        }
+        let Some(counter) = exprs.iter().find_map(|e| e.get("counter")) else {
+            continue;
+        };
+        let name = rule["comment"].as_str().map_or_else(
+            || format!("chain {}", rule["chain"].as_str().unwrap_or("?")),
+            str::to_owned,
+        );
+        let t = by_rule.entry(name).or_default();
+        t.0 += counter["packets"].as_u64().unwrap_or(0);
+        t.1 += counter["bytes"].as_u64().unwrap_or(0);
+    }
+    Ok(by_rule.into_iter().map(|(k, (p, b))| (k, p, b)).collect())
+}
+
+#[cfg(test)]
+mod counter_tests {
+    #[test]
+    fn drop_counters_are_summed_by_rule_comment_and_accepts_ignored() {
+        // As nft 1.0.6 prints `list table` with --json (trimmed).
+        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+          {"rule": {"family": "inet", "table": "wardgate", "chain": "from_devices", "handle": 5,
+            "comment": "quarantined", "expr": [{"match": {}}, {"counter": {"packets": 3, "bytes": 180}}, {"drop": null}]}},
+          {"rule": {"family": "inet", "table": "wardgate", "chain": "from_devices", "handle": 6,
+            "comment": "quarantined", "expr": [{"match": {}}, {"counter": {"packets": 1, "bytes": 80}}, {"drop": null}]}},
+          {"rule": {"family": "inet", "table": "wardgate", "chain": "from_devices", "handle": 7,
+            "comment": "registered devices reach the edge", "expr": [{"match": {}}, {"accept": null}]}},
+          {"rule": {"family": "inet", "table": "wardgate", "chain": "from_devices", "handle": 9,
+            "comment": "anything else", "expr": [{"counter": {"packets": 12, "bytes": 720}}, {"drop": null}]}}]}"#;
+        assert_eq!(
+            super::drops_of(json).unwrap(),
+            vec![
+                ("anything else".to_owned(), 12, 720),
+                ("quarantined".to_owned(), 4, 260)
+            ]
+        );
+        assert!(super::drops_of(b"not json").is_err());
+    }
 }

@@ -218,6 +218,14 @@ pub struct SpoolStats {
     pub devices: BTreeMap<DeviceId, DeviceCounters>,
 }
 
+/// What waits in the spool, for the metrics: records and bytes by priority (indexed by
+/// [`Priority`] as `usize`), and the oldest record's age.
+#[derive(Debug, Clone, Default)]
+pub struct SpoolLevels {
+    pub by_priority: [(u64, u64); 3],
+    pub oldest_age: Option<Duration>,
+}
+
 /// Whether [`Spool::next_batch_paced`] may read from disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reads {
@@ -243,6 +251,8 @@ struct Shared {
     state: Mutex<State>,
     durable: Durability,
     corrupt_dir: PathBuf,
+    /// Stamped when an append starts waiting for a commit and when a commit is done.
+    progress: Arc<crate::progress::Progress>,
 }
 
 impl Shared {
@@ -432,6 +442,7 @@ impl Spool {
             }
         }
         let (tx, rx) = oneshot::channel();
+        self.inner.shared.progress.spool_waiting();
         // If the writer is gone, `tx` is dropped and the Durable reports the failure.
         st.send(Op::Record {
             key,
@@ -572,6 +583,36 @@ impl Spool {
     /// is missed).
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
         self.inner.shared.durable.wake.notified()
+    }
+
+    /// What waits, by priority, and how old the oldest record is (cheap: kept as records
+    /// come and go; the oldest of each priority is the first of its range).
+    pub fn levels(&self) -> SpoolLevels {
+        let st = self.state();
+        let now = self.mono_ms();
+        let oldest = Priority::ALL
+            .iter()
+            .filter_map(|p| {
+                st.index
+                    .range(
+                        Key {
+                            priority: *p,
+                            seq: 0,
+                        }..=Key {
+                            priority: *p,
+                            seq: u64::MAX,
+                        },
+                    )
+                    // A held last will waits for its session's end, not for the uplink.
+                    .find(|(_, e)| !e.held)
+                    .map(|(_, e)| e.born)
+            })
+            .min();
+        SpoolLevels {
+            by_priority: st.by_priority,
+            oldest_age: oldest
+                .map(|born| Duration::from_millis(u64::try_from(now - born).unwrap_or(0))),
+        }
     }
 
     pub fn stats(&self) -> SpoolStats {

@@ -438,6 +438,7 @@ impl Spool {
             },
             state: Mutex::new(state),
             corrupt_dir,
+            progress: events.progress().clone(),
         });
         let writer = {
             let shared = shared.clone();

@@ -51,6 +51,8 @@ pub(super) struct State {
     pub(super) index: BTreeMap<Key, Entry>,
     pub(super) devices: HashMap<DeviceId, DeviceShare>,
     pub(super) total_bytes: u64,
+    /// Records and bytes waiting, by priority (indexed by [`Priority`] as `usize`).
+    pub(super) by_priority: [(u64, u64); 3],
     pub(super) next_seq: u64,
     pub(super) seq_limit: u64,
     pub(super) counters: BTreeMap<DeviceId, DeviceCounters>,
@@ -81,6 +83,9 @@ pub(super) struct State {
 impl State {
     pub(super) fn insert(&mut self, key: Key, entry: Entry) {
         self.total_bytes += entry.size;
+        let tally = &mut self.by_priority[key.priority as usize];
+        tally.0 += 1;
+        tally.1 += entry.size;
         if let Place::At(loc) = entry.place {
             self.add_live(loc);
         }
@@ -96,6 +101,9 @@ impl State {
             self.recent_bytes -= v.len();
         }
         self.total_bytes -= entry.size;
+        let tally = &mut self.by_priority[key.priority as usize];
+        tally.0 -= 1;
+        tally.1 -= entry.size;
         if let Place::At(loc) = entry.place {
             self.sub_live(loc);
         }

@@ -204,6 +204,9 @@ pub(super) fn write_loop(
                 shared.durable.wake.notify_waiters();
             }
         }
+        if result.is_ok() && !replies.is_empty() {
+            shared.progress.spool_committed();
+        }
         let outcome = result.map_err(|e| e.to_string());
         for reply in replies {
             reply.send(outcome.clone());

@@ -85,7 +85,10 @@ impl Uplink {
         let commands = &self.commands;
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         let mut pace = Pace::new(self.config.replay_rate);
+        let progress = self.events.progress().clone();
+        progress.uplink_configured();
         loop {
+            progress.uplink_attempt(backoff.ceiling());
             let options = match self.options() {
                 Ok(o) => o,
                 Err(e) => {
@@ -122,6 +125,8 @@ impl Uplink {
             backoff.reset();
             self.connected
                 .store(true, std::sync::atomic::Ordering::Relaxed);
+            progress.uplink_connected(true);
+            self.events.metrics().uplink_connects.inc();
             let backlog = self.spool.stats().records;
             tracing::info!(
                 event = "uplink.connected",
@@ -159,6 +164,7 @@ impl Uplink {
                 .await;
             self.connected
                 .store(false, std::sync::atomic::Ordering::Relaxed);
+            progress.uplink_connected(false);
             match reason {
                 None => {
                     let _ = client.try_disconnect();
@@ -254,6 +260,7 @@ impl Uplink {
                     }
                     window.sent(key);
                 }
+                self.events.progress().uplink_in_flight(window.len());
             }
             tokio::select! {
                 biased;
@@ -288,9 +295,14 @@ impl Uplink {
         match event {
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.numbered(pkid),
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let Some(key) = window.acknowledged(ack.pkid) else {
+                let Some((key, latency)) = window.acknowledged(ack.pkid) else {
                     return Ok(());
                 };
+                let (progress, metrics) = (self.events.progress(), self.events.metrics());
+                progress.uplink_acknowledged();
+                progress.uplink_in_flight(window.len());
+                metrics.uplink_delivered.inc();
+                metrics.uplink_puback_latency.observe(latency.as_secs_f64());
                 if matches!(
                     ack.reason,
                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers

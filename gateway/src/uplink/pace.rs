@@ -86,6 +86,11 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.current = self.min;
     }
+
+    /// The longest the next wait can be.
+    pub fn ceiling(&self) -> Duration {
+        self.current
+    }
 }
 
 #[cfg(test)]

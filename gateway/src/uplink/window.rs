@@ -9,6 +9,7 @@
 //! (what was in flight is sent again: a duplicate, never a loss). Pure; tested below.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use crate::spool::Key;
 
@@ -20,6 +21,8 @@ pub(super) struct Window {
     /// Queued to rumqttc, packet id not yet known, oldest first.
     queued: VecDeque<Key>,
     by_pkid: HashMap<u16, Key>,
+    /// When each record in flight was queued: its PUBACK's latency is measured from there.
+    sent_at: HashMap<Key, Instant>,
 }
 
 impl Window {
@@ -29,6 +32,7 @@ impl Window {
             in_flight: HashSet::new(),
             queued: VecDeque::new(),
             by_pkid: HashMap::new(),
+            sent_at: HashMap::new(),
         }
     }
 
@@ -44,6 +48,7 @@ impl Window {
 
     /// `key` was queued to the client.
     pub(super) fn sent(&mut self, key: Key) {
+        self.sent_at.insert(key, Instant::now());
         self.in_flight.insert(key);
         self.queued.push_back(key);
     }
@@ -57,10 +62,20 @@ impl Window {
 
     /// The upstream acknowledged `pkid`: its record, which leaves the window; `None` for
     /// an id the window does not hold.
-    pub(super) fn acknowledged(&mut self, pkid: u16) -> Option<Key> {
+    /// With the time since the record was queued (the PUBACK's latency).
+    pub(super) fn acknowledged(&mut self, pkid: u16) -> Option<(Key, Duration)> {
         let key = self.by_pkid.remove(&pkid)?;
         self.in_flight.remove(&key);
-        Some(key)
+        let age = self
+            .sent_at
+            .remove(&key)
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        Some((key, age))
+    }
+
+    /// How many records are in flight.
+    pub(super) fn len(&self) -> usize {
+        self.in_flight.len()
     }
 }
 
@@ -84,14 +99,14 @@ mod tests {
         assert_eq!(w.room(), 1);
         w.numbered(1);
         w.numbered(2);
-        assert_eq!(w.acknowledged(2), Some(key(11)));
+        assert_eq!(w.acknowledged(2).map(|(k, _)| k), Some(key(11)));
         assert_eq!(w.room(), 2);
         assert!(w.in_flight().contains(&key(10)) && !w.in_flight().contains(&key(11)));
         // An id used again after its acknowledgement names the new record.
         w.sent(key(12));
         w.numbered(2);
-        assert_eq!(w.acknowledged(2), Some(key(12)));
-        assert_eq!(w.acknowledged(1), Some(key(10)));
+        assert_eq!(w.acknowledged(2).map(|(k, _)| k), Some(key(12)));
+        assert_eq!(w.acknowledged(1).map(|(k, _)| k), Some(key(10)));
         assert_eq!(w.room(), 3);
     }
 
@@ -100,14 +115,14 @@ mod tests {
         let mut w = Window::new(2);
         w.sent(key(1));
         // Acknowledged before its id was seen, or an id never given: ignored.
-        assert_eq!(w.acknowledged(7), None);
+        assert_eq!(w.acknowledged(7).map(|(k, _)| k), None);
         w.numbered(7);
-        assert_eq!(w.acknowledged(7), Some(key(1)));
-        assert_eq!(w.acknowledged(7), None);
+        assert_eq!(w.acknowledged(7).map(|(k, _)| k), Some(key(1)));
+        assert_eq!(w.acknowledged(7).map(|(k, _)| k), None);
         assert_eq!(w.room(), 2);
         // An id with nothing queued is not recorded.
         w.numbered(8);
-        assert_eq!(w.acknowledged(8), None);
+        assert_eq!(w.acknowledged(8).map(|(k, _)| k), None);
     }
 
     #[test]
@@ -120,5 +135,17 @@ mod tests {
         }
         assert_eq!(w.in_flight().len(), 2);
         assert_eq!(w.room(), 0);
+    }
+
+    #[test]
+    fn an_acknowledgement_tells_how_long_its_record_was_in_flight() {
+        let mut w = Window::new(4);
+        w.sent(key(1));
+        w.numbered(3);
+        std::thread::sleep(Duration::from_millis(20));
+        let (k, latency) = w.acknowledged(3).unwrap();
+        assert_eq!(k, key(1));
+        assert!(latency >= Duration::from_millis(20), "{latency:?}");
+        assert_eq!(w.len(), 0);
     }
 }

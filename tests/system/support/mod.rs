@@ -71,6 +71,8 @@ pub struct Site {
     /// (device id, class, address)
     pub devices: Vec<(String, String, String)>,
     pub extra_edge: String,
+    /// More `[admin]` keys (the metrics endpoint is on a port from the OS already).
+    pub extra_admin: &'static str,
     /// Appended to the configuration (e.g. `[spool]` and `[uplink]` sections).
     pub extra: String,
 }
@@ -138,6 +140,7 @@ impl Site {
             ],
             devices: Vec::new(),
             extra_edge: String::new(),
+            extra_admin: "",
             extra: String::new(),
         };
         for (id, class) in [
@@ -212,8 +215,10 @@ crl = "pki/crl.pem"
 
 [admin]
 socket = "admin/admin.sock"
+metrics_listen = "127.0.0.1:0"
+{}
 "#,
-            self.extra_edge
+            self.extra_edge, self.extra_admin
         );
         for c in &self.classes {
             let list = |v: &[&str]| {
@@ -309,6 +314,8 @@ pub struct Gateway {
     pub edge: SocketAddr,
     /// The embedded broker, on loopback.
     pub broker: SocketAddr,
+    /// `/metrics` and `/health`, if served.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -361,6 +368,7 @@ impl Gateway {
             count,
             edge: "0.0.0.0:0".parse().unwrap(),
             broker: "0.0.0.0:0".parse().unwrap(),
+            metrics: None,
         };
         let ready = gw.wait_log("gateway.ready", &[]).await;
         let edge = ready
@@ -373,6 +381,10 @@ impl Gateway {
             .find_map(|w| w.strip_prefix("broker="))
             .expect("broker address in the ready line");
         gw.broker = broker.parse().expect("broker address");
+        gw.metrics = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("metrics="))
+            .and_then(|m| m.parse().ok());
         gw
     }
 

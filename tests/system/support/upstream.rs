@@ -179,12 +179,15 @@ pub fn property<'a>(p: &'a Publish, name: &str) -> Option<&'a str> {
 }
 
 /// A TCP link from the gateway to the upstream broker that the test can cut: while down,
-/// open connections are closed and new ones refused. Stands for the hospital network.
+/// open connections are closed and new ones refused. Stands for the hospital network. It
+/// can also stall: connections stay open and what the gateway sends still arrives, but
+/// nothing comes back (a broker that stopped answering).
 #[derive(Debug, Clone)]
 pub struct Link {
     pub port: u16,
     up: Arc<AtomicBool>,
     cut: Arc<watch::Sender<u64>>,
+    stalled: Arc<watch::Sender<bool>>,
 }
 
 impl Link {
@@ -192,31 +195,57 @@ impl Link {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (cut, _) = watch::channel(0u64);
+        let (stalled, _) = watch::channel(false);
         let link = Link {
             port,
             up: Arc::new(AtomicBool::new(up)),
             cut: Arc::new(cut),
+            stalled: Arc::new(stalled),
         };
         let l = link.clone();
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !l.up.load(Ordering::SeqCst) {
                     continue; // dropped: the gateway sees its connection closed
                 }
                 let mut cut = l.cut.subscribe();
+                let stalled = l.stalled.subscribe();
                 let target: SocketAddr = ([127, 0, 0, 1], target).into();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let (mut in_rd, mut in_wr) = inbound.into_split();
+                    let (mut out_rd, mut out_wr) = outbound.into_split();
+                    let up = tokio::io::copy(&mut in_rd, &mut out_wr);
+                    // Back to the gateway, unless stalled: then held until the stall ends.
+                    let down = async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut stalled = stalled;
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = out_rd.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<(), std::io::Error>(());
+                            }
+                            let _ = stalled.wait_for(|s| !*s).await;
+                            in_wr.write_all(&buf[..n]).await?;
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up => {}
+                        _ = down => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         });
         link
+    }
+
+    /// Stalls the link (nothing the broker sends reaches the gateway) or ends the stall.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
     }
 
     pub fn set_up(&self, up: bool) {
