@@ -26,7 +26,7 @@ pub(super) async fn forward<'a>(
     to_device: mpsc::UnboundedSender<ToDevice>,
     mut broker: Option<Attachment<'a>>,
 ) -> String {
-    let (shared, device, connect) = (p.shared, p.device, p.connect);
+    let (shared, device, connect) = (p.facts.shared, p.facts.device, p.facts.connect);
     let in_flight = &p.in_flight;
     let mut ping_at = Instant::now() + BROKER_PING;
     loop {

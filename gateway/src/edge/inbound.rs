@@ -30,13 +30,13 @@ pub(super) async fn inbound(
     buf: &mut BytesMut,
     tx: mpsc::Sender<FromInbound>,
 ) -> Result<String, Stop> {
-    let (shared, device, dialect) = (p.shared, p.device, p.dialect);
+    let (shared, device, dialect) = (p.facts.shared, p.facts.device, p.facts.dialect);
     let in_flight = &p.in_flight;
-    let (peer, grant) = (p.peer, p.grant);
+    let (peer, grant) = (p.facts.peer, p.facts.grant);
     let max_packet = grant.max_payload.saturating_add(PUBLISH_OVERHEAD);
     // MQTT-3.1.2-24: silent for one and a half keepalives, the device is gone.
-    let silence = (p.connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(p.connect.keep_alive) * 1500));
+    let silence = (p.facts.connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(p.facts.connect.keep_alive) * 1500));
     let mut aliases = v5::Aliases::new(grant.topic_alias_maximum);
     loop {
         let read = async {

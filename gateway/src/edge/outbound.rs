@@ -27,7 +27,7 @@ pub(super) async fn outbound(
     mut from_broker: Option<(OwnedReadHalf, BytesMut)>,
     own_tx: mpsc::UnboundedSender<Packet>,
 ) -> std::io::Result<()> {
-    let dialect = p.dialect;
+    let dialect = p.facts.dialect;
     let in_flight = &p.in_flight;
     let mut batch = BytesMut::new();
     // A delivery waiting for the device's Receive Maximum (MQTT 5).
@@ -90,7 +90,7 @@ pub(super) async fn outbound(
 /// A broker frame for an MQTT 5 device, in its words. A delivery larger than the device's
 /// Maximum Packet Size is never sent, and acknowledged to the broker through `own_tx`.
 fn for_v5(p: &Pipe<'_>, mut frame: BytesMut, own_tx: &mpsc::UnboundedSender<Packet>) -> ForV5 {
-    let device = p.device;
+    let device = p.facts.device;
     let in_flight = &p.in_flight;
     let packet = match Packet::read(&mut frame, usize::MAX) {
         Ok(p) => p,

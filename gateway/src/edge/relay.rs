@@ -129,8 +129,10 @@ pub(super) fn needs_broker(packet: &Packet, attached: bool, shared: &EdgeShared)
     }
 }
 
-/// What a session's relay works with.
-pub(super) struct Relay<'a> {
+/// What a session is: its device, its grant, how it connected. Shared by every part of
+/// its relay.
+#[derive(Clone, Copy)]
+pub(super) struct Facts<'a> {
     pub(super) shared: &'a EdgeShared,
     pub(super) device: &'a DeviceId,
     pub(super) peer: SocketAddr,
@@ -138,6 +140,11 @@ pub(super) struct Relay<'a> {
     /// As the broker gets it (its clean session flag mapped, see [`SessionAsk`]).
     pub(super) connect: &'a Connect,
     pub(super) dialect: &'a Dialect,
+}
+
+/// What a session's relay works with.
+pub(super) struct Relay<'a> {
+    pub(super) facts: Facts<'a>,
     pub(super) close: CancellationToken,
     /// Set when `close` is cancelled because a newer connection took the session over.
     pub(super) taken_over: Arc<AtomicBool>,
@@ -202,12 +209,7 @@ pub(super) enum ForV5 {
 /// What the relay's three halves ([`inbound`], [`forward`], [`outbound`]) share: the
 /// session's facts, and what one half tells the others or the end of the relay.
 pub(super) struct Pipe<'a> {
-    pub(super) shared: &'a EdgeShared,
-    pub(super) device: &'a DeviceId,
-    pub(super) peer: SocketAddr,
-    pub(super) grant: &'a Grant,
-    pub(super) connect: &'a Connect,
-    pub(super) dialect: &'a Dialect,
+    pub(super) facts: Facts<'a>,
     /// MQTT 5: the Receive Maximum both ways.
     pub(super) in_flight: Option<InFlight>,
     /// The device's Maximum Packet Size (MQTT 5); unbounded for 3.1.1.
@@ -246,16 +248,19 @@ pub(super) async fn relay(
     broker: Option<(TcpStream, BytesMut)>,
 ) -> Ended {
     let Relay {
-        shared,
-        device,
-        peer,
-        grant,
-        connect,
-        dialect,
+        facts,
         close,
         taken_over,
         shutdown,
     } = r;
+    let Facts {
+        shared,
+        device,
+        peer,
+        grant,
+        dialect,
+        ..
+    } = facts;
     let (mut dev_rd, mut dev_wr) = tokio::io::split(tls);
     let was_attached = AtomicBool::new(broker.is_some());
     let (from_broker, to_broker) = match broker {
@@ -274,12 +279,7 @@ pub(super) async fn relay(
         };
     }
     let pipe = Pipe {
-        shared,
-        device,
-        peer,
-        grant,
-        connect,
-        dialect,
+        facts,
         in_flight: match dialect {
             Dialect::V5(a) => Some(InFlight::new(grant.receive_maximum, a.receive_maximum)),
             Dialect::V4 => None,

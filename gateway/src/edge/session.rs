@@ -210,12 +210,14 @@ pub(super) async fn serve(
     shared.events.device_connected(peer, &device, &grant.class);
     let ended = relay(
         Relay {
-            shared: &shared,
-            device: &device,
-            peer,
-            grant: &grant,
-            connect: &connect,
-            dialect: &dialect,
+            facts: Facts {
+                shared: &shared,
+                device: &device,
+                peer,
+                grant: &grant,
+                connect: &connect,
+                dialect: &dialect,
+            },
             close: close_token,
             taken_over: _live.taken_over(),
             shutdown: &shutdown,
