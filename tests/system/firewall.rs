@@ -300,7 +300,8 @@ fn netns_site() -> (Site, std::path::PathBuf) {
     site.issue("pump-2");
     let text = std::fs::read_to_string(site.write_config())
         .unwrap()
-        .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:8883\"");
+        // The edge's (the first); `[admin] metrics_listen` stays on loopback.
+        .replacen("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:8883\"", 1);
     let text = format!(
         "{text}\n[broker]\nlisten = \"127.0.0.1:1883\"\n\n[firewall]\n\
          device_interfaces = [\"ward0\", \"ward1\"]\nnew_connections_per_sec = 5\n\
@@ -377,7 +378,28 @@ async fn real_packets_meet_the_policy_and_the_rules_outlive_the_daemon() {
         "unregistered address reached the edge"
     );
     // Dropped by the firewall (not lost on the way): its SYNs are counted there.
-    assert!(rule_packets(&ward.gw, "from_devices", "anything else") > refused_before);
+    let counted = rule_packets(&ward.gw, "from_devices", "anything else");
+    assert!(counted > refused_before);
+    // The gateway's metrics show the kernel's counters, by rule.
+    let metrics = gw.metrics.expect("metrics address");
+    let scrape = ward.gw.run(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import urllib.request; print(urllib.request.urlopen('http://{metrics}/metrics').read().decode())"
+            ),
+        ],
+    );
+    let text = String::from_utf8_lossy(&scrape.stdout);
+    let shown: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"wardgate_firewall_dropped_packets_total{rule="anything else"} "#)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop counter for \"anything else\" in:\n{text}"));
+    assert!(shown >= counted, "metrics say {shown}, nft said {counted}");
     // Segmentation: no device-to-device, no device-to-outside.
     assert!(
         !ward.dev1.connects("10.99.2.2:9000"),
