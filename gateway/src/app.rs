@@ -67,6 +67,7 @@ pub struct Gateway {
     events: Events,
     /// `[admin] metrics_listen`, bound; `None` if off or if it could not be bound.
     exporter: Option<tokio::net::TcpListener>,
+    reloader: std::sync::Arc<crate::reload::Reloader>,
 }
 
 /// How often records past their `max_age` are swept out of the spool.
@@ -154,7 +155,16 @@ impl Gateway {
                 }
             },
         };
+        let reloader = std::sync::Arc::new(crate::reload::Reloader::new(
+            config.clone(),
+            state.clone(),
+            registry.clone(),
+            edge.handle(),
+            firewall.clone(),
+            events.clone(),
+        ));
         Ok(Gateway {
+            reloader,
             config,
             broker,
             edge,
@@ -168,6 +178,11 @@ impl Gateway {
             events,
             exporter,
         })
+    }
+
+    /// Reloads the configuration while running (`SIGHUP`, `wardgate reload`).
+    pub fn reloader(&self) -> std::sync::Arc<crate::reload::Reloader> {
+        self.reloader.clone()
     }
 
     /// Where `/metrics` and `/health` are served (with the OS's port if the config said 0).
@@ -217,6 +232,7 @@ impl Gateway {
             uplink_connected: uplink_connected.clone(),
             firewall: self.firewall.clone(),
             events: self.events.clone(),
+            reloader: Some(self.reloader.clone()),
         };
         tracker.spawn(self.admin.run(admin_state, shutdown.clone()));
         let sources = crate::exporter::Sources {
@@ -389,7 +405,7 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
 
 /// Audits the configuration in force at start, and says when it differs from the last run.
 fn audit_config(config: &Config, state: &sled::Db, events: &Events) {
-    const KEY: &[u8] = b"config_digest";
+    const KEY: &[u8] = crate::config::CONFIG_DIGEST_KEY;
     let previous = state
         .get(KEY)
         .ok()

@@ -34,7 +34,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway. SIGHUP reloads certificates and CRL; SIGTERM or SIGINT stop it.
+    /// Run the gateway. SIGHUP reloads the configuration (as `wardgate reload`); SIGTERM or
+    /// SIGINT stop it.
     Run {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -53,6 +54,16 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Read the configuration file again and apply it to the running gateway: TLS material,
+    /// CRL, classes and devices at once; other sections are named as needing a restart. An
+    /// invalid file changes nothing and says why (exit 1).
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the gateway's JSON answer.
+        #[arg(long)]
+        json: bool,
     },
     /// The running gateway's state, through its admin socket.
     Status {
@@ -274,6 +285,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit { command } => audit_command(command),
         Command::Firewall { command } => firewall_command(command),
         Command::Status { admin, json } => admin_command(&admin, &Request::Status, json),
+        Command::Reload { admin, json } => admin_command(&admin, &Request::Reload, json),
         Command::Device { admin, command } => {
             let (request, json) = match command {
                 DeviceCommand::List { json } => (Request::DeviceList, json),
@@ -307,16 +319,16 @@ fn config_failure(e: &ConfigError) -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let gateway = Gateway::build(config).await?;
     let shutdown = CancellationToken::new();
-    let signals = watch_signals(shutdown.clone(), gateway.edge_handle())?;
+    let signals = watch_signals(shutdown.clone(), gateway.reloader())?;
     gateway.run(shutdown).await;
     signals.abort();
     Ok(())
 }
 
-/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP reloads TLS material and CRL.
+/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP reloads the configuration.
 fn watch_signals(
     shutdown: CancellationToken,
-    edge: crate::edge::EdgeHandle,
+    reloader: std::sync::Arc<crate::reload::Reloader>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -327,8 +339,9 @@ fn watch_signals(
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    // A failure is logged and leaves the previous material in force.
-                    let _ = edge.reload_tls();
+                    // A failure is audited and leaves the previous configuration in force.
+                    let r = reloader.clone();
+                    let _ = tokio::task::spawn_blocking(move || r.reload()).await;
                 }
             }
         }
@@ -565,6 +578,19 @@ fn admin_command(args: &AdminArgs, request: &Request, json: bool) -> anyhow::Res
         Request::DeviceRelease { id } => println!("released {id}"),
         // `wardgate audit` prints these itself.
         Request::AuditTail { .. } | Request::AuditVerify => println!("{data}"),
+        Request::Reload => {
+            let r: crate::reload::Reloaded = serde_json::from_value(data)?;
+            println!("reloaded: sha256 {} (was {})", r.digest, r.previous);
+            for (device, why) in &r.rechecked {
+                println!("  {device} disconnected to be judged anew: {why}");
+            }
+            if !r.needs_restart.is_empty() {
+                println!(
+                    "  changed, applied at the next start: {}",
+                    r.needs_restart.join(", ")
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

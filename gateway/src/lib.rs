@@ -30,6 +30,7 @@ pub mod policy;
 pub mod progress;
 pub mod quarantine;
 pub mod registry;
+pub mod reload;
 pub mod spool;
 pub mod topics;
 pub mod updates;

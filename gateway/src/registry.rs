@@ -217,6 +217,11 @@ impl Registry {
         })
     }
 
+    /// A device class of the configuration, by name.
+    pub fn class(&self, name: &str) -> Option<&DeviceClass> {
+        self.classes.get(name)
+    }
+
     pub fn get(&self, device: &DeviceId) -> Option<Registered> {
         self.devices.get(device).map(|(e, s)| Registered {
             id: e.id.clone(),

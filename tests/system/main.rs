@@ -19,6 +19,7 @@ mod mqtt5;
 mod operations;
 mod quarantine;
 mod rate;
+mod reload;
 mod sessions;
 mod support;
 mod updates;

@@ -70,6 +70,8 @@ pub struct AdminState {
     pub firewall: Option<Arc<crate::firewall::live::LiveFirewall>>,
     /// The audit log and the devices' counters.
     pub events: crate::events::Events,
+    /// Live reload of the configuration; `None` in tools without one.
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 /// A bound admin socket.
@@ -286,6 +288,10 @@ enum Refusal {
     NotQuarantined(DeviceId),
     #[error("no audit log in this process")]
     NoAuditLog,
+    #[error("no live reload in this process")]
+    NoReload,
+    #[error(transparent)]
+    Reload(#[from] crate::reload::ReloadError),
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
@@ -394,6 +400,10 @@ fn execute(state: &AdminState, request: &Request, who: &str) -> Result<Response,
         Request::AuditVerify => {
             let n = audit_log(state)?.verify()?;
             Ok(success(&n))
+        }
+        Request::Reload => {
+            let r = state.reloader.as_ref().ok_or(Refusal::NoReload)?;
+            Ok(success(&r.reload()?))
         }
     }
 }

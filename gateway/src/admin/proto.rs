@@ -47,6 +47,8 @@ pub enum Request {
     },
     /// Checks the audit chain; answers the number of records, or names the first bad one.
     AuditVerify,
+    /// Reads the configuration file again and applies it (`crate::reload`).
+    Reload,
 }
 
 impl Request {

@@ -32,7 +32,7 @@ pub const DEFAULT_VIOLATION_WINDOW: Duration = Duration::from_secs(600);
 /// How long a device may stay over its rate without pause before it is quarantined.
 pub const DEFAULT_THROTTLE_LIMIT: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceClass {
     pub name: String,
     pub publish: Vec<FilterTemplate>,

@@ -74,6 +74,10 @@ pub struct Config {
     pub modbus: ModbusConfig,
 }
 
+/// Where the digest of the configuration in force is kept (in `data_dir/state`): audited
+/// at start against the last run's, and rewritten by a live reload.
+pub const CONFIG_DIGEST_KEY: &[u8] = b"config_digest";
+
 impl Config {
     /// Largest payload any class allows: the embedded broker must carry it.
     pub fn max_payload(&self) -> u64 {

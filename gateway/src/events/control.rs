@@ -34,6 +34,50 @@ impl Events {
         }
     }
 
+    /// A reload of `path` changed nothing, for `error` (every diagnostic of an invalid file).
+    pub fn config_reload_failed(&self, path: &std::path::Path, error: &dyn std::fmt::Display) {
+        self.audit(
+            "config.reload_failed",
+            None,
+            format!("file={} error={error}", path.display()),
+        );
+        tracing::error!(event = "config.reload_failed", path = %path.display(), error = %error, "configuration not reloaded; the previous one stays in force");
+    }
+
+    /// The configuration `what` describes (of `digest`) replaced the one of digest
+    /// `previous` while running; `rechecked` connected devices were disconnected to be
+    /// judged anew; `needs_restart` sections changed but apply at the next start.
+    pub fn config_reloaded(
+        &self,
+        what: &str,
+        digest: &str,
+        previous: &str,
+        rechecked: usize,
+        needs_restart: &[&str],
+    ) {
+        let restart = if needs_restart.is_empty() {
+            "none".to_owned()
+        } else {
+            needs_restart.join(",")
+        };
+        self.audit(
+            "config.changed",
+            None,
+            format!("{what} previous={previous} rechecked={rechecked} needs_restart={restart}"),
+        );
+        tracing::info!(event = "config.changed", sha256 = digest, previous, rechecked, needs_restart = %restart, "configuration reloaded");
+    }
+
+    /// A connected device was disconnected by a reload, to be judged anew (`why`).
+    pub fn device_rechecked(&self, device: &DeviceId, why: &str, closed: usize) {
+        self.audit(
+            "config.device_rechecked",
+            Some(device),
+            format!("reason={why} closed={closed}"),
+        );
+        tracing::info!(event = "config.device_rechecked", %device, reason = why, closed, "device disconnected by a reload, to be judged anew");
+    }
+
     /// A connection to the admin socket from `who` (its peer credentials) was refused.
     pub fn admin_refused(&self, who: &str) {
         self.audit("admin.refused", None, who);
