@@ -142,7 +142,7 @@ impl Gateway {
         // serves devices without them, and says so.
         let exporter = match config.admin.metrics_listen {
             None => None,
-            Some(addr) => match crate::exporter::bind(addr).await {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => Some(l),
                 Err(e) => {
                     tracing::error!(
@@ -411,20 +411,8 @@ fn audit_config(config: &Config, state: &sled::Db, events: &Events) {
         .ok()
         .flatten()
         .map(|v| String::from_utf8_lossy(&v).into_owned());
-    let detail = format!(
-        "file={} sha256={} devices={} classes={}",
-        config.source.display(),
-        config.digest,
-        config.devices.len(),
-        config.classes.len()
-    );
-    events.config_in_force(&detail, &config.digest, previous.as_deref());
-    if let Err(e) = state
-        .insert(KEY, config.digest.as_bytes())
-        .and_then(|_| state.flush().map(|_| ()))
-    {
-        tracing::error!(event = "state.write_failed", error = %e, "cannot record the configuration digest");
-    }
+    events.config_in_force(&config.summary(), &config.digest, previous.as_deref());
+    crate::reload::record_digest(state, &config.digest);
 }
 
 async fn sweep_expired(spool: Spool, shutdown: CancellationToken) {

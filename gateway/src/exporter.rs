@@ -12,7 +12,6 @@
 //! two paths. The levels a scrape reads are gathered off the async workers (the firewall's
 //! counters come from `nft`).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -35,6 +34,8 @@ use crate::spool::Spool;
 
 /// Connections served at once; more are closed on arrival.
 pub const MAX_CONNECTIONS: usize = 8;
+/// The pause after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// How long a client has to send its request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,19 +54,16 @@ pub struct Sources {
 impl Sources {
     /// The health verdict now.
     pub fn health(&self) -> Health {
-        let records = self.spool.stats().records as u64;
-        self.progress.health(Backlog { records })
+        let waiting = self.spool.levels().by_priority.iter().map(|(r, _)| r).sum();
+        self.progress.health(Backlog { records: waiting })
     }
 
-    /// Everything a scrape reads from the live state (may block: the spool's lock, `nft`).
-    pub fn levels(&self) -> Levels {
+    /// Everything a scrape reads from the live state, with the firewall's counters
+    /// (`drops`, read before: they come from `nft`). Blocks on the spool's lock.
+    pub fn levels(&self, drops: Vec<(String, u64, u64)>) -> Levels {
         let (rss, fds) = process();
         Levels {
-            firewall_drops: self
-                .firewall
-                .as_ref()
-                .map(|f| f.drops())
-                .unwrap_or_default(),
+            firewall_drops: drops,
             resident_memory_bytes: rss,
             open_fds: fds,
             ..self.levels_light()
@@ -122,11 +120,6 @@ fn process() -> (u64, u64) {
     (rss, fds)
 }
 
-/// Binds `addr`; the caller logs and audits a failure (the gateway runs on without it).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
 /// Serves until `shutdown`.
 pub async fn run(listener: TcpListener, sources: Sources, shutdown: CancellationToken) {
     let sources = Arc::new(sources);
@@ -138,7 +131,9 @@ pub async fn run(listener: TcpListener, sources: Sources, shutdown: Cancellation
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(event = "exporter.accept_failed", error = %e);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of descriptors or similar: pause, so a persistent error does not
+                    // spin this loop (as the edge's accept loop does).
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
@@ -190,9 +185,14 @@ async fn answer(
     let s = sources.clone();
     match req.uri().path() {
         "/metrics" => {
-            let text = tokio::task::spawn_blocking(move || s.events.metrics().encode(s.levels()))
-                .await
-                .unwrap_or_default();
+            let drops = match &s.firewall {
+                Some(f) => f.drops().await,
+                None => Vec::new(),
+            };
+            let text =
+                tokio::task::spawn_blocking(move || s.events.metrics().encode(s.levels(drops)))
+                    .await
+                    .unwrap_or_default();
             reply(StatusCode::OK, CONTENT_TYPE, text)
         }
         path @ ("/health" | "/health/working") => {

@@ -414,3 +414,40 @@ impl Collector for LevelsCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_per_device_are_bounded_and_absent_unless_asked_for() {
+        let m = Metrics::new(Some(PerDevice { max_devices: 2 }));
+        for d in ["pump-1", "pump-2", "pump-3", "pump-4", "pump-1"] {
+            m.accepted(d);
+        }
+        let text = m.encode(Levels::default());
+        let mut series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("wardgate_device_messages_accepted_total"))
+            .collect();
+        series.sort_unstable();
+        // The first two seen have their own; the rest count together.
+        assert_eq!(
+            series,
+            [
+                r#"wardgate_device_messages_accepted_total{device="_other"} 2"#,
+                r#"wardgate_device_messages_accepted_total{device="pump-1"} 2"#,
+                r#"wardgate_device_messages_accepted_total{device="pump-2"} 1"#,
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("wardgate_messages_accepted_total 5"),
+            "{text}"
+        );
+
+        let off = Metrics::new(None);
+        off.accepted("pump-1");
+        assert!(!off.encode(Levels::default()).contains("wardgate_device_"));
+    }
+}

@@ -55,8 +55,6 @@ pub struct Reloader {
     edge: EdgeHandle,
     firewall: Option<Arc<LiveFirewall>>,
     events: Events,
-    /// One reload at a time.
-    busy: Mutex<()>,
 }
 
 impl Reloader {
@@ -76,24 +74,23 @@ impl Reloader {
             edge,
             firewall,
             events,
-            busy: Mutex::new(()),
         }
     }
 
     /// Reads the configuration file again and applies it (see the module docs).
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
-        let _one = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = self.apply();
+        // One reload at a time: the configuration in force is held from the first step on.
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = self.apply(&mut current);
         if let Err(e) = &result {
             self.events.config_reload_failed(&self.path, e);
         }
         result
     }
 
-    fn apply(&self) -> Result<Reloaded, ReloadError> {
+    fn apply(&self, current: &mut Config) -> Result<Reloaded, ReloadError> {
         self.edge.reload_tls()?;
         let new = Config::load(&self.path)?;
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         let rechecked = {
             let mut registry = self
                 .registry
@@ -118,7 +115,7 @@ impl Reloader {
         if let Some(fw) = &self.firewall {
             fw.refresh();
         }
-        let needs_restart = needs_restart(&current, &new);
+        let needs_restart = needs_restart(current, &new);
         let reloaded = Reloaded {
             digest: new.digest.clone(),
             previous: current.digest.clone(),
@@ -128,22 +125,9 @@ impl Reloader {
                 .collect(),
             needs_restart: needs_restart.iter().map(|s| (*s).to_owned()).collect(),
         };
-        if let Err(e) = self
-            .state
-            .insert(crate::config::CONFIG_DIGEST_KEY, new.digest.as_bytes())
-            .and_then(|_| self.state.flush().map(|_| ()))
-        {
-            tracing::error!(event = "state.write_failed", error = %e, "cannot record the configuration digest");
-        }
-        let what = format!(
-            "file={} sha256={} devices={} classes={}",
-            new.source.display(),
-            new.digest,
-            new.devices.len(),
-            new.classes.len()
-        );
+        record_digest(&self.state, &new.digest);
         self.events.config_reloaded(
-            &what,
+            &new.summary(),
             &new.digest,
             &reloaded.previous,
             reloaded.rechecked.len(),
@@ -151,6 +135,17 @@ impl Reloader {
         );
         *current = new;
         Ok(reloaded)
+    }
+}
+
+/// Records `digest` as the configuration in force (`data_dir/state`), for the next start's
+/// comparison; a failure is logged.
+pub fn record_digest(state: &sled::Db, digest: &str) {
+    if let Err(e) = state
+        .insert(crate::config::CONFIG_DIGEST_KEY, digest.as_bytes())
+        .and_then(|_| state.flush().map(|_| ()))
+    {
+        tracing::error!(event = "state.write_failed", error = %e, "cannot record the configuration digest");
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::clients::Client;
+use crate::support::clients::{device_tls, expect_connack_refusal, options, Client};
 use crate::support::upstream::{Link, Upstream};
 use crate::support::{require, Gateway, Site, DEADLINE};
 
@@ -142,6 +142,11 @@ async fn prometheus_scrapes_the_metrics_and_they_count_what_happened() {
         .await
         .unwrap();
     pump.closed().await;
+    // A certificate of the site that names no registered device: refused at CONNECT.
+    site.issue("ghost");
+    let (_c, eventloop) =
+        rumqttc::AsyncClient::new(options("ghost", gw.port(), device_tls(&site, "ghost")), 8);
+    expect_connack_refusal(eventloop, rumqttc::ConnectReturnCode::NotAuthorized).await;
 
     // The endpoint itself: OpenMetrics text, whole.
     let (code, head, body) = get(metrics, "/metrics").await;
@@ -163,6 +168,16 @@ async fn prometheus_scrapes_the_metrics_and_they_count_what_happened() {
         .await;
     prom.wait_for(
         r#"wardgate_policy_events_total{kind="publish_denied"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+    prom.wait_for(
+        r#"wardgate_messages_refused_total{reason="publish_denied"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+    prom.wait_for(
+        r#"wardgate_connections_refused_total{reason="unregistered"}"#,
         |v| v == 1.0,
     )
     .await;
@@ -215,6 +230,18 @@ async fn health_is_ready_only_while_messages_move_and_says_why_not() {
     pump.publish("ward/pump-1/vitals/hr", b"72").await;
     let body = health(503, "nothing was acknowledged").await;
     assert!(body.contains(r#""stalled":true"#), "{body}");
+    // What waits is in the metrics: the vital reading, older than the stall limit.
+    let (_, _, text) = get(metrics, "/metrics").await;
+    let sample = |name| wardgate::demo::watch::sample(&text, name);
+    assert!(
+        sample(r#"wardgate_spool_records{priority="vital"}"#) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample("wardgate_spool_oldest_record_age_seconds") >= 2.0,
+        "{text}"
+    );
+    assert_eq!(sample("wardgate_ready"), 0.0, "{text}");
     assert_eq!(get(metrics, "/health/working").await.0, 503);
     let (_, status, _) = site.admin(&["status", "--json"]);
     assert!(status.contains("nothing was acknowledged"), "{status}");

@@ -79,6 +79,17 @@ pub struct Config {
 pub const CONFIG_DIGEST_KEY: &[u8] = b"config_digest";
 
 impl Config {
+    /// The configuration in one line, as the audit records it: its file, digest and sizes.
+    pub fn summary(&self) -> String {
+        format!(
+            "file={} sha256={} devices={} classes={}",
+            self.source.display(),
+            self.digest,
+            self.devices.len(),
+            self.classes.len()
+        )
+    }
+
     /// Largest payload any class allows: the embedded broker must carry it.
     pub fn max_payload(&self) -> u64 {
         self.classes

@@ -90,8 +90,8 @@ impl LiveFirewall {
     /// The packets and bytes each dropping rule of the kernel's table counted, summed by the
     /// rule's comment (a closed set: the renderer's). Read with `nft --json`, within
     /// [`NFT_TIMEOUT`]; empty if that fails (logged).
-    pub fn drops(&self) -> Vec<(String, u64, u64)> {
-        match read_drops() {
+    pub async fn drops(&self) -> Vec<(String, u64, u64)> {
+        match read_drops().await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(event = "firewall.counters_unreadable", error = %e, "firewall drop counters could not be read");
@@ -146,27 +146,22 @@ fn summary(r: &Ruleset) -> String {
 /// How long reading the firewall's counters may take.
 pub const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-fn read_drops() -> Result<Vec<(String, u64, u64)>, String> {
-    let mut child = std::process::Command::new("nft")
+/// `nft --json list table`, its output read while it runs (a table with many devices in
+/// its sets is more than a pipe holds), killed past [`NFT_TIMEOUT`].
+async fn read_drops() -> Result<Vec<(String, u64, u64)>, String> {
+    let out = tokio::process::Command::new("nft")
         .args(["--json", "list", "table", "inet", super::TABLE])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
-        .spawn()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(NFT_TIMEOUT, out)
+        .await
+        .map_err(|_| format!("nft did not answer within {NFT_TIMEOUT:?}"))?
         .map_err(|e| format!("nft: {e}"))?;
-    let deadline = std::time::Instant::now() + NFT_TIMEOUT;
-    loop {
-        match child.try_wait().map_err(|e| e.to_string())? {
-            Some(_) => break,
-            None if std::time::Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("nft did not answer within {NFT_TIMEOUT:?}"));
-            }
-            None => std::thread::sleep(std::time::Duration::from_millis(10)),
-        }
+    if !out.status.success() {
+        return Err(format!("nft: {}", out.status));
     }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
     drops_of(&out.stdout)
 }
 
